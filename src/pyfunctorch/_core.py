@@ -1,0 +1,259 @@
+"""The core: levels, the interpreter stack and the wrapper-tensor base class.
+
+Every transform call pushes an :class:`Interpreter` with a fresh, ever-increasing
+integer level and pops it on exit (also on exceptions). Each level wraps the
+tensors it transforms in a subclass of :class:`LevelTensor`, which carries
+``(value, interpreter)``. ``LevelTensor.__torch_dispatch__`` peels the highest
+live level among an op's arguments and hands the op to that level's
+interpreter; the interpreter runs the op on the inner values (which may be
+wrappers of lower levels, so dispatch recurses downwards) and rewraps.
+
+Tensors of lower levels that an inner function closes over are constants at
+the inner level: that is what keeps nested transforms free of perturbation
+confusion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+
+_level_counter = itertools.count(1)
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Interpreter] = []
+        self.mode: _TransformFunctionMode | None = None
+        self.jvp_depth = 0
+
+
+_state = _State()
+
+
+def interpreter_stack() -> list["Interpreter"]:
+    """The live interpreters of this thread, innermost last."""
+    return _state.stack
+
+
+class Interpreter:
+    """One transform level. Subclasses implement :meth:`process` and :meth:`lift`."""
+
+    kind = "base"
+
+    def __init__(self) -> None:
+        self.level = next(_level_counter)
+        self.alive = True
+        # Trap 1: inside __torch_dispatch__ torch excludes autograd and every key
+        # above Python. Ops on inner values must run with the key set that was in
+        # force when this level was created.
+        self.exclude = torch._C._dispatch_tls_local_exclude_set()
+
+    def process(self, func, args: tuple, kwargs: dict) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def lift(self, tensor: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Wrap a lower-level tensor as an unperturbed tensor of this level."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(level={self.level})"
+
+
+class _TransformFunctionMode(TorchFunctionMode):
+    """Active while any transform is live: sees every torch call, including random
+    factories that never reach a tensor subclass (trap 7), and user calls where
+    tangents of two forward levels could meet (trap 5)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        handler = _FUNCTION_HANDLERS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        if type(func) is torch._ops.OpOverload:
+            return func(*args, **kwargs)
+        for hook in _FUNCTION_HOOKS:
+            res = hook(func, args, kwargs)
+            if res is not NotImplemented:
+                return res
+        return func(*args, **kwargs)
+
+
+# func -> handler(func, args, kwargs); registered by transform modules.
+_FUNCTION_HANDLERS: dict[Callable, Callable] = {}
+# Generic hooks consulted for every torch-level call (kept short: hot path).
+_FUNCTION_HOOKS: list[Callable] = []
+
+
+@contextmanager
+def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
+    """Push ``interp`` for the duration of the block; always pops, marks it dead."""
+    st = _state
+    first = not st.stack
+    if first:
+        st.mode = _TransformFunctionMode()
+        st.mode.__enter__()
+    st.stack.append(interp)
+    try:
+        yield interp
+    finally:
+        interp.alive = False
+        popped = st.stack.pop()
+        assert popped is interp, "pyfunctorch: interpreter stack corrupted"
+        if not st.stack and st.mode is not None:
+            mode, st.mode = st.mode, None
+            mode.__exit__(None, None, None)
+
+
+def _find_top(args, kwargs):
+    """The live interpreter of highest level among the (possibly nested) args."""
+    top = None
+    lvl = -1
+    dead = False
+    for a in itertools.chain(args, kwargs.values()) if kwargs else args:
+        if isinstance(a, LevelTensor):
+            it = a._interp
+            if not it.alive:
+                dead = True
+            elif it.level > lvl:
+                top, lvl = it, it.level
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, LevelTensor):
+                    it = b._interp
+                    if not it.alive:
+                        dead = True
+                    elif it.level > lvl:
+                        top, lvl = it, it.level
+    return top, dead
+
+
+class EscapedTensorError(RuntimeError):
+    """A tensor created inside a transform was used after that transform returned."""
+
+
+def _resolve_dead(x):
+    """Replace wrappers of finished levels by what they stand for outside them."""
+    if isinstance(x, LevelTensor):
+        if x._interp.alive:
+            return x
+        return x._escaped()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_resolve_dead(y) for y in x)
+    return x
+
+
+def _metadata_query(func, args):
+    # Autograd's engine asks these about wrappers; answer from wrapper metadata
+    # (trap 5: the inner values of two levels would give a different answer).
+    if func is aten.is_same_size.default:
+        return args[0].shape == args[1].shape
+    if func is aten._has_same_storage_numel.default:
+        return args[0].numel() == args[1].numel()
+    return NotImplemented
+
+
+_METADATA_OPS = {aten.is_same_size.default, aten._has_same_storage_numel.default}
+
+
+class LevelTensor(torch.Tensor):
+    """Base of every wrapper: holds ``_value`` (the next-lower object, never a copy)
+    and ``_interp`` (the level that owns the wrapper)."""
+
+    _value: torch.Tensor
+    _interp: Interpreter
+
+    __slots__ = ()
+
+    # The transform mode sees torch-level calls; the subclass itself needs no
+    # __torch_function__ (it costs ~1.5 us per op).
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        top, dead = _find_top(args, kwargs)
+        if dead:
+            args = _resolve_dead(args)
+            kwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
+            top, _ = _find_top(args, kwargs)
+            if top is None:
+                with torch._C._ForceDispatchKeyGuard(
+                    torch._C._dispatch_tls_local_include_set(), _DEFAULT_EXCLUDE
+                ):
+                    return func(*args, **kwargs)
+        if func in _METADATA_OPS:
+            return _metadata_query(func, args)
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), top.exclude):
+            return top.process(func, args, kwargs)
+
+    # -- what a user sees --------------------------------------------------
+    def __repr__(self, *, tensor_contents=None) -> str:  # trap 11
+        return f"{self._describe()}({_plain_repr(self)})"
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}[level {self._interp.level}]"
+
+    def _escaped(self) -> torch.Tensor:
+        """What this wrapper stands for after its level ended (override)."""
+        raise EscapedTensorError(
+            f"pyfunctorch: a tensor created inside a {self._interp.kind} transform was used after "
+            "that transform returned (it escaped, e.g. through a global variable or a list). "
+            "Return it from the function instead (use has_aux=True for grad-type transforms)."
+        )
+
+    def numpy(self, *a, **k):
+        raise TypeError(
+            f"pyfunctorch: .numpy() is not available on a tensor inside a {self._interp.kind} "
+            "transform; return the tensor from the transformed function and convert it outside."
+        )
+
+    def data_ptr(self):
+        raise TypeError(
+            f"pyfunctorch: data_ptr() has no meaning for a tensor inside a {self._interp.kind} "
+            "transform (its storage is the transform's, not yours)."
+        )
+
+    def tolist(self):
+        return self._tolist()
+
+    def _tolist(self):  # override: vmap treats this as data-dependent
+        return self._value.tolist()
+
+    def __reduce_ex__(self, proto):
+        raise TypeError("pyfunctorch: tensors inside a transform cannot be pickled or deep-copied.")
+
+
+_DEFAULT_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
+
+
+def _plain_repr(t) -> str:
+    with torch._C.DisableTorchFunction():
+        inner = t._value
+        while isinstance(inner, LevelTensor):
+            inner = inner._value
+        s = repr(inner)
+    return s
+
+
+def is_wrapper(x: Any) -> bool:
+    return isinstance(x, LevelTensor)
+
+
+def level_of(x: Any) -> int:
+    """The level of ``x`` (0 for a plain tensor)."""
+    return x._interp.level if isinstance(x, LevelTensor) else 0
+
+
+def top_interpreter() -> Interpreter | None:
+    st = _state.stack
+    return st[-1] if st else None

@@ -1,0 +1,115 @@
+"""The batching-rule table and the helpers rules share.
+
+A batching rule has the signature ::
+
+    rule(op, args, kwargs, dims) -> (out, out_dims)
+
+``args`` are the op's positional arguments with every tensor that is batched at
+the current vmap level replaced by its physical value *with the batch dimension
+moved to the front* (so ``args[i].shape[0]`` is the batch size). ``dims``
+mirrors ``args``: ``0`` for a batched tensor, ``None`` for anything else (a
+tensor-list argument gets a list of ``0``/``None``). ``out_dims`` mirrors the
+output: the batch dimension of each tensor output, or ``None`` if it is not
+batched. Rules never see a batched tensor in ``kwargs`` (the dispatcher sends
+such calls to the loop fallback).
+
+Register with ``@batch_rule(aten.mm.default)`` (an ``OpOverload``) or with an
+``OpOverloadPacket`` to cover every overload. ``grep -rn "aten.mm" batching/``
+finds the rule for ``aten.mm``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+aten = torch.ops.aten
+
+#: OpOverload -> batching rule
+BATCH_RULES: dict[Any, Callable] = {}
+
+
+def batch_rule(*ops) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the batching rule of ``ops``."""
+
+    def register(fn: Callable) -> Callable:
+        for op in ops:
+            if isinstance(op, torch._ops.OpOverloadPacket):
+                for name in op.overloads():
+                    BATCH_RULES[getattr(op, name)] = fn
+            else:
+                BATCH_RULES[op] = fn
+        return fn
+
+    return register
+
+
+def overloads(*packets, only: Sequence[str] | None = None):
+    """Every OpOverload of the given packets (optionally only the named overloads)."""
+    out = []
+    for p in packets:
+        for name in p.overloads():
+            if only is None or name in only:
+                out.append(getattr(p, name))
+    return out
+
+
+# -- shared dimension bookkeeping (JAX's bdim_at_front / matchaxis) -----------------
+
+
+def rank(x: torch.Tensor, d) -> int:
+    """Logical rank of ``x`` whose batch dim is ``d`` (0 or None)."""
+    return x.dim() - (d is not None)
+
+
+def batch_size_of(args, dims) -> int:
+    for a, d in zip(args, dims):
+        if d is not None:
+            if isinstance(d, list):
+                for b, e in zip(a, d):
+                    if e is not None:
+                        return b.shape[e]
+            else:
+                return a.shape[d]
+    raise AssertionError("no batched argument")
+
+
+def pad_to_rank(x: torch.Tensor, d, r: int) -> torch.Tensor:
+    """Insert size-1 dims after the batch dim so that ``x``'s logical rank is ``r``.
+
+    Unbatched tensors need no padding: broadcasting aligns them from the right.
+    """
+    if d is None:
+        return x
+    missing = r - (x.dim() - 1)
+    if missing <= 0:
+        return x
+    return x.reshape(x.shape[:1] + (1,) * missing + x.shape[1:])
+
+
+def materialize(x: torch.Tensor, d, B: int) -> torch.Tensor:
+    """``x`` with a batch dim at the front, expanding it if it had none."""
+    if d is not None:
+        return x
+    return x.unsqueeze(0).expand((B,) + x.shape)
+
+
+def wrap_dim(dim: int, r: int) -> int:
+    """Normalise a (possibly negative) logical dim of a rank-``r`` tensor."""
+    if r == 0:
+        r = 1  # torch accepts dim 0 / -1 on scalars
+    if dim < -r or dim >= r:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-r}, {r - 1}], but got {dim})")
+    return dim + r if dim < 0 else dim
+
+
+def physical_dim(dim: int, r: int) -> int:
+    """The physical dim (batch dim at front) of logical dim ``dim`` of a rank-``r`` tensor."""
+    return wrap_dim(dim, r) + 1
+
+
+def move_bdim(x: torch.Tensor, d, to: int = 0) -> torch.Tensor:
+    if d is None or d == to:
+        return x
+    return x.movedim(d, to)

@@ -1,0 +1,134 @@
+"""Reductions and other ops that take logical ``dim`` arguments.
+
+``dim_rule(pos, ...)`` builds a rule for an op whose argument ``pos`` is a dim (an
+int, a list of ints, or None meaning "all dims"): every tensor argument is given a
+batch dim at the front and the dims are shifted past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._registry import batch_rule, batch_size_of, materialize, physical_dim, rank
+
+aten = torch.ops.aten
+
+
+def _shift(d, r, none_means_all: bool):
+    if d is None or (isinstance(d, (list, tuple)) and len(d) == 0 and none_means_all):
+        return list(range(1, r + 1)) if r > 0 else [], True
+    if isinstance(d, (list, tuple)):
+        return [physical_dim(x, r) for x in d], False
+    return physical_dim(d, r), False
+
+
+def dim_rule(pos: int, name: str = "dim", none_means_all: bool = True):
+    """Rule factory for ops with a dim argument at position ``pos`` (or kwarg ``name``)."""
+
+    def rule(op, args, kwargs, dims):
+        B = batch_size_of(args, dims)
+        args = [materialize(a, d, B) if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
+        r = rank(args[0], 0)
+        if len(args) > pos:
+            args[pos], _ = _shift(args[pos], r, none_means_all)
+        elif name in kwargs:
+            kwargs = dict(kwargs)
+            kwargs[name], _ = _shift(kwargs[name], r, none_means_all)
+        elif none_means_all:
+            kwargs = dict(kwargs)
+            kwargs[name] = list(range(1, r + 1))
+        return op(*args, **kwargs), 0
+
+    return rule
+
+
+# dim at position 1 (an int, a list, or None = all dims)
+for _op in [
+    aten.sum.dim_IntList, aten.mean.dim, aten.nansum.default, aten.nanmean.default, aten.amax.default,
+    aten.amin.default, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.any.dims, aten.all.dim,
+    aten.all.dims, aten.count_nonzero.dim_IntList, aten.max.dim, aten.min.dim, aten.aminmax.default,
+    aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default,
+    aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int,
+    aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction,
+    aten.sort.default, aten.sort.stable, aten.argsort.default, aten.argsort.stable, aten.median.dim,
+    aten.nanmedian.dim, aten.mode.default, aten.kthvalue.default,
+    aten.glu.default, aten.renorm.default,
+]:
+    pos = {aten.kthvalue.default: 2, aten.renorm.default: 2, aten.sort.stable: 2, aten.argsort.stable: 2}.get(_op, 1)
+    if _op in (aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable):
+        batch_rule(_op)(dim_rule(pos, none_means_all=False))
+    else:
+        batch_rule(_op)(dim_rule(pos, none_means_all=_op not in (
+            aten._softmax.default, aten._log_softmax.default, aten.cumsum.default, aten.cumprod.default,
+            aten.glu.default, aten.kthvalue.default, aten.mode.default, aten.median.dim, aten.nanmedian.dim,
+            aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default)))
+
+# the dim comes after one tensor argument that has the same logical shape
+for _op in [aten._softmax_backward_data.default, aten._log_softmax_backward_data.default]:
+    batch_rule(_op)(dim_rule(2, none_means_all=False))
+
+
+@batch_rule(aten.topk.default)
+def topk(op, args, kwargs, dims):
+    x = args[0]
+    k = args[1]
+    d = args[2] if len(args) > 2 else kwargs.pop("dim", -1)
+    r = rank(x, 0)
+    if r == 0:
+        return op(x.unsqueeze(1), k, 1, *args[3:], **kwargs)[0].squeeze(1), 0
+    return op(x, k, physical_dim(d, r), *args[3:], **kwargs), 0
+
+
+@batch_rule(aten.sum.default, aten.mean.default, aten.prod.default)
+def reduce_all(op, args, kwargs, dims):
+    x = args[0]
+    flat = x.reshape(x.shape[0], -1)
+    dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if op is aten.sum.default:
+        return aten.sum.dim_IntList(flat, [1], False, dtype=dtype), 0
+    if op is aten.mean.default:
+        return aten.mean.dim(flat, [1], False, dtype=dtype), 0
+    return aten.prod.dim_int(flat, 1, False, dtype=dtype), 0
+
+
+@batch_rule(aten.max.default, aten.min.default, aten.any.default, aten.all.default)
+def max_all(op, args, kwargs, dims):
+    x = args[0]
+    flat = x.reshape(x.shape[0], -1)
+    if op is aten.max.default:
+        return aten.amax.default(flat, [1]), 0
+    if op is aten.min.default:
+        return aten.amin.default(flat, [1]), 0
+    if op is aten.any.default:
+        return aten.any.dim(flat, 1), 0
+    return aten.all.dim(flat, 1), 0
+
+
+@batch_rule(aten.argmax.default, aten.argmin.default)
+def argmax(op, args, kwargs, dims):
+    x = args[0]
+    d = args[1] if len(args) > 1 else kwargs.get("dim", None)
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    r = rank(x, 0)
+    if d is None:
+        out = op(x.reshape(x.shape[0], -1), 1, False)
+        if keepdim:
+            out = out.reshape((x.shape[0],) + (1,) * r)
+        return out, 0
+    if r == 0:
+        return op(x.unsqueeze(1), 1, keepdim).reshape(x.shape[0]), 0
+    return op(x, physical_dim(d, r), keepdim), 0
+
+
+@batch_rule(aten.linalg_vector_norm.default)
+def vector_norm(op, args, kwargs, dims):
+    x = args[0]
+    ord_ = args[1] if len(args) > 1 else kwargs.pop("ord", 2)
+    d = args[2] if len(args) > 2 else kwargs.pop("dim", None)
+    keepdim = args[3] if len(args) > 3 else kwargs.pop("keepdim", False)
+    r = rank(x, 0)
+    pd, _ = _shift(d, r, True)
+    if r == 0:
+        pd = []
+        return x.abs() if ord_ != 0 else (x != 0).to(x.dtype), 0
+    return op(x, ord_, pd, keepdim, **kwargs), 0

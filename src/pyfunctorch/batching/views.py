@@ -1,0 +1,216 @@
+"""Views, reshapes and joins: shift logical dims past the batch dim."""
+
+from __future__ import annotations
+
+import torch
+
+from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
+
+aten = torch.ops.aten
+
+
+@batch_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._reshape_alias.default,
+            aten.view_copy.default)
+def view(op, args, kwargs, dims):
+    x, size = args[0], args[1]
+    if op is aten._reshape_alias.default:
+        return x.reshape((x.shape[0],) + tuple(size)), 0
+    if op is aten.view.default and not x.is_contiguous():
+        # the logical view may exist even though the physical batch layout forbids it
+        try:
+            return x.view((x.shape[0],) + tuple(size)), 0
+        except RuntimeError:
+            pass
+        return x.reshape((x.shape[0],) + tuple(size)), 0
+    return op(x, (x.shape[0],) + tuple(size)), 0
+
+
+@batch_rule(aten.view.dtype)
+def view_dtype(op, args, kwargs, dims):
+    return op(*args, **kwargs), 0
+
+
+@batch_rule(aten.expand.default, aten.expand_copy.default)
+def expand(op, args, kwargs, dims):
+    x, size = args[0], tuple(args[1])
+    x = pad_to_rank(x, 0, len(size))
+    return op(x, (x.shape[0],) + size, *args[2:], **kwargs), 0
+
+
+@batch_rule(aten.permute.default, aten.permute_copy.default)
+def permute(op, args, kwargs, dims):
+    x, perm = args[0], args[1]
+    r = rank(x, 0)
+    return op(x, [0] + [wrap_dim(d, r) + 1 for d in perm]), 0
+
+
+@batch_rule(aten.transpose.int, aten.transpose_copy.int, aten.transpose_.default)
+def transpose(op, args, kwargs, dims):
+    x, d0, d1 = args
+    r = rank(x, 0)
+    return op(x, physical_dim(d0, r), physical_dim(d1, r)), 0
+
+
+@batch_rule(aten.t.default, aten.t_copy.default, aten.t_.default)
+def t(op, args, kwargs, dims):
+    x = args[0]
+    if rank(x, 0) < 2:
+        return x if op is not aten.t_.default else x, 0
+    if op is aten.t_.default:
+        return x.transpose_(1, 2), 0
+    return x.transpose(1, 2), 0
+
+
+@batch_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default, aten.unsqueeze_.default)
+def unsqueeze(op, args, kwargs, dims):
+    x, d = args
+    return op(x, wrap_dim(d, rank(x, 0) + 1) + 1), 0
+
+
+@batch_rule(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze_copy.default,
+            aten.squeeze_copy.dim, aten.squeeze_copy.dims, aten.squeeze_.default, aten.squeeze_.dim,
+            aten.squeeze_.dims)
+def squeeze(op, args, kwargs, dims):
+    x = args[0]
+    r = rank(x, 0)
+    if len(args) == 1:
+        pdims = [i + 1 for i in range(r) if x.shape[i + 1] == 1]
+    else:
+        ds = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        pdims = [physical_dim(d, r) for d in ds] if r > 0 else []
+    name = "squeeze_" if op._schema.is_mutable else "squeeze"
+    return getattr(x, name)(pdims) if pdims else (x if name == "squeeze" else x), 0
+
+
+@batch_rule(aten.select.int, aten.select_copy.int)
+def select(op, args, kwargs, dims):
+    x, d, i = args
+    return op(x, physical_dim(d, rank(x, 0)), i), 0
+
+
+@batch_rule(aten.slice.Tensor, aten.slice_copy.Tensor)
+def slice_(op, args, kwargs, dims):
+    x = args[0]
+    d = args[1] if len(args) > 1 else kwargs.pop("dim", 0)
+    return op(x, physical_dim(d, rank(x, 0)), *args[2:], **kwargs), 0
+
+
+@batch_rule(aten.narrow.default, aten.narrow_copy.default)
+def narrow(op, args, kwargs, dims):
+    x, d = args[0], args[1]
+    return op(x, physical_dim(d, rank(x, 0)), *args[2:]), 0
+
+
+@batch_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unsafe_split.Tensor,
+            aten.unsafe_split_with_sizes.default, aten.split_copy.Tensor, aten.split_with_sizes_copy.default,
+            aten.chunk.default, aten.unsafe_chunk.default, aten.tensor_split.sections, aten.tensor_split.indices)
+def split(op, args, kwargs, dims):
+    x, size = args[0], args[1]
+    d = args[2] if len(args) > 2 else kwargs.pop("dim", 0)
+    return op(x, size, physical_dim(d, rank(x, 0)), **kwargs), 0
+
+
+@batch_rule(aten.unbind.int, aten.unbind_copy.int)
+def unbind(op, args, kwargs, dims):
+    x = args[0]
+    d = args[1] if len(args) > 1 else kwargs.pop("dim", 0)
+    return op(x, physical_dim(d, rank(x, 0))), 0
+
+
+@batch_rule(aten.movedim.int)
+def movedim(op, args, kwargs, dims):
+    x, s, d = args
+    r = rank(x, 0)
+    return op(x, physical_dim(s, r), physical_dim(d, r)), 0
+
+
+@batch_rule(aten.diagonal.default, aten.diagonal_copy.default)
+def diagonal(op, args, kwargs, dims):
+    x = args[0]
+    offset = args[1] if len(args) > 1 else kwargs.get("offset", 0)
+    d1 = args[2] if len(args) > 2 else kwargs.get("dim1", 0)
+    d2 = args[3] if len(args) > 3 else kwargs.get("dim2", 1)
+    r = rank(x, 0)
+    return op(x, offset, physical_dim(d1, r), physical_dim(d2, r)), 0
+
+
+@batch_rule(aten.diag_embed.default)
+def diag_embed(op, args, kwargs, dims):
+    x = args[0]
+    offset = args[1] if len(args) > 1 else kwargs.get("offset", 0)
+    d1 = args[2] if len(args) > 2 else kwargs.get("dim1", -2)
+    d2 = args[3] if len(args) > 3 else kwargs.get("dim2", -1)
+    r = rank(x, 0) + 1
+    return op(x, offset, physical_dim(d1, r), physical_dim(d2, r)), 0
+
+
+@batch_rule(aten.cat.default)
+def cat(op, args, kwargs, dims):
+    tensors, tdims = args[0], dims[0]
+    d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    B = batch_size_of([tensors], [tdims])
+    # legacy: 1-d empty tensors are skipped by cat whatever their rank
+    keep = [(t, e) for t, e in zip(tensors, tdims) if not (rank(t, e) == 1 and t.shape[-1] == 0 and t.numel() == 0)]
+    if not keep:
+        return op([materialize(t, e, B) for t, e in zip(tensors, tdims)], 1), 0
+    r = rank(keep[0][0], keep[0][1])
+    return op([materialize(t, e, B) for t, e in keep], physical_dim(d, r)), 0
+
+
+@batch_rule(aten.stack.default)
+def stack(op, args, kwargs, dims):
+    tensors, tdims = args[0], dims[0]
+    d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    B = batch_size_of([tensors], [tdims])
+    r = rank(tensors[0], tdims[0]) + 1
+    return op([materialize(t, e, B) for t, e in zip(tensors, tdims)], physical_dim(d, r)), 0
+
+
+@batch_rule(aten.repeat.default)
+def repeat(op, args, kwargs, dims):
+    x, reps = args[0], tuple(args[1])
+    x = pad_to_rank(x, 0, len(reps))
+    return op(x, (1,) + reps), 0
+
+
+@batch_rule(aten.flip.default)
+def flip(op, args, kwargs, dims):
+    x, ds = args
+    r = rank(x, 0)
+    return op(x, [physical_dim(d, r) for d in ds]), 0
+
+
+@batch_rule(aten.roll.default)
+def roll(op, args, kwargs, dims):
+    x, shifts = args[0], args[1]
+    ds = args[2] if len(args) > 2 else kwargs.get("dims", [])
+    r = rank(x, 0)
+    if not ds:
+        B = x.shape[0]
+        return op(x.reshape(B, -1), shifts, [1]).reshape(x.shape), 0
+    return op(x, shifts, [physical_dim(d, r) for d in ds]), 0
+
+
+@batch_rule(aten.unfold.default)
+def unfold(op, args, kwargs, dims):
+    x, d, size, step = args
+    return op(x, physical_dim(d, rank(x, 0)), size, step), 0
+
+
+@batch_rule(aten.alias.default, aten.detach.default, aten.lift_fresh.default, aten.contiguous.default,
+            aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default)
+def trailing_only(op, args, kwargs, dims):
+    """Ops that only touch trailing dims (or none): the batch dim rides along."""
+    return op(*args, **kwargs), 0
+
+
+@batch_rule(aten.as_strided.default)
+def as_strided(op, args, kwargs, dims):
+    # Per example, as_strided addresses the example's own storage region: emulate on
+    # a contiguous batch whose examples are laid out back to back.
+    x, size, stride = args[0], tuple(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", None)
+    xc = x.contiguous()
+    per = xc[0].numel()
+    off0 = xc.storage_offset()
+    return xc.as_strided((x.shape[0],) + size, (per,) + stride, off0 + (offset or 0)), 0

@@ -1,0 +1,345 @@
+"""Reverse mode: the grad interpreter, GradTensor, and ``grad``, ``grad_and_value``, ``vjp``.
+
+Each grad level wraps its inputs in ``GradTensor`` objects created with
+``requires_grad=True``: torch's own autograd engine records this level's graph on
+the wrapper objects, while the inner values keep recording the graphs of lower
+levels. ``torch.autograd.grad`` on the wrappers then differentiates exactly this
+level.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from ._core import Interpreter, LevelTensor, interpreter_stack, push_interpreter
+from ._pytree import tree_flatten, tree_map, tree_unflatten
+
+aten = torch.ops.aten
+
+
+class GradTensor(LevelTensor):
+    """A tensor differentiated at one grad/vjp level."""
+
+    @staticmethod
+    def __new__(cls, value: torch.Tensor, interp: "GradInterpreter", requires_grad: bool = False):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            value.shape,
+            strides=value.stride(),
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            device=value.device,
+            layout=value.layout,
+            requires_grad=requires_grad,
+        )
+        r._value = value
+        r._interp = interp
+        return r
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _describe(self) -> str:
+        return f"GradTensor[grad level {self._interp.level}]"
+
+    def _escaped(self):
+        # After its level ends, a grad wrapper is just its value (with lower levels intact).
+        from ._core import _resolve_dead
+
+        return _resolve_dead(self._value)
+
+
+class GradInterpreter(Interpreter):
+    kind = "grad"
+
+    def lift(self, tensor):
+        return GradTensor(tensor, self)
+
+    def process(self, func, args, kwargs):
+        if func is aten.detach.default:
+            # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
+            # that must not cut the inner value's graph of lower levels.
+            return GradTensor(args[0]._value, self)
+        uargs = [_unwrap(a, self) for a in args]
+        ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
+        out = func(*uargs, **ukwargs)
+        from .vmap import _mutated_returns, _return_aliases
+
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            return _return_aliases(aliased, args, kwargs, out)
+        return _wrap(out, self)
+
+
+def _unwrap(x, interp):
+    if isinstance(x, GradTensor) and x._interp is interp:
+        return x._value
+    if isinstance(x, (list, tuple)) and x and any(isinstance(y, GradTensor) for y in x):
+        return type(x)(_unwrap(y, interp) for y in x)
+    return x
+
+
+def _wrap(x, interp):
+    if isinstance(x, torch.Tensor):
+        return GradTensor(x, interp)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_wrap(y, interp) for y in x)
+    return x
+
+
+def _peel(x, interp):
+    """Output of the transformed function, seen from outside this level."""
+    if isinstance(x, GradTensor) and x._interp is interp:
+        return x._value
+    return x
+
+
+def _needs_graph(primals_flat) -> bool:
+    # Trap 3: with an outer differentiation level live, or inputs that already
+    # require grad, the backward pass itself must be recorded.
+    for it in interpreter_stack()[:-1]:
+        if it.kind in ("grad", "jvp"):
+            return True
+    return any(_requires_grad_below(p) for p in primals_flat)
+
+
+def _requires_grad_below(t) -> bool:
+    while isinstance(t, LevelTensor):
+        t = t._value
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _check_argnums(argnums, nargs: int, who: str):
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        nums = (argnums,)
+    elif isinstance(argnums, tuple) and argnums and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums):
+        nums = argnums
+    else:
+        raise TypeError(f"{who}: argnums must be an int or a non-empty tuple of ints; got {argnums!r}.")
+    norm = []
+    for a in nums:
+        if not -nargs <= a < nargs:
+            raise ValueError(
+                f"{who}: argnums {a} is out of range: the function was called with {nargs} positional "
+                f"argument(s), so valid argnums are {-nargs}..{nargs - 1}."
+            )
+        norm.append(a % nargs)
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"{who}: argnums {argnums!r} names the same argument twice; each may appear once.")
+    return norm
+
+
+def _check_diff_inputs(flat, who: str):
+    for x in flat:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{who}: can only differentiate with respect to tensors, but an input selected by argnums "
+                f"is a {type(x).__name__}. Move it out of argnums or pass it as a tensor."
+            )
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(
+                f"{who}: inputs to differentiate must be floating point or complex; got a tensor of dtype "
+                f"{x.dtype}. Convert it (e.g. x.float()) or exclude it from argnums."
+            )
+
+
+def _split_aux(out, has_aux: bool, who: str):
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(
+            f"{who}(..., has_aux=True) expects the function to return a pair (output, aux); it returned "
+            f"{'a ' + type(out).__name__ if not isinstance(out, (tuple, list)) else f'a sequence of length {len(out)}'}."
+        )
+    return out[0], out[1]
+
+
+def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
+    nums = _check_argnums(argnums, len(args), who)
+    with push_interpreter(GradInterpreter()) as interp:
+        diff_flat_all = []
+        new_args = list(args)
+        specs = []
+        for n in nums:
+            flat, spec = tree_flatten(args[n])
+            _check_diff_inputs(flat, who)
+            wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+            diff_flat_all.append(wrapped)
+            specs.append(spec)
+            new_args[n] = tree_unflatten(wrapped, spec)
+        out = func(*new_args, **kwargs)
+        out, aux = _split_aux(out, has_aux, who)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{who}: the function must return a tensor (the value to differentiate); got "
+                f"{type(out).__name__}. Use vjp for non-tensor or pytree outputs."
+            )
+        if out.dim() != 0:
+            raise ValueError(
+                f"{who}: the function must return a scalar (0-dim) tensor, but returned shape "
+                f"{tuple(out.shape)}. Reduce it (e.g. .sum()), or use vjp/jacrev for non-scalar outputs."
+            )
+        if not (out.is_floating_point() or out.is_complex()):
+            raise TypeError(
+                f"{who}: the function's output must be floating point to differentiate; got {out.dtype}."
+            )
+        inputs = [w for group in diff_flat_all for w in group]
+        grads = _autograd_grad(out, inputs, None, interp)
+        grads = [_peel(g, interp) for g in grads]
+        value = _peel(out, interp)
+        aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
+    res = []
+    i = 0
+    for spec, group in zip(specs, diff_flat_all):
+        res.append(tree_unflatten(grads[i : i + len(group)], spec))
+        i += len(group)
+    g = res[0] if isinstance(argnums, int) else tuple(res)
+    return g, value, aux
+
+
+def _autograd_grad(outputs, inputs, grad_outputs, interp):
+    """torch.autograd.grad at this level; unused inputs get zeros."""
+    outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    gouts = None if grad_outputs is None else list(grad_outputs)
+    keep = [i for i, o in enumerate(outs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
+    if not keep:
+        return [torch.zeros_like(x._value) if isinstance(x, GradTensor) else torch.zeros_like(x) for x in inputs]
+    sel_outs = [outs[i] for i in keep]
+    if gouts is None:
+        sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
+    else:
+        sel_gouts = [gouts[i] for i in keep]
+    create = _needs_graph(inputs)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, create_graph=create, allow_unused=True)
+    return [torch.zeros_like(x._value) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def grad_and_value(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable:
+    """Like :func:`grad`, but also returns the function's value: ``(grad, value)``
+    (``((grad, (value, aux))`` with ``has_aux=True``).
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import grad_and_value
+        >>> g, v = grad_and_value(lambda x: (x ** 2).sum())(torch.tensor([1., 2.]))
+        >>> g, v
+        (tensor([2., 4.]), tensor(5.))
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        g, value, aux = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
+        if has_aux:
+            return g, (value, aux)
+        return g, value
+
+    return wrapper
+
+
+def grad(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable:
+    """The gradient of a scalar-valued ``func`` with respect to the inputs ``argnums``.
+
+    Composes with every other transform (``vmap(grad(f))`` gives per-example
+    gradients; ``grad(grad(f))`` second derivatives). With ``has_aux=True`` ``func``
+    returns ``(output, aux)`` and the result is ``(grad, aux)``.
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import grad
+        >>> x = torch.tensor(0.5)
+        >>> torch.allclose(grad(torch.sin)(x), torch.cos(x))
+        True
+        >>> torch.allclose(grad(grad(torch.sin))(x), -torch.sin(x))
+        True
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        g, _value, aux = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
+        if has_aux:
+            return g, aux
+        return g
+
+    return wrapper
+
+
+def vjp(func: Callable, *primals: Any, has_aux: bool = False):
+    """Run ``func(*primals)`` and return ``(output, vjp_fn)`` (plus ``aux`` with
+    ``has_aux=True``); ``vjp_fn(cotangents)`` gives the vector-Jacobian products,
+    one per primal, as a tuple. Outputs and primals may be pytrees.
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import vjp
+        >>> x = torch.tensor([1., 2.])
+        >>> out, vjp_fn = vjp(torch.sin, x)
+        >>> torch.allclose(vjp_fn(torch.ones(2))[0], torch.cos(x))
+        True
+    """
+    interp = GradInterpreter()
+    ctx = push_interpreter(interp)
+    ctx.__enter__()
+    try:
+        flat, spec = tree_flatten(primals)
+        _check_diff_inputs(flat, "vjp")
+        wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+        out = func(*tree_unflatten(wrapped, spec))
+        out, aux = _split_aux(out, has_aux, "vjp")
+        out_flat, out_spec = tree_flatten(out)
+        for o in out_flat:
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"vjp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
+        primal_out = tree_unflatten([_peel(o, interp) for o in out_flat], out_spec)
+        aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
+    except BaseException:
+        ctx.__exit__(None, None, None)
+        raise
+    # The level stays "open" for vjp_fn: its wrappers remain valid until vjp_fn runs.
+    # We pop it now (transform calls must nest) and re-activate it inside vjp_fn.
+    ctx.__exit__(None, None, None)
+    interp.alive = True
+    outer_levels = list(interpreter_stack())
+
+    def vjp_fn(cotangents, *, retain_graph: bool = True, create_graph: bool | None = None):
+        ct_flat, ct_spec = tree_flatten(cotangents)
+        if ct_spec != out_spec:
+            raise ValueError(
+                f"vjp_fn: the cotangents must have the same structure as the function's output "
+                f"({out_spec}); got {ct_spec}."
+            )
+        for c, o in zip(ct_flat, out_flat):
+            if not isinstance(c, torch.Tensor) or c.shape != o.shape:
+                raise ValueError(
+                    f"vjp_fn: each cotangent must be a tensor of its output's shape {tuple(o.shape)}; got "
+                    f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}."
+                )
+        with _reenter(interp):
+            grads = _autograd_grad(out_flat, wrapped, ct_flat, interp)
+            grads = [_peel(g, interp) for g in grads]
+        return tree_unflatten(grads, spec)
+
+    interp.outer_levels = outer_levels
+    if has_aux:
+        return primal_out, vjp_fn, aux
+    return primal_out, vjp_fn
+
+
+class _reenter:
+    """Re-push a vjp level so its wrappers work again while vjp_fn runs."""
+
+    def __init__(self, interp):
+        self.interp = interp
+
+    def __enter__(self):
+        self.ctx = push_interpreter(self.interp)
+        self.interp.alive = True
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        self.interp.alive = True  # vjp_fn may be called again
+        return False

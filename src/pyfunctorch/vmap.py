@@ -1,0 +1,602 @@
+"""vmap: the batching interpreter, BatchedTensor and the public ``vmap``."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from . import _core
+from ._core import EscapedTensorError, Interpreter, LevelTensor, push_interpreter
+from ._pytree import broadcast_prefix, tree_flatten, tree_unflatten
+from .batching import lookup as _lookup_rule
+
+aten = torch.ops.aten
+
+_RANDOMNESS = ("error", "different", "same")
+
+
+class RandomnessError(RuntimeError):
+    """A random operation ran under vmap with randomness='error'."""
+
+
+class DataDependentError(RuntimeError):
+    """Python control flow or .item() depended on the values of a batched tensor."""
+
+
+class BatchedTensor(LevelTensor):
+    """A tensor that is batched at one vmap level: ``_value`` holds the whole batch,
+    with the batch in dimension ``_bdim``; the wrapper has the per-example shape."""
+
+    _bdim: int
+
+    @staticmethod
+    def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
+        shape = value.shape
+        stride = value.stride()
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape[:bdim] + shape[bdim + 1 :],
+            strides=stride[:bdim] + stride[bdim + 1 :],
+            dtype=value.dtype,
+            device=value.device,
+            layout=value.layout,
+            requires_grad=False,
+        )
+        r._value = value
+        r._bdim = bdim
+        r._interp = interp
+        return r
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _describe(self) -> str:
+        return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
+
+    def _tolist(self):
+        raise _data_dependent(self._interp, "tolist")
+
+
+def _data_dependent(interp, what: str) -> DataDependentError:
+    return DataDependentError(
+        f"vmap: {what} needs the value of a batched tensor (data-dependent Python control flow "
+        "such as `if x > 0:`, `.item()` or `.tolist()`), but inside vmap a tensor stands for a "
+        "whole batch. Use torch.where(cond, a, b) (or pyfunctorch.cond / while_loop) to keep "
+        "it batched, or compute it outside vmap."
+    )
+
+
+def _mutated_returns(func) -> tuple | None:
+    """For ops whose outputs alias a written input (in-place and out= ops): for each
+    output, where the written input is (an int position or a kwarg name). Cached."""
+    try:
+        return _ALIAS_CACHE[func]
+    except KeyError:
+        pass
+    schema = func._schema
+    res = None
+    if schema.is_mutable:
+        where = []
+        for ret in schema.returns:
+            ai = ret.alias_info
+            loc = None
+            if ai is not None and ai.is_write:
+                for i, arg in enumerate(schema.arguments):
+                    if arg.alias_info is not None and arg.alias_info.is_write and set(arg.alias_info.before_set) & set(ai.before_set):
+                        loc = arg.name if arg.kwarg_only else i
+                        break
+            where.append(loc)
+        if any(w is not None for w in where):
+            res = tuple(where)
+    _ALIAS_CACHE[func] = res
+    return res
+
+
+_ALIAS_CACHE: dict = {}
+_WARNED_FALLBACK: set = set()
+#: ops served by the loop fallback so far (for coverage reports)
+FALLBACK_COUNTS: dict = {}
+
+
+def _is_random(func) -> bool:
+    try:
+        return _RANDOM_CACHE[func]
+    except KeyError:
+        r = torch.Tag.nondeterministic_seeded in func.tags
+        _RANDOM_CACHE[func] = r
+        return r
+
+
+_RANDOM_CACHE: dict = {}
+
+
+class VmapInterpreter(Interpreter):
+    kind = "vmap"
+
+    def __init__(self, batch_size: int, randomness: str) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.randomness = randomness
+
+    # -- lifting a lower-level tensor: an unbatched constant needs no wrapper ----
+    def lift(self, tensor):
+        return tensor
+
+    def process(self, func, args, kwargs):
+        if func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
+            raise _data_dependent(self, "`.item()`/bool()")
+        if _is_random(func):
+            return _random_op(self, func, args, kwargs)
+        rule = _lookup_rule(func)
+        if rule is None:
+            decomp = _decomposition(func)
+            if decomp is not None:
+                return decomp(*args, **kwargs)
+            return loop_fallback(self, func, args, kwargs)
+        for v in kwargs.values():
+            if _batched_here(v, self):
+                return loop_fallback(self, func, args, kwargs)
+        uargs, dims = self._unwrap_args(args)
+        out, out_dims = rule(func, uargs, kwargs, dims)
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            return _return_aliases(aliased, args, kwargs, out)
+        return self._wrap(out, out_dims)
+
+    def _unwrap_args(self, args):
+        uargs = []
+        dims = []
+        for a in args:
+            if isinstance(a, BatchedTensor) and a._interp is self:
+                v = a._value
+                if a._bdim != 0:
+                    v = v.movedim(a._bdim, 0)
+                uargs.append(v)
+                dims.append(0)
+            elif isinstance(a, (list, tuple)) and a and any(isinstance(b, BatchedTensor) for b in a):
+                vs, ds = self._unwrap_args(a)
+                uargs.append(vs)
+                dims.append(ds if any(d is not None for d in ds) else None)
+            else:
+                uargs.append(a)
+                dims.append(None)
+        return uargs, dims
+
+    def _wrap(self, out, out_dims):
+        if isinstance(out, torch.Tensor):
+            if out_dims is None:
+                return out
+            return BatchedTensor(out, out_dims, self)
+        if isinstance(out, (tuple, list)):
+            if out_dims is None or isinstance(out_dims, int):
+                out_dims = [out_dims] * len(out)
+            return type(out)(self._wrap(o, d) for o, d in zip(out, out_dims))
+        return out
+
+    def unwrap_value(self, x, d: int = 0) -> torch.Tensor:
+        """Physical value of ``x`` at this level with the batch dim at ``d`` (expanded if unbatched)."""
+        if isinstance(x, BatchedTensor) and x._interp is self:
+            return x._value.movedim(x._bdim, d) if x._bdim != d else x._value
+        return x.unsqueeze(d).expand(x.shape[:d] + (self.batch_size,) + x.shape[d:])
+
+
+def _batched_here(x, interp) -> bool:
+    if isinstance(x, BatchedTensor):
+        return x._interp is interp
+    if isinstance(x, (list, tuple)):
+        return any(isinstance(y, BatchedTensor) and y._interp is interp for y in x)
+    return False
+
+
+def _return_aliases(aliased, args, kwargs, out):
+    res = tuple(args[w] if isinstance(w, int) else kwargs[w] for w in aliased)
+    return res[0] if len(res) == 1 else res
+
+
+# -- decompositions --------------------------------------------------------------
+
+_DECOMP_CACHE: dict = {}
+
+
+def _decomposition(func):
+    try:
+        return _DECOMP_CACHE[func]
+    except KeyError:
+        pass
+    from torch._decomp import decomposition_table
+
+    d = decomposition_table.get(func)
+    _DECOMP_CACHE[func] = d
+    return d
+
+
+# -- the loop fallback -------------------------------------------------------------
+
+
+def _slice_example(x, interp, b):
+    if isinstance(x, BatchedTensor) and x._interp is interp:
+        return x._value.select(x._bdim, b)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_slice_example(y, interp, b) for y in x)
+    return x
+
+
+def loop_fallback(interp: VmapInterpreter, func, args, kwargs):
+    """Run ``func`` once per example and stack the results: correct for any op, slow.
+
+    Warns once per op so that a missing rule is visible (and can be added)."""
+    FALLBACK_COUNTS[func] = FALLBACK_COUNTS.get(func, 0) + 1
+    if func not in _WARNED_FALLBACK:
+        _WARNED_FALLBACK.add(func)
+        warnings.warn(
+            f"pyfunctorch.vmap: there is no batching rule for {func}; running it once per example "
+            "(correct but slow). Please report it so a rule can be added.",
+            PerformanceWarning,
+            stacklevel=2,
+        )
+    aliased = _mutated_returns(func)
+    if aliased is not None:
+        for w in aliased:
+            target = args[w] if isinstance(w, int) else kwargs[w]
+            if target is not None and not _batched_here(target, interp):
+                raise _inplace_error(func)
+    B = interp.batch_size
+    outs = []
+    for b in range(B):
+        a_b = tuple(_slice_example(a, interp, b) for a in args)
+        k_b = {k: _slice_example(v, interp, b) for k, v in kwargs.items()}
+        outs.append(func(*a_b, **k_b))
+    if aliased is not None:
+        return _return_aliases(aliased, args, kwargs, None)
+    return _stack_results(interp, func, outs)
+
+
+def _stack_results(interp, func, outs):
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        shapes = {tuple(o.shape) for o in outs}
+        if len(shapes) != 1:
+            raise DataDependentError(
+                f"vmap: {func} returned tensors of different shapes for different examples "
+                f"({sorted(shapes)[:3]}...); a batched tensor needs one shape. "
+            )
+        return BatchedTensor(torch.stack(outs), 0, interp)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack_results(interp, func, list(col)) for col in zip(*outs))
+    if all(o == first for o in outs):
+        return first
+    raise DataDependentError(f"vmap: {func} returned a different Python value for different examples.")
+
+
+def _inplace_error(func) -> RuntimeError:
+    return RuntimeError(
+        f"vmap: {func} writes batched values into a tensor that is not batched (it came from "
+        "outside the vmapped function, or was created unbatched). Each example would overwrite "
+        "the same memory, so the result cannot be per-example. Use the out-of-place form "
+        "(e.g. `x = x + y` instead of `x.add_(y)`), or pass the tensor as a batched input "
+        "(in_dims) so each example owns its slice."
+    )
+
+
+class PerformanceWarning(UserWarning):
+    """A slow path was taken (e.g. the per-example loop fallback)."""
+
+
+# -- randomness ---------------------------------------------------------------------
+
+
+def _random_op(interp: VmapInterpreter, func, args, kwargs):
+    mode = interp.randomness
+    if mode == "error":
+        raise _randomness_error(func)
+    aliased = _mutated_returns(func)
+    uargs, dims = interp._unwrap_args(args)
+    any_batched = any(d is not None for d in dims)
+    if mode == "same":
+        if aliased is not None:
+            # in-place fill of a batched tensor: draw one example, write it to all
+            self_ = args[0]
+            if any(d is not None for d in dims[1:]):
+                raise RandomnessError(
+                    f"vmap: randomness='same' cannot be honoured for {func} with batched parameters "
+                    "(each example has its own distribution). Use randomness='different'."
+                )
+            one = torch.empty(self_.shape, dtype=self_.dtype, device=self_.device)
+            func(one, *args[1:], **kwargs)
+            self_.copy_(one)
+            return self_
+        if any_batched:
+            raise RandomnessError(
+                f"vmap: randomness='same' cannot be honoured for {func} with batched tensor inputs "
+                "(each example has its own distribution). Use randomness='different'."
+            )
+        return func(*args, **kwargs)
+    # 'different': run on the whole physical batch; independent draws per element
+    if aliased is not None and dims and dims[0] is None:
+        raise RandomnessError(
+            f"vmap: randomness='different' needs {func} to write different values for each example "
+            "into a tensor that is not batched. Create the tensor inside the function from a batched one."
+        )
+    B = interp.batch_size
+    new_args = [_materialize_arg(a, d, B) for a, d in zip(uargs, dims)]
+    out = func(*new_args, **kwargs)
+    if aliased is not None:
+        return _return_aliases(aliased, args, kwargs, out)
+    return interp._wrap(out, 0)
+
+
+def _materialize_arg(a, d, B):
+    if isinstance(a, torch.Tensor) and d is None and a.dim() >= 0:
+        return a.unsqueeze(0).expand((B,) + a.shape).contiguous()
+    return a
+
+
+def _randomness_error(func) -> RandomnessError:
+    return RandomnessError(
+        f"vmap: called the random operation {getattr(func, '__name__', func)} under "
+        "vmap(..., randomness='error') (the default). Choose how randomness should behave across "
+        "the batch: randomness='different' (each example draws its own values) or "
+        "randomness='same' (every example sees the same draw)."
+    )
+
+
+_RANDOM_FACTORIES = {
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.randperm,
+    torch.normal,
+    torch.randn_like,
+    torch.rand_like,
+    torch.randint_like,
+    torch.bernoulli,
+    torch.multinomial,
+    torch.poisson,
+    torch.nn.functional.dropout,
+    torch.nn.functional.dropout1d,
+    torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d,
+    torch.nn.functional.alpha_dropout,
+    torch.nn.functional.feature_alpha_dropout,
+    torch.dropout,
+    torch.Tensor.normal_,
+    torch.Tensor.uniform_,
+    torch.Tensor.random_,
+    torch.Tensor.exponential_,
+    torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_,
+    torch.Tensor.geometric_,
+    torch.Tensor.bernoulli_,
+    torch.Tensor.bernoulli,
+}
+
+
+def _vmap_levels():
+    return [i for i in _core._state.stack if i.kind == "vmap"]
+
+
+def _random_function_handler(func, args, kwargs):
+    """Random torch calls whose tensor arguments are all plain (or none): they never reach
+    a BatchedTensor, so vmap decides here (trap 7)."""
+    if func in (torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+                torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+                torch.nn.functional.feature_alpha_dropout):
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+        if not training or p == 0:
+            return func(*args, **kwargs)
+    leaves, _ = tree_flatten((args, kwargs))
+    if any(isinstance(x, LevelTensor) for x in leaves):
+        return func(*args, **kwargs)  # reaches __torch_dispatch__, where the level decides
+    levels = _vmap_levels()
+    if not levels:
+        return func(*args, **kwargs)
+    inplace = getattr(func, "__name__", "").endswith("_")
+    reps = 1
+    for lv in levels:
+        if lv.randomness == "error":
+            raise _randomness_error(func)
+        if lv.randomness == "different":
+            if inplace:
+                raise RandomnessError(
+                    f"vmap: randomness='different' needs {func.__name__} to write different values "
+                    "for each example into a tensor that is not batched. Create the tensor from a "
+                    "batched input (e.g. torch.empty_like(x)) instead."
+                )
+            reps *= lv.batch_size
+    if reps == 1:
+        return func(*args, **kwargs)
+    draws = torch.stack([func(*args, **kwargs) for _ in range(reps)])
+    different = [lv for lv in levels if lv.randomness == "different"]
+    draws = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
+    out = draws
+    for lv in different:  # outermost first: each level peels one leading dim
+        out = BatchedTensor(out, 0, lv)
+    return out
+
+
+for _f in _RANDOM_FACTORIES:
+    _core._FUNCTION_HANDLERS[_f] = _random_function_handler
+
+
+# -- the public transform ---------------------------------------------------------------
+
+
+def vmap(
+    func: Callable,
+    in_dims: Any = 0,
+    out_dims: Any = 0,
+    randomness: str = "error",
+    *,
+    chunk_size: int | None = None,
+) -> Callable:
+    """Vectorize ``func`` over a batch dimension of its inputs.
+
+    ``vmap(f)(x)`` equals ``torch.stack([f(x_i) for x_i in x.unbind(0)])`` for pure
+    ``f``, computed with batched operations. ``in_dims`` says which dim of each input
+    (a pytree prefix of the positional args; ``None`` = not batched) is the batch;
+    ``out_dims`` where the batch dim goes in each output. ``randomness`` is
+    ``'error'``, ``'different'`` or ``'same'``. ``chunk_size`` runs the batch in
+    chunks of that size (less memory). Keyword arguments are passed unbatched.
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import vmap
+        >>> x = torch.randn(5, 3)
+        >>> vmap(torch.dot)(x, x).shape
+        torch.Size([5])
+        >>> torch.allclose(vmap(torch.dot)(x, x), (x * x).sum(1))
+        True
+    """
+    if randomness not in _RANDOMNESS:
+        raise ValueError(
+            f"vmap: randomness must be one of {_RANDOMNESS}; got {randomness!r}. 'error' raises on "
+            "random ops, 'different' draws independently per example, 'same' shares one draw."
+        )
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"vmap: chunk_size must be None or a positive int; got {chunk_size!r}.")
+    _check_dims_type(in_dims, "in_dims")
+    _check_dims_type(out_dims, "out_dims")
+
+    @functools.wraps(func)
+    def vmapped(*args, **kwargs):
+        flat_args, args_spec = tree_flatten(args)
+        flat_in = _leaf_in_dims(in_dims, args, flat_args, func)
+        B = _batch_size(flat_args, flat_in, func)
+        if chunk_size is not None and chunk_size < B:
+            return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs)
+        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs)
+
+    return vmapped
+
+
+def _check_dims_type(dims, what):
+    if dims is None or (isinstance(dims, int) and not isinstance(dims, bool)):
+        return
+    if isinstance(dims, (tuple, list, dict)):
+        for d in dims.values() if isinstance(dims, dict) else dims:
+            _check_dims_type(d, what)
+        return
+    raise ValueError(
+        f"vmap: {what} must be an int, None, or a (nested) tuple/list/dict of those; got {dims!r} "
+        f"of type {type(dims).__name__}."
+    )
+
+
+def _leaf_in_dims(in_dims, args, flat_args, func):
+    if isinstance(in_dims, int) or in_dims is None:
+        flat_in = [in_dims] * len(flat_args)
+    else:
+        if not isinstance(in_dims, tuple):
+            raise ValueError(
+                f"vmap({_name(func)}): in_dims must be an int, None or a tuple with one entry per "
+                f"positional argument; got a {type(in_dims).__name__}. Wrap it in a tuple: in_dims=({in_dims!r},)."
+            )
+        if len(in_dims) != len(args):
+            raise ValueError(
+                f"vmap({_name(func)}): in_dims has {len(in_dims)} entries but the function was called "
+                f"with {len(args)} positional arguments; give one in_dims entry per argument."
+            )
+        flat_in = broadcast_prefix(in_dims, args, f"vmap({_name(func)}): in_dims")
+    for x, d in zip(flat_args, flat_in):
+        if d is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"vmap({_name(func)}): in_dims says to batch a {type(x).__name__} input over dim {d}, "
+                "but only tensors can be batched; use None for non-tensor inputs."
+            )
+        r = x.dim()
+        if not -r <= d < r:
+            raise ValueError(
+                f"vmap({_name(func)}): in_dim {d} is out of range for an input of shape "
+                f"{tuple(x.shape)} (it has {r} dims, so valid dims are {-r}..{r - 1})."
+            )
+    return [None if d is None else d % x.dim() for x, d in zip(flat_args, flat_in)]
+
+
+def _batch_size(flat_args, flat_in, func) -> int:
+    sizes = {x.shape[d] for x, d in zip(flat_args, flat_in) if d is not None}
+    if not sizes:
+        raise ValueError(
+            f"vmap({_name(func)}): no input is batched (every in_dim is None or there are no tensor "
+            "inputs). Batch at least one tensor input."
+        )
+    if len(sizes) > 1:
+        detail = ", ".join(
+            f"input {i} has size {x.shape[d]} in dim {d}" for i, (x, d) in enumerate(zip(flat_args, flat_in)) if d is not None
+        )
+        raise ValueError(
+            f"vmap({_name(func)}): the batched inputs have different batch sizes ({detail}); they must all "
+            "have the same size in their batch dims."
+        )
+    return sizes.pop()
+
+
+def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs):
+    with push_interpreter(VmapInterpreter(B, randomness)) as interp:
+        batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
+        out = func(*tree_unflatten(batched, args_spec), **kwargs)
+        flat_out, out_spec = tree_flatten(out)
+        flat_od = _leaf_out_dims(out_dims, out, flat_out, func)
+        res = [_unwrap_out(interp, o, d, func) for o, d in zip(flat_out, flat_od)]
+    return tree_unflatten(res, out_spec)
+
+
+def _leaf_out_dims(out_dims, out, flat_out, func):
+    if isinstance(out_dims, int) or out_dims is None:
+        return [out_dims] * len(flat_out)
+    if isinstance(out_dims, tuple) and not isinstance(out, tuple):
+        if len(out_dims) == 1:
+            return broadcast_prefix(out_dims[0], out, f"vmap({_name(func)}): out_dims")
+    return broadcast_prefix(out_dims, out, f"vmap({_name(func)}): out_dims")
+
+
+def _unwrap_out(interp, o, d, func):
+    if not isinstance(o, torch.Tensor):
+        if d is None:
+            return o
+        raise ValueError(
+            f"vmap({_name(func)}): the function returned a {type(o).__name__} where out_dims is {d}; "
+            "only tensors can carry a batch dim. Return tensors, or set that out_dim to None."
+        )
+    if d is None:
+        if isinstance(o, BatchedTensor) and o._interp is interp:
+            raise ValueError(
+                f"vmap({_name(func)}): out_dims is None for an output that depends on the batched "
+                "inputs; it has a batch dim, so give it an int out_dim."
+            )
+        return o
+    r = o.dim() + 1
+    if not -r <= d < r:
+        raise ValueError(
+            f"vmap({_name(func)}): out_dim {d} is out of range for an output with {o.dim()} dims "
+            f"(plus the batch dim: valid dims are {-r}..{r - 1})."
+        )
+    return interp.unwrap_value(o, d % r)
+
+
+def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs):
+    starts = list(range(0, B, chunk_size))
+    pieces = []
+    for s in starts:
+        n = min(chunk_size, B - s)
+        chunk = [x if d is None else x.narrow(d, s, n) for x, d in zip(flat_args, flat_in)]
+        pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs))
+    flat0, spec = tree_flatten(pieces[0])
+    flat_od = _leaf_out_dims(out_dims, pieces[0], flat0, func)
+    cols = [tree_flatten(p)[0] for p in pieces]
+    res = []
+    for i, d in enumerate(flat_od):
+        if d is None:
+            res.append(flat0[i])
+        else:
+            res.append(torch.cat([c[i] for c in cols], dim=d))
+    return tree_unflatten(res, spec)
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", type(func).__name__)
