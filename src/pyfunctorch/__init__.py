@@ -1,16 +1,33 @@
 """pyfunctorch: composable function transforms for PyTorch, in Python.
 
 ``vmap``, ``grad``, ``grad_and_value``, ``vjp``, ``jvp``, ``linearize``,
-``jacrev``, ``jacfwd``, ``hessian`` and ``functional_call`` with torch.func's
-signatures, composable in any order and depth.
+``jacrev``, ``jacfwd``, ``hessian``, ``functional_call`` and
+``stack_module_state`` with torch.func's signatures, composable in any order and
+depth. Swap ``from torch.func import ...`` for ``from pyfunctorch import ...``.
 """
 
 from ._core import EscapedTensorError
-from .grad import grad, grad_and_value, vjp
-from .vmap import DataDependentError, PerformanceWarning, RandomnessError, vmap
+from .functional import functional_call, stack_module_state
+from .reverse import grad, grad_and_value, vjp
+from .jacobians import hessian, jacfwd, jacrev
+from .forward import jvp, linearize
+from .batched import DataDependentError, PerformanceWarning, RandomnessError, vmap
 
 __all__ = [
-    "vmap", "grad", "grad_and_value", "vjp",
-    "EscapedTensorError", "DataDependentError", "PerformanceWarning", "RandomnessError",
+    "vmap",
+    "grad",
+    "grad_and_value",
+    "vjp",
+    "jvp",
+    "linearize",
+    "jacrev",
+    "jacfwd",
+    "hessian",
+    "functional_call",
+    "stack_module_state",
+    "EscapedTensorError",
+    "DataDependentError",
+    "PerformanceWarning",
+    "RandomnessError",
 ]
 __version__ = "0.1.0"

@@ -93,6 +93,16 @@ _FUNCTION_HANDLERS: dict[Callable, Callable] = {}
 _FUNCTION_HOOKS: list[Callable] = []
 
 
+def _passthrough(func, args, kwargs):
+    return func(*args, **kwargs)
+
+
+# Autograd entry points must see the wrappers themselves (vjp_fn differentiates the
+# graph recorded on its dead wrappers).
+for _f in (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward):
+    _FUNCTION_HANDLERS[_f] = _passthrough
+
+
 @contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
@@ -151,6 +161,44 @@ def _resolve_dead(x):
     return x
 
 
+def _dead_level_of(args, kwargs):
+    best = None
+    for a in itertools.chain(args, kwargs.values()):
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, LevelTensor) and not b._interp.alive:
+                if best is None or b._interp.level > best._interp.level:
+                    best = b
+    return best
+
+
+def _dispatch_with_dead(func, args, kwargs):
+    """An op reached a wrapper whose level has ended (an escaped tensor, or the saved
+    graph that vjp_fn differentiates after vjp returned). Grad-type wrappers stand
+    for their inner values; vmap wrappers raise (``_escaped``). The results are
+    wrapped fresh at the dead level: autograd needs fresh outputs from
+    __torch_dispatch__ (it may turn them into views)."""
+    exemplar = _dead_level_of(args, kwargs)
+    rargs = _resolve_dead(args)
+    rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
+        out = func(*rargs, **rkwargs)
+    from .batched import _mutated_returns, _return_aliases
+
+    aliased = _mutated_returns(func)
+    if aliased is not None:
+        return _return_aliases(aliased, args, kwargs, out)
+    cls, interp = type(exemplar), exemplar._interp
+
+    def rewrap(x):
+        if isinstance(x, torch.Tensor):
+            return cls(x, interp)
+        if isinstance(x, (list, tuple)):
+            return type(x)(rewrap(y) for y in x)
+        return x
+
+    return rewrap(out)
+
+
 def _metadata_query(func, args):
     # Autograd's engine asks these about wrappers; answer from wrapper metadata
     # (trap 5: the inner values of two levels would give a different answer).
@@ -183,14 +231,7 @@ class LevelTensor(torch.Tensor):
             kwargs = {}
         top, dead = _find_top(args, kwargs)
         if dead:
-            args = _resolve_dead(args)
-            kwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
-            top, _ = _find_top(args, kwargs)
-            if top is None:
-                with torch._C._ForceDispatchKeyGuard(
-                    torch._C._dispatch_tls_local_include_set(), _DEFAULT_EXCLUDE
-                ):
-                    return func(*args, **kwargs)
+            return _dispatch_with_dead(func, args, kwargs)
         if func in _METADATA_OPS:
             return _metadata_query(func, args)
         with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), top.exclude):
@@ -233,7 +274,6 @@ class LevelTensor(torch.Tensor):
         raise TypeError("pyfunctorch: tensors inside a transform cannot be pickled or deep-copied.")
 
 
-_DEFAULT_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
 
 
 def _plain_repr(t) -> str:
@@ -243,6 +283,37 @@ def _plain_repr(t) -> str:
             inner = inner._value
         s = repr(inner)
     return s
+
+
+def _is_dual(t) -> bool:
+    return torch._VF._unpack_dual(t, 0)[1] is not None
+
+
+def lift_mixed(args, kwargs):
+    """Lift lower-level dual tensors to the highest level among the arguments when that
+    level differentiates (jvp or grad), so only its tangents reach the kernel."""
+    top, _ = _find_top(args, kwargs)
+    if top is None or top.kind == "vmap":
+        return args, kwargs
+
+    changed = False
+
+    def lift(x):
+        nonlocal changed
+        if isinstance(x, LevelTensor):
+            if x._interp is not top and x._interp.level < top.level and _is_dual(x):
+                changed = True
+                return top.lift(x)
+            return x
+        if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
+            return type(x)(lift(y) for y in x)
+        return x
+
+    new_args = tuple(lift(a) for a in args)
+    new_kwargs = {k: lift(v) for k, v in kwargs.items()} if kwargs else kwargs
+    if not changed:
+        return args, kwargs
+    return new_args, new_kwargs
 
 
 def is_wrapper(x: Any) -> bool:

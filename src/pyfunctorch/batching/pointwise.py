@@ -17,7 +17,7 @@ aten = torch.ops.aten
 
 
 def _inplace_unbatched_self_error(op):
-    from ..vmap import _inplace_error
+    from ..batched import _inplace_error
 
     return _inplace_error(op)
 

@@ -40,6 +40,9 @@ class BatchedTensor(LevelTensor):
             cls,
             shape[:bdim] + shape[bdim + 1 :],
             strides=stride[:bdim] + stride[bdim + 1 :],
+            # Forward AD compares a view's tangent layout with its primal's: the physical
+            # offset is the per-example offset whenever the batch dim is outermost.
+            storage_offset=value.storage_offset(),
             dtype=value.dtype,
             device=value.device,
             layout=value.layout,
@@ -140,6 +143,8 @@ class VmapInterpreter(Interpreter):
             if _batched_here(v, self):
                 return loop_fallback(self, func, args, kwargs)
         uargs, dims = self._unwrap_args(args)
+        if _core._state.jvp_depth:
+            uargs, kwargs = _core.lift_mixed(uargs, kwargs)
         out, out_dims = rule(func, uargs, kwargs, dims)
         aliased = _mutated_returns(func)
         if aliased is not None:
@@ -541,6 +546,7 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
         batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
         out = func(*tree_unflatten(batched, args_spec), **kwargs)
         flat_out, out_spec = tree_flatten(out)
+        flat_out = [_core._resolve_dead(o) for o in flat_out]
         flat_od = _leaf_out_dims(out_dims, out, flat_out, func)
         res = [_unwrap_out(interp, o, d, func) for o, d in zip(flat_out, flat_od)]
     return tree_unflatten(res, out_spec)

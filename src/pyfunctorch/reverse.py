@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import Interpreter, LevelTensor, interpreter_stack, push_interpreter
+from ._core import Interpreter, LevelTensor, _resolve_dead, _state, interpreter_stack, lift_mixed, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -65,8 +65,10 @@ class GradInterpreter(Interpreter):
             return GradTensor(args[0]._value, self)
         uargs = [_unwrap(a, self) for a in args]
         ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
+        if _state.jvp_depth:
+            uargs, ukwargs = lift_mixed(uargs, ukwargs)
         out = func(*uargs, **ukwargs)
-        from .vmap import _mutated_returns, _return_aliases
+        from .batched import _mutated_returns, _return_aliases
 
         aliased = _mutated_returns(func)
         if aliased is not None:
@@ -97,10 +99,11 @@ def _peel(x, interp):
     return x
 
 
-def _needs_graph(primals_flat) -> bool:
+def _needs_graph(primals_flat, skip_top: bool = True) -> bool:
     # Trap 3: with an outer differentiation level live, or inputs that already
     # require grad, the backward pass itself must be recorded.
-    for it in interpreter_stack()[:-1]:
+    stack = interpreter_stack()
+    for it in stack[:-1] if skip_top else stack:
         if it.kind in ("grad", "jvp"):
             return True
     return any(_requires_grad_below(p) for p in primals_flat)
@@ -200,19 +203,19 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
     return g, value, aux
 
 
-def _autograd_grad(outputs, inputs, grad_outputs, interp):
+def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False):
     """torch.autograd.grad at this level; unused inputs get zeros."""
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     gouts = None if grad_outputs is None else list(grad_outputs)
     keep = [i for i, o in enumerate(outs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
     if not keep:
-        return [torch.zeros_like(x._value) if isinstance(x, GradTensor) else torch.zeros_like(x) for x in inputs]
+        return [torch.zeros_like(x._value) for x in inputs]
     sel_outs = [outs[i] for i in keep]
     if gouts is None:
         sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
     else:
         sel_gouts = [gouts[i] for i in keep]
-    create = _needs_graph(inputs)
+    create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
         grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, create_graph=create, allow_unused=True)
     return [torch.zeros_like(x._value) if g is None else g for g, x in zip(grads, inputs)]
@@ -280,10 +283,7 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
         >>> torch.allclose(vjp_fn(torch.ones(2))[0], torch.cos(x))
         True
     """
-    interp = GradInterpreter()
-    ctx = push_interpreter(interp)
-    ctx.__enter__()
-    try:
+    with push_interpreter(GradInterpreter()) as interp:
         flat, spec = tree_flatten(primals)
         _check_diff_inputs(flat, "vjp")
         wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
@@ -295,15 +295,11 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
                 raise TypeError(f"vjp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
         primal_out = tree_unflatten([_peel(o, interp) for o in out_flat], out_spec)
         aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
-    except BaseException:
-        ctx.__exit__(None, None, None)
-        raise
-    # The level stays "open" for vjp_fn: its wrappers remain valid until vjp_fn runs.
-    # We pop it now (transform calls must nest) and re-activate it inside vjp_fn.
-    ctx.__exit__(None, None, None)
-    interp.alive = True
-    outer_levels = list(interpreter_stack())
 
+    # The level is over when vjp returns. vjp_fn runs the backward pass over the graph
+    # recorded on its (now dead) wrappers: dispatch treats dead wrappers as their inner
+    # values, so the cotangents may belong to any transform vjp_fn is called under
+    # (e.g. vmap(vjp_fn) in jacrev), as in functorch.
     def vjp_fn(cotangents, *, retain_graph: bool = True, create_graph: bool | None = None):
         ct_flat, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
@@ -317,29 +313,9 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
                     f"vjp_fn: each cotangent must be a tensor of its output's shape {tuple(o.shape)}; got "
                     f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}."
                 )
-        with _reenter(interp):
-            grads = _autograd_grad(out_flat, wrapped, ct_flat, interp)
-            grads = [_peel(g, interp) for g in grads]
-        return tree_unflatten(grads, spec)
+        grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, outer=True)
+        return tree_unflatten([_resolve_dead(g) for g in grads], spec)
 
-    interp.outer_levels = outer_levels
     if has_aux:
         return primal_out, vjp_fn, aux
     return primal_out, vjp_fn
-
-
-class _reenter:
-    """Re-push a vjp level so its wrappers work again while vjp_fn runs."""
-
-    def __init__(self, interp):
-        self.interp = interp
-
-    def __enter__(self):
-        self.ctx = push_interpreter(self.interp)
-        self.interp.alive = True
-        self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        self.interp.alive = True  # vjp_fn may be called again
-        return False

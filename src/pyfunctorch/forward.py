@@ -1,0 +1,229 @@
+"""Forward mode: the jvp interpreter, JvpTensor, and ``jvp`` and ``linearize``.
+
+torch has a single forward-AD level (``dual_level`` cannot nest), so one global
+dual level is entered while any jvp level is live and every jvp level gets its
+own wrapper objects (trap 5). Tangents of two levels must never meet in one
+autograd kernel: wherever lower-level dual tensors reach an op together with
+higher-level wrappers they are first *lifted* (re-wrapped, without tangent) to
+the highest level among the arguments -- in the transform function mode for
+user calls and in ``__torch_dispatch__`` before an op runs on unwrapped values.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from . import _core
+from ._core import Interpreter, LevelTensor, push_interpreter
+from ._pytree import tree_flatten, tree_map, tree_unflatten
+from .reverse import GradInterpreter, _check_diff_inputs, _split_aux
+
+aten = torch.ops.aten
+
+
+class JvpTensor(LevelTensor):
+    """A tensor at one jvp level; its tangent lives on the wrapper as a forward-AD dual."""
+
+    @staticmethod
+    def __new__(cls, value: torch.Tensor, interp: "JvpInterpreter"):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            value.shape,
+            strides=value.stride(),
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            device=value.device,
+            layout=value.layout,
+            requires_grad=False,
+        )
+        r._value = value
+        r._interp = interp
+        return r
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _describe(self) -> str:
+        return f"JvpTensor[jvp level {self._interp.level}]"
+
+    def _escaped(self):
+        return _core._resolve_dead(self._value)
+
+
+class JvpInterpreter(Interpreter):
+    kind = "jvp"
+
+    def lift(self, tensor):
+        return JvpTensor(tensor, self)
+
+    def process(self, func, args, kwargs):
+        if func is aten.detach.default or func is aten.alias.default:
+            return JvpTensor(args[0]._value, self)
+        uargs = tuple(_unwrap(a, self) for a in args)
+        ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
+        uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
+        out = func(*uargs, **ukwargs)
+        from .batched import _mutated_returns, _return_aliases
+
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            return _return_aliases(aliased, args, kwargs, out)
+        return _wrap(out, self)
+
+
+def _unwrap(x, interp):
+    if isinstance(x, JvpTensor) and x._interp is interp:
+        return x._value
+    if isinstance(x, (list, tuple)) and x and any(isinstance(y, JvpTensor) for y in x):
+        return type(x)(_unwrap(y, interp) for y in x)
+    return x
+
+
+def _wrap(x, interp):
+    if isinstance(x, torch.Tensor):
+        return JvpTensor(x, interp)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_wrap(y, interp) for y in x)
+    return x
+
+
+def _peel(x, interp):
+    if isinstance(x, JvpTensor) and x._interp is interp:
+        return x._value
+    return x
+
+
+# -- the single global dual level ---------------------------------------------------
+
+
+class _jvp_level:
+    """Push a jvp interpreter, entering torch's one dual level for the outermost."""
+
+    def __init__(self):
+        self.interp = JvpInterpreter()
+
+    def __enter__(self):
+        st = _core._state
+        if st.jvp_depth == 0:
+            fwAD.enter_dual_level()
+        st.jvp_depth += 1
+        self.ctx = push_interpreter(self.interp)
+        try:
+            return self.ctx.__enter__()
+        except BaseException:
+            self._leave()
+            raise
+
+    def _leave(self):
+        st = _core._state
+        st.jvp_depth -= 1
+        if st.jvp_depth == 0:
+            fwAD.exit_dual_level()
+
+    def __exit__(self, *exc):
+        try:
+            self.ctx.__exit__(*exc)
+        finally:
+            self._leave()
+        return False
+
+
+def _check_primals_tangents(primals, tangents, who):
+    if not isinstance(primals, (tuple, list)):
+        raise TypeError(f"{who}: primals must be a tuple of the function's positional arguments; got {type(primals).__name__}. Use ({type(primals).__name__.lower()},) for one argument.")
+    if not isinstance(tangents, (tuple, list)):
+        raise TypeError(f"{who}: tangents must be a tuple with the same structure as primals; got {type(tangents).__name__}.")
+    p_flat, p_spec = tree_flatten(tuple(primals))
+    t_flat, t_spec = tree_flatten(tuple(tangents))
+    if p_spec != t_spec:
+        raise ValueError(f"{who}: tangents must have the same structure as primals; got {t_spec} for primals {p_spec}.")
+    _check_diff_inputs(p_flat, who)
+    for p, t in zip(p_flat, t_flat):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: every tangent must be a tensor; got {type(t).__name__}.")
+        if t.shape != p.shape:
+            raise ValueError(f"{who}: a tangent has shape {tuple(t.shape)} but its primal has shape {tuple(p.shape)}; they must match.")
+    return p_flat, p_spec, t_flat
+
+
+def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, has_aux: bool = False):
+    """Jacobian-vector product by true forward mode: returns ``(func(*primals), J @ tangents)``
+    (and ``aux`` with ``has_aux=True``) at the cost of about one forward pass.
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import jvp
+        >>> x = torch.tensor([0.1, 0.2])
+        >>> out, tangent = jvp(torch.sin, (x,), (torch.ones(2),))
+        >>> torch.allclose(tangent, torch.cos(x))
+        True
+    """
+    p_flat, p_spec, t_flat = _check_primals_tangents(primals, tangents, "jvp")
+    with _jvp_level() as interp:
+        duals = [fwAD.make_dual(JvpTensor(p, interp), t) for p, t in zip(p_flat, t_flat)]
+        out = func(*tree_unflatten(duals, p_spec))
+        out, aux = _split_aux(out, has_aux, "jvp")
+        out_flat, out_spec = tree_flatten(out)
+        primal_out, tangent_out = [], []
+        for o in out_flat:
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"jvp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
+            if isinstance(o, JvpTensor) and o._interp is interp:
+                p, t = fwAD.unpack_dual(o)
+                primal_out.append(_peel(p, interp))
+                tangent_out.append(torch.zeros_like(o._value) if t is None else _peel(t, interp))
+            else:
+                primal_out.append(o)
+                tangent_out.append(torch.zeros_like(o))
+        aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
+    res = (tree_unflatten(primal_out, out_spec), tree_unflatten(tangent_out, out_spec))
+    if has_aux:
+        return res + (aux,)
+    return res
+
+
+def linearize(func: Callable, *primals: Any):
+    """Returns ``(func(*primals), jvp_fn)`` where ``jvp_fn(*tangents)`` computes the
+    JVP at ``primals`` (the forward pass is not re-traced per call in torch.func; here
+    each call runs forward mode again, with the primal output computed once).
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import linearize
+        >>> x = torch.tensor([0.1, 0.2])
+        >>> out, jvp_fn = linearize(torch.sin, x)
+        >>> torch.allclose(jvp_fn(torch.ones(2)), torch.cos(x))
+        True
+    """
+    p_flat, p_spec = tree_flatten(primals)
+    _check_diff_inputs(p_flat, "linearize")
+    out = func(*primals)
+    out_flat, out_spec = tree_flatten(out)
+
+    def jvp_fn(*tangents):
+        t_flat, t_spec = tree_flatten(tangents)
+        if t_spec != p_spec:
+            raise ValueError(f"linearize: jvp_fn expects tangents with the structure of the primals ({p_spec}); got {t_spec}.")
+        _, tangent_out = jvp(func, primals, tangents)
+        return tangent_out
+
+    return out, jvp_fn
+
+
+# -- torch-level hooks: lifting in user calls, cheap scalar arithmetic ------------------
+
+
+def _lifting_hook(func, args, kwargs):
+    if _core._state.jvp_depth == 0:
+        return NotImplemented
+    new_args, new_kwargs = _core.lift_mixed(args, kwargs)
+    if new_args is args:
+        return NotImplemented
+    return func(*new_args, **new_kwargs)
+
+
+_core._FUNCTION_HOOKS.append(_lifting_hook)

@@ -1,0 +1,175 @@
+"""Jacobians and Hessians: ``jacrev`` (vmap over vjp), ``jacfwd`` (vmap over jvp), ``hessian``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+from ._pytree import tree_flatten, tree_unflatten
+from .reverse import _check_argnums, _check_diff_inputs, _split_aux, vjp
+from .forward import jvp
+from .batched import vmap
+
+
+def _partial_over(func, args, nums):
+    """``func`` as a function of the args at ``nums`` only, the others fixed."""
+
+    def f(*diff):
+        new = list(args)
+        for n, d in zip(nums, diff):
+            new[n] = d
+        return func(*new)
+
+    return f
+
+
+def _basis(flat, dtype_like=None):
+    """Rows of the identity, cut into one tensor per leaf: (total, *leaf.shape)."""
+    sizes = [x.numel() for x in flat]
+    total = sum(sizes)
+    ref = flat[0]
+    eye = torch.eye(total, dtype=ref.dtype, device=ref.device)
+    parts = eye.split(sizes, dim=1)
+    return [p.reshape((total,) + tuple(x.shape)) for p, x in zip(parts, flat)], sizes, total
+
+
+def _assemble(out_flat, out_spec, in_flat_groups, in_specs, blocks, out_first: bool, single: bool):
+    """Build jac[out leaf][argnum][in leaf] from blocks[out_i][in_j] of shape out.shape + in.shape."""
+    per_out = []
+    for i, _o in enumerate(out_flat):
+        per_arg = []
+        j = 0
+        for group, spec in zip(in_flat_groups, in_specs):
+            leaves = blocks[i][j : j + len(group)]
+            j += len(group)
+            per_arg.append(tree_unflatten(leaves, spec))
+        per_out.append(per_arg[0] if single else tuple(per_arg))
+    return tree_unflatten(per_out, out_spec)
+
+
+def jacrev(
+    func: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    _preallocate_and_copy: bool = False,
+) -> Callable:
+    """The Jacobian of ``func`` with respect to ``argnums``, by reverse mode
+    (``vmap`` over ``vjp``; one backward pass per output element, vectorized).
+
+    ``chunk_size`` bounds how many rows are computed at once (memory vs speed).
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import jacrev
+        >>> x = torch.randn(3)
+        >>> torch.allclose(jacrev(torch.sin)(x), torch.diag(torch.cos(x)))
+        True
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"jacrev: chunk_size must be None or a positive int; got {chunk_size!r}.")
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        nums = _check_argnums(argnums, len(args), "jacrev")
+        diff = [args[n] for n in nums]
+        res = vjp(_partial_over(func, args, nums), *diff, has_aux=has_aux)
+        out, vjp_fn = res[0], res[1]
+        out_flat, out_spec = tree_flatten(out)
+        basis, sizes, total = _basis(out_flat)
+        in_groups, in_specs = [], []
+        for d in diff:
+            fl, sp = tree_flatten(d)
+            in_groups.append(fl)
+            in_specs.append(sp)
+        if total == 0:
+            grads_flat = [torch.zeros((0,) + tuple(x.shape), dtype=x.dtype, device=x.device) for g in in_groups for x in g]
+        else:
+            rows = vmap(vjp_fn, chunk_size=chunk_size)(tree_unflatten(basis, out_spec))
+            grads_flat, _ = tree_flatten(rows)
+        # grads_flat[k]: (total, *in_k.shape) -> per output leaf: out.shape + in.shape
+        blocks = [[] for _ in out_flat]
+        for g in grads_flat:
+            for i, (piece, o) in enumerate(zip(g.split(sizes, dim=0), out_flat)):
+                blocks[i].append(piece.reshape(tuple(o.shape) + tuple(g.shape[1:])))
+        jac = _assemble(out_flat, out_spec, in_groups, in_specs, blocks, True, isinstance(argnums, int))
+        if has_aux:
+            return jac, res[2]
+        return jac
+
+    return wrapper
+
+
+def jacfwd(
+    func: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    has_aux: bool = False,
+    *,
+    randomness: str = "error",
+) -> Callable:
+    """The Jacobian of ``func`` with respect to ``argnums``, by forward mode
+    (``vmap`` over ``jvp``; one forward pass per input element, vectorized).
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import jacfwd
+        >>> x = torch.randn(3)
+        >>> torch.allclose(jacfwd(torch.sin)(x), torch.diag(torch.cos(x)))
+        True
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        nums = _check_argnums(argnums, len(args), "jacfwd")
+        diff = tuple(args[n] for n in nums)
+        flat, spec = tree_flatten(diff)
+        _check_diff_inputs(flat, "jacfwd")
+        basis, sizes, total = _basis(flat)
+        f = _partial_over(func, args, nums)
+
+        def push(*tangent_flat):
+            tangents = tree_unflatten(list(tangent_flat), spec)
+            r = jvp(f, diff, tangents, has_aux=has_aux)
+            if has_aux:
+                return r[1], r[0], r[2]
+            return r[1], r[0]
+
+        if has_aux:
+            t_out, out, aux = vmap(push, out_dims=(0, None, None), randomness=randomness)(*basis)
+        else:
+            t_out, out = vmap(push, out_dims=(0, None), randomness=randomness)(*basis)
+        out_flat, out_spec = tree_flatten(out)
+        t_flat, _ = tree_flatten(t_out)
+        in_groups = [tree_flatten(d)[0] for d in diff]
+        in_specs = [tree_flatten(d)[1] for d in diff]
+        blocks = []
+        for t, o in zip(t_flat, out_flat):
+            row = []
+            for piece, x in zip(t.split(sizes, dim=0), flat):
+                # piece: (numel_in, *out.shape) -> out.shape + in.shape
+                piece = piece.reshape((x.numel(),) + tuple(o.shape))
+                piece = piece.movedim(0, -1).reshape(tuple(o.shape) + tuple(x.shape))
+                row.append(piece)
+            blocks.append(row)
+        jac = _assemble(out_flat, out_spec, in_groups, in_specs, blocks, False, isinstance(argnums, int))
+        if has_aux:
+            return jac, aux
+        return jac
+
+    return wrapper
+
+
+def hessian(func: Callable, argnums: int | tuple[int, ...] = 0) -> Callable:
+    """The Hessian of a scalar ``func``: ``jacfwd(jacrev(func, argnums), argnums)``.
+
+    Example:
+        >>> import torch
+        >>> from pyfunctorch import hessian
+        >>> x = torch.randn(3)
+        >>> torch.allclose(hessian(lambda x: (x ** 3).sum())(x), torch.diag(6 * x))
+        True
+    """
+    return jacfwd(jacrev(func, argnums), argnums)
