@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 
@@ -31,7 +30,7 @@ _level_counter = itertools.count(1)
 class _State(threading.local):
     def __init__(self) -> None:
         self.stack: list[Interpreter] = []
-        self.mode: _TransformFunctionMode | None = None
+        self.saved_attrs: list = []
         self.jvp_depth = 0
 
 
@@ -56,6 +55,13 @@ class Interpreter:
         # force when this level was created.
         self.exclude = torch._C._dispatch_tls_local_exclude_set()
 
+    def dispatch(self, func, args: tuple, kwargs: dict) -> Any:
+        """Entry from ``__torch_dispatch__``: restore the level's key set, then ``process``."""
+        if func in _METADATA_OPS:
+            return _metadata_query(func, args)
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+            return self.process(func, args, kwargs)
+
     def process(self, func, args: tuple, kwargs: dict) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -67,50 +73,59 @@ class Interpreter:
         return f"{type(self).__name__}(level={self.level})"
 
 
-class _TransformFunctionMode(TorchFunctionMode):
-    """Active while any transform is live: sees every torch call, including random
-    factories that never reach a tensor subclass (trap 7), and user calls where
-    tangents of two forward levels could meet (trap 5)."""
+# -- Python entry points patched while any transform is live ------------------------
+#
+# A few torch calls never reach a tensor subclass: random factories (``torch.randn(3)``
+# has no tensor argument, trap 7) and random ops on plain tensors; and the user's
+# ``x.detach()`` must be told apart from autograd's internal detach (trap 2). A global
+# TorchFunctionMode would see them but costs ~2.5 us on *every* op, so instead these
+# entry points are swapped for thin wrappers while the interpreter stack is non-empty.
+# Each wrapper checks this thread's stack, so other threads are unaffected.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
-        handler = _FUNCTION_HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
-        if type(func) is torch._ops.OpOverload:
-            return func(*args, **kwargs)
-        for hook in _FUNCTION_HOOKS:
-            res = hook(func, args, kwargs)
-            if res is not NotImplemented:
-                return res
-        return func(*args, **kwargs)
+_PATCHES: list[tuple[Any, str, Callable, Callable]] = []  # (owner, attr, original, wrapper)
+_MISSING_ATTR = object()
 
 
-# func -> handler(func, args, kwargs); registered by transform modules.
-_FUNCTION_HANDLERS: dict[Callable, Callable] = {}
-# Generic hooks consulted for every torch-level call (kept short: hot path).
-_FUNCTION_HOOKS: list[Callable] = []
+def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
+    """While a transform is live, ``owner.attr(*args, **kwargs)`` calls
+    ``handler(original, args, kwargs)`` (only on threads with a live transform)."""
+    original = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        if not _state.stack:
+            return original(*args, **kwargs)
+        return handler(original, args, kwargs)
+
+    wrapper.__name__ = getattr(original, "__name__", attr)
+    wrapper.__qualname__ = getattr(original, "__qualname__", attr)
+    wrapper.__doc__ = getattr(original, "__doc__", None)
+    wrapper.__wrapped__ = original
+    _PATCHES.append((owner, attr, original, wrapper))
 
 
-def _passthrough(func, args, kwargs):
-    return func(*args, **kwargs)
+def _install_patches() -> None:
+    saved = []
+    for owner, attr, _original, wrapper in _PATCHES:
+        saved.append(owner.__dict__.get(attr, _MISSING_ATTR) if isinstance(owner, type) else getattr(owner, attr))
+        setattr(owner, attr, wrapper)
+    _state.saved_attrs = saved
 
 
-# Autograd entry points must see the wrappers themselves (vjp_fn differentiates the
-# graph recorded on its dead wrappers).
-for _f in (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward):
-    _FUNCTION_HANDLERS[_f] = _passthrough
+def _uninstall_patches() -> None:
+    for (owner, attr, _original, _wrapper), old in zip(_PATCHES, _state.saved_attrs):
+        if old is _MISSING_ATTR:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, old)
+    _state.saved_attrs = []
 
 
 @contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
     st = _state
-    first = not st.stack
-    if first:
-        st.mode = _TransformFunctionMode()
-        st.mode.__enter__()
+    if not st.stack:
+        _install_patches()
     st.stack.append(interp)
     try:
         yield interp
@@ -118,9 +133,8 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
         interp.alive = False
         popped = st.stack.pop()
         assert popped is interp, "pyfunctorch: interpreter stack corrupted"
-        if not st.stack and st.mode is not None:
-            mode, st.mode = st.mode, None
-            mode.__exit__(None, None, None)
+        if not st.stack:
+            _uninstall_patches()
 
 
 def _find_top(args, kwargs):
@@ -221,8 +235,7 @@ class LevelTensor(torch.Tensor):
 
     __slots__ = ()
 
-    # The transform mode sees torch-level calls; the subclass itself needs no
-    # __torch_function__ (it costs ~1.5 us per op).
+    # No __torch_function__ (it costs ~1.5 us per op); JvpTensor defines one for lifting.
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
@@ -232,10 +245,7 @@ class LevelTensor(torch.Tensor):
         top, dead = _find_top(args, kwargs)
         if dead:
             return _dispatch_with_dead(func, args, kwargs)
-        if func in _METADATA_OPS:
-            return _metadata_query(func, args)
-        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), top.exclude):
-            return top.process(func, args, kwargs)
+        return top.dispatch(func, args, kwargs)
 
     # -- what a user sees --------------------------------------------------
     def __repr__(self, *, tensor_contents=None) -> str:  # trap 11

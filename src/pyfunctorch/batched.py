@@ -34,19 +34,24 @@ class BatchedTensor(LevelTensor):
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
-        shape = value.shape
-        stride = value.stride()
+        if bdim == 0:
+            shape = value.shape[1:]
+            stride = value.stride()[1:]
+        else:
+            shape = value.shape
+            shape = shape[:bdim] + shape[bdim + 1 :]
+            stride = value.stride()
+            stride = stride[:bdim] + stride[bdim + 1 :]
         r = torch.Tensor._make_wrapper_subclass(
             cls,
-            shape[:bdim] + shape[bdim + 1 :],
-            strides=stride[:bdim] + stride[bdim + 1 :],
+            shape,
+            strides=stride,
             # Forward AD compares a view's tangent layout with its primal's: the physical
             # offset is the per-example offset whenever the batch dim is outermost.
             storage_offset=value.storage_offset(),
             dtype=value.dtype,
             device=value.device,
             layout=value.layout,
-            requires_grad=False,
         )
         r._value = value
         r._bdim = bdim
@@ -104,16 +109,48 @@ _WARNED_FALLBACK: set = set()
 FALLBACK_COUNTS: dict = {}
 
 
-def _is_random(func) -> bool:
+_RULE, _RANDOM, _DATA_DEPENDENT, _METADATA = "rule", "random", "data-dependent", "metadata"
+
+
+class _OpInfo:
+    """Per-op decisions of the vmap dispatcher, cached on the OpOverload itself
+    (``func._pyf_vmap``: an attribute read is ~3x cheaper than hashing the op)."""
+
+    __slots__ = ("kind", "rule", "aliased")
+
+    def __init__(self, kind, rule, aliased):
+        self.kind, self.rule, self.aliased = kind, rule, aliased
+
+
+def _op_info(func) -> _OpInfo:
+    aliased = _mutated_returns(func)
+    if func in _core._METADATA_OPS:
+        info = _OpInfo(_METADATA, None, None)
+    elif func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
+        info = _OpInfo(_DATA_DEPENDENT, None, None)
+    elif torch.Tag.nondeterministic_seeded in func.tags:
+        info = _OpInfo(_RANDOM, None, aliased)
+    else:
+        info = _OpInfo(_RULE, _lookup_rule(func), aliased)
     try:
-        return _RANDOM_CACHE[func]
-    except KeyError:
-        r = torch.Tag.nondeterministic_seeded in func.tags
-        _RANDOM_CACHE[func] = r
-        return r
+        func._pyf_vmap = info
+        _INFO_OPS.append(func)
+    except AttributeError:  # not an OpOverload (e.g. a HigherOrderOperator)
+        pass
+    return info
 
 
-_RANDOM_CACHE: dict = {}
+_INFO_OPS: list = []
+
+
+def _is_random(func) -> bool:
+    return _op_info(func).kind is _RANDOM if not hasattr(func, "_pyf_vmap") else func._pyf_vmap.kind is _RANDOM
+
+
+def invalidate_op_cache() -> None:
+    """Forget cached per-op decisions (call after registering new rules at run time)."""
+    for op in list(_INFO_OPS):
+        op.__dict__.pop("_pyf_vmap", None)
 
 
 class VmapInterpreter(Interpreter):
@@ -123,17 +160,42 @@ class VmapInterpreter(Interpreter):
         super().__init__()
         self.batch_size = batch_size
         self.randomness = randomness
+        # The outermost level sees only plain tensors: its rules can skip the key
+        # guard unless autograd must record on them (see dispatch).
+        self.bottom = not _core._state.stack
+
+    def dispatch(self, func, args, kwargs):
+        try:
+            info = func._pyf_vmap
+        except AttributeError:
+            info = _op_info(func)
+        if info.rule is not None and self.bottom and not kwargs:
+            # Fast path: plain values, nothing to record -> no key guard needed.
+            uargs, dims, needs_autograd = self._unwrap_args_checked(args)
+            if not needs_autograd:
+                out, out_dims = info.rule(func, uargs, kwargs, dims)
+                if info.aliased is not None:
+                    return _return_aliases(info.aliased, args, kwargs, out)
+                return self._wrap(out, out_dims)
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+            return self.process(func, args, kwargs, info)
 
     # -- lifting a lower-level tensor: an unbatched constant needs no wrapper ----
     def lift(self, tensor):
         return tensor
 
-    def process(self, func, args, kwargs):
-        if func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
-            raise _data_dependent(self, "`.item()`/bool()")
-        if _is_random(func):
-            return _random_op(self, func, args, kwargs)
-        rule = _lookup_rule(func)
+    def process(self, func, args, kwargs, info=None):
+        if info is None:
+            info = _op_info(func)
+        kind = info.kind
+        if kind is not _RULE:
+            if kind is _METADATA:
+                return _core._metadata_query(func, args)
+            if kind is _DATA_DEPENDENT:
+                raise _data_dependent(self, "`.item()`/bool()")
+            if kind is _RANDOM:
+                return _random_op(self, func, args, kwargs)
+        rule = info.rule
         if rule is None:
             decomp = _decomposition(func)
             if decomp is not None:
@@ -146,10 +208,36 @@ class VmapInterpreter(Interpreter):
         if _core._state.jvp_depth:
             uargs, kwargs = _core.lift_mixed(uargs, kwargs)
         out, out_dims = rule(func, uargs, kwargs, dims)
-        aliased = _mutated_returns(func)
-        if aliased is not None:
-            return _return_aliases(aliased, args, kwargs, out)
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
         return self._wrap(out, out_dims)
+
+    def _unwrap_args_checked(self, args):
+        """``_unwrap_args`` plus whether any tensor requires grad (then autograd must run)."""
+        uargs = []
+        dims = []
+        needs = False
+        for a in args:
+            if type(a) is BatchedTensor and a._interp is self:
+                v = a._value
+                if a._bdim != 0:
+                    v = v.movedim(a._bdim, 0)
+                needs = needs or v.requires_grad
+                uargs.append(v)
+                dims.append(0)
+            elif isinstance(a, torch.Tensor):
+                needs = needs or a.requires_grad or isinstance(a, LevelTensor)
+                uargs.append(a)
+                dims.append(None)
+            elif isinstance(a, (list, tuple)) and a and any(isinstance(b, torch.Tensor) for b in a):
+                vs, ds, n = self._unwrap_args_checked(a)
+                needs = needs or n
+                uargs.append(vs)
+                dims.append(ds if any(d is not None for d in ds) else None)
+            else:
+                uargs.append(a)
+                dims.append(None)
+        return uargs, dims, needs
 
     def _unwrap_args(self, args):
         uargs = []
@@ -171,6 +259,8 @@ class VmapInterpreter(Interpreter):
         return uargs, dims
 
     def _wrap(self, out, out_dims):
+        if type(out_dims) is int and type(out) is torch.Tensor:
+            return BatchedTensor(out, out_dims, self)
         if isinstance(out, torch.Tensor):
             if out_dims is None:
                 return out
@@ -348,83 +438,60 @@ def _randomness_error(func) -> RandomnessError:
     )
 
 
-_RANDOM_FACTORIES = {
-    torch.randn,
-    torch.rand,
-    torch.randint,
-    torch.randperm,
-    torch.normal,
-    torch.randn_like,
-    torch.rand_like,
-    torch.randint_like,
-    torch.bernoulli,
-    torch.multinomial,
-    torch.poisson,
-    torch.nn.functional.dropout,
-    torch.nn.functional.dropout1d,
-    torch.nn.functional.dropout2d,
-    torch.nn.functional.dropout3d,
-    torch.nn.functional.alpha_dropout,
-    torch.nn.functional.feature_alpha_dropout,
-    torch.dropout,
-    torch.Tensor.normal_,
-    torch.Tensor.uniform_,
-    torch.Tensor.random_,
-    torch.Tensor.exponential_,
-    torch.Tensor.cauchy_,
-    torch.Tensor.log_normal_,
-    torch.Tensor.geometric_,
-    torch.Tensor.bernoulli_,
-    torch.Tensor.bernoulli,
-}
+_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
 
 
 def _vmap_levels():
     return [i for i in _core._state.stack if i.kind == "vmap"]
 
 
-def _random_function_handler(func, args, kwargs):
-    """Random torch calls whose tensor arguments are all plain (or none): they never reach
-    a BatchedTensor, so vmap decides here (trap 7)."""
-    if func in (torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
-                torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
-                torch.nn.functional.feature_alpha_dropout):
+def _random_entry_point(original, args, kwargs):
+    """A random torch call whose tensor arguments are all plain (or absent): it never
+    reaches a BatchedTensor, so vmap's randomness flag is applied here (trap 7)."""
+    name = getattr(original, "__name__", "")
+    if name in _DROPOUTS and original.__module__ == "torch.nn.functional":
         training = kwargs.get("training", args[2] if len(args) > 2 else True)
         p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
         if not training or p == 0:
-            return func(*args, **kwargs)
+            return original(*args, **kwargs)
     leaves, _ = tree_flatten((args, kwargs))
     if any(isinstance(x, LevelTensor) for x in leaves):
-        return func(*args, **kwargs)  # reaches __torch_dispatch__, where the level decides
+        return original(*args, **kwargs)  # reaches __torch_dispatch__, where the level decides
     levels = _vmap_levels()
     if not levels:
-        return func(*args, **kwargs)
-    inplace = getattr(func, "__name__", "").endswith("_")
+        return original(*args, **kwargs)
+    inplace = name.endswith("_")
     reps = 1
     for lv in levels:
         if lv.randomness == "error":
-            raise _randomness_error(func)
+            raise _randomness_error(original)
         if lv.randomness == "different":
             if inplace:
                 raise RandomnessError(
-                    f"vmap: randomness='different' needs {func.__name__} to write different values "
-                    "for each example into a tensor that is not batched. Create the tensor from a "
-                    "batched input (e.g. torch.empty_like(x)) instead."
+                    f"vmap: randomness='different' needs {name} to write different values for each "
+                    "example into a tensor that is not batched. Create the tensor from a batched input "
+                    "(e.g. torch.empty_like(x)) instead."
                 )
             reps *= lv.batch_size
     if reps == 1:
-        return func(*args, **kwargs)
-    draws = torch.stack([func(*args, **kwargs) for _ in range(reps)])
+        return original(*args, **kwargs)
+    draws = torch.stack([original(*args, **kwargs) for _ in range(reps)])
     different = [lv for lv in levels if lv.randomness == "different"]
-    draws = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
-    out = draws
+    out = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
     for lv in different:  # outermost first: each level peels one leading dim
         out = BatchedTensor(out, 0, lv)
     return out
 
 
-for _f in _RANDOM_FACTORIES:
-    _core._FUNCTION_HANDLERS[_f] = _random_function_handler
+for _name in ("randn", "rand", "randint", "randperm", "normal", "randn_like", "rand_like", "randint_like",
+              "bernoulli", "multinomial", "poisson", "dropout", "alpha_dropout", "feature_alpha_dropout",
+              "feature_dropout"):
+    _core.patch_while_active(torch, _name, _random_entry_point)
+for _name in _DROPOUTS:
+    _core.patch_while_active(torch.nn.functional, _name, _random_entry_point)
+for _name in ("normal_", "uniform_", "random_", "exponential_", "cauchy_", "log_normal_", "geometric_",
+              "bernoulli_", "bernoulli", "multinomial"):
+    _core.patch_while_active(torch.Tensor, _name, _random_entry_point)
 
 
 # -- the public transform ---------------------------------------------------------------

@@ -5,8 +5,8 @@ dual level is entered while any jvp level is live and every jvp level gets its
 own wrapper objects (trap 5). Tangents of two levels must never meet in one
 autograd kernel: wherever lower-level dual tensors reach an op together with
 higher-level wrappers they are first *lifted* (re-wrapped, without tangent) to
-the highest level among the arguments -- in the transform function mode for
-user calls and in ``__torch_dispatch__`` before an op runs on unwrapped values.
+the highest level among the arguments -- in ``JvpTensor.__torch_function__`` for
+user calls and in ``process`` before an op runs on unwrapped values.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ class JvpTensor(LevelTensor):
 
     def __init__(self, *args, **kwargs):
         pass
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Trap 5: lift lower-level duals before the autograd kernel sees the call, so
+        # tangents of two jvp levels never meet in one forward-AD formula.
+        if kwargs is None:
+            kwargs = {}
+        args, kwargs = _core.lift_mixed(args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
     def _describe(self) -> str:
         return f"JvpTensor[jvp level {self._interp.level}]"
@@ -214,16 +224,3 @@ def linearize(func: Callable, *primals: Any):
     return out, jvp_fn
 
 
-# -- torch-level hooks: lifting in user calls, cheap scalar arithmetic ------------------
-
-
-def _lifting_hook(func, args, kwargs):
-    if _core._state.jvp_depth == 0:
-        return NotImplemented
-    new_args, new_kwargs = _core.lift_mixed(args, kwargs)
-    if new_args is args:
-        return NotImplemented
-    return func(*new_args, **new_kwargs)
-
-
-_core._FUNCTION_HOOKS.append(_lifting_hook)

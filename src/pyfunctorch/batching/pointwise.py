@@ -46,6 +46,8 @@ def _promote_logical_scalars(args, dims, tensor_pos):
 
 def broadcasting_rule(op, args, kwargs, dims):
     """n-ary elementwise op with broadcasting (and its in-place form)."""
+    if len(args) == 1 or not any(isinstance(a, torch.Tensor) for a in args[1:]):
+        return op(*args, **kwargs), 0  # one tensor (self, batched): nothing to align
     tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     if len(tensor_pos) == 1:
         return op(*args, **kwargs), 0
