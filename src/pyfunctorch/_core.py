@@ -175,6 +175,54 @@ def _resolve_dead(x):
     return x
 
 
+def _mutated_returns(func) -> tuple | None:
+    """For ops whose outputs alias a written input (in-place and out= ops): for each
+    output, where the written input is (an int position or a kwarg name). Cached."""
+    try:
+        return _ALIAS_CACHE[func]
+    except KeyError:
+        pass
+    schema = func._schema
+    res = None
+    if schema.is_mutable:
+        where = []
+        for ret in schema.returns:
+            ai = ret.alias_info
+            loc = None
+            if ai is not None and ai.is_write:
+                for i, arg in enumerate(schema.arguments):
+                    if arg.alias_info is not None and arg.alias_info.is_write and set(arg.alias_info.before_set) & set(ai.before_set):
+                        loc = arg.name if arg.kwarg_only else i
+                        break
+            where.append(loc)
+        if any(w is not None for w in where):
+            if torch.Tag.inplace_view in func.tags:
+                res = _InplaceViewAliases(where)
+                res.func = func
+            else:
+                res = tuple(where)
+    _ALIAS_CACHE[func] = res
+    return res
+
+
+_ALIAS_CACHE: dict = {}
+class _InplaceViewAliases(tuple):
+    """Marks in-place view ops (squeeze_, transpose_, as_strided_ ...): they change the
+    inner value's metadata, so the wrapper's own size/stride must be fixed too (trap 4)."""
+
+
+def _return_aliases(aliased, args, kwargs, out):
+    """In-place and out= ops return the caller's own (wrapper) tensors."""
+    res = tuple(args[w] if isinstance(w, int) else kwargs[w] for w in aliased)
+    if type(aliased) is _InplaceViewAliases:
+        from torch.utils._mode_utils import no_dispatch
+
+        # replay on the wrapper itself, below autograd and Python: only its metadata changes
+        with no_dispatch(), torch._C._AutoDispatchBelowADInplaceOrView():
+            aliased.func(*args, **kwargs)
+    return res[0] if len(res) == 1 else res
+
+
 def _dead_level_of(args, kwargs):
     best = None
     for a in itertools.chain(args, kwargs.values()):
@@ -196,8 +244,6 @@ def _dispatch_with_dead(func, args, kwargs):
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
         out = func(*rargs, **rkwargs)
-    from .batched import _mutated_returns, _return_aliases
-
     aliased = _mutated_returns(func)
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, out)
@@ -253,6 +299,11 @@ class LevelTensor(torch.Tensor):
 
     def _describe(self) -> str:
         return f"{type(self).__name__}[level {self._interp.level}]"
+
+    def _detached(self) -> torch.Tensor:
+        """This wrapper with every differentiation level cut (grad/jvp: the detached
+        inner value; vmap overrides to keep the batch)."""
+        return detach_all_levels(self._value)
 
     def _escaped(self) -> torch.Tensor:
         """What this wrapper stands for after its level ended (override)."""
@@ -338,3 +389,28 @@ def level_of(x: Any) -> int:
 def top_interpreter() -> Interpreter | None:
     st = _state.stack
     return st[-1] if st else None
+
+
+# -- the user's detach: cut every differentiation level (trap 2) ---------------------
+
+
+def detach_all_levels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with no tangent or gradient at any level; vmap batching is kept."""
+    if isinstance(x, LevelTensor):
+        if not x._interp.alive:
+            return detach_all_levels(x._escaped())
+        return x._detached()
+    return x.detach()
+
+
+def _user_detach(original, args, kwargs):
+    # autograd's internal detach (saving outputs for backward) never comes through
+    # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
+    x = args[0]
+    if isinstance(x, LevelTensor) and not kwargs and len(args) == 1:
+        return detach_all_levels(x)
+    return original(*args, **kwargs)
+
+
+patch_while_active(torch.Tensor, "detach", _user_detach)
+patch_while_active(torch, "detach", _user_detach)

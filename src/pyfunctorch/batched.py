@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from . import _core
-from ._core import EscapedTensorError, Interpreter, LevelTensor, push_interpreter
+from ._core import EscapedTensorError, Interpreter, LevelTensor, _mutated_returns, _return_aliases, push_interpreter
 from ._pytree import broadcast_prefix, tree_flatten, tree_unflatten
 from .batching import lookup as _lookup_rule
 
@@ -67,6 +67,9 @@ class BatchedTensor(LevelTensor):
     def _tolist(self):
         raise _data_dependent(self._interp, "tolist")
 
+    def _detached(self):
+        return BatchedTensor(_core.detach_all_levels(self._value), self._bdim, self._interp)
+
 
 def _data_dependent(interp, what: str) -> DataDependentError:
     return DataDependentError(
@@ -77,33 +80,6 @@ def _data_dependent(interp, what: str) -> DataDependentError:
     )
 
 
-def _mutated_returns(func) -> tuple | None:
-    """For ops whose outputs alias a written input (in-place and out= ops): for each
-    output, where the written input is (an int position or a kwarg name). Cached."""
-    try:
-        return _ALIAS_CACHE[func]
-    except KeyError:
-        pass
-    schema = func._schema
-    res = None
-    if schema.is_mutable:
-        where = []
-        for ret in schema.returns:
-            ai = ret.alias_info
-            loc = None
-            if ai is not None and ai.is_write:
-                for i, arg in enumerate(schema.arguments):
-                    if arg.alias_info is not None and arg.alias_info.is_write and set(arg.alias_info.before_set) & set(ai.before_set):
-                        loc = arg.name if arg.kwarg_only else i
-                        break
-            where.append(loc)
-        if any(w is not None for w in where):
-            res = tuple(where)
-    _ALIAS_CACHE[func] = res
-    return res
-
-
-_ALIAS_CACHE: dict = {}
 _WARNED_FALLBACK: set = set()
 #: ops served by the loop fallback so far (for coverage reports)
 FALLBACK_COUNTS: dict = {}
@@ -285,10 +261,6 @@ def _batched_here(x, interp) -> bool:
         return any(isinstance(y, BatchedTensor) and y._interp is interp for y in x)
     return False
 
-
-def _return_aliases(aliased, args, kwargs, out):
-    res = tuple(args[w] if isinstance(w, int) else kwargs[w] for w in aliased)
-    return res[0] if len(res) == 1 else res
 
 
 # -- decompositions --------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _core
-from ._core import Interpreter, LevelTensor, push_interpreter
+from ._core import _mutated_returns, _return_aliases, Interpreter, LevelTensor, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .reverse import GradInterpreter, _check_diff_inputs, _split_aux
 
@@ -77,8 +77,6 @@ class JvpInterpreter(Interpreter):
         ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
         out = func(*uargs, **ukwargs)
-        from .batched import _mutated_returns, _return_aliases
-
         aliased = _mutated_returns(func)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)

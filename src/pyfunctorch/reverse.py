@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import Interpreter, LevelTensor, _resolve_dead, _state, interpreter_stack, lift_mixed, push_interpreter
+from ._core import _mutated_returns, _return_aliases, Interpreter, LevelTensor, _resolve_dead, _state, interpreter_stack, lift_mixed, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -68,8 +68,6 @@ class GradInterpreter(Interpreter):
         if _state.jvp_depth:
             uargs, ukwargs = lift_mixed(uargs, ukwargs)
         out = func(*uargs, **ukwargs)
-        from .batched import _mutated_returns, _return_aliases
-
         aliased = _mutated_returns(func)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
