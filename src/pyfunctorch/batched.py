@@ -71,8 +71,19 @@ class BatchedTensor(LevelTensor):
         return BatchedTensor(_core.detach_all_levels(self._value), self._bdim, self._interp)
 
 
+class _PerExampleSignal(DataDependentError):
+    """Raised inside a vmap level when a result depends on per-example values (a Python
+    branch on a batched tensor, .item(), per-example shapes). The vmap call of *that*
+    level (``interp``) catches it and re-runs the function once per example; vmaps of
+    other levels let it pass (trap 8)."""
+
+    def __init__(self, interp, message: str) -> None:
+        super().__init__(message)
+        self.interp = interp
+
+
 def _data_dependent(interp, what: str) -> DataDependentError:
-    return DataDependentError(
+    return _PerExampleSignal(interp, 
         f"vmap: {what} needs the value of a batched tensor (data-dependent Python control flow "
         "such as `if x > 0:`, `.item()` or `.tolist()`), but inside vmap a tensor stands for a "
         "whole batch. Use torch.where(cond, a, b) (or pyfunctorch.cond / while_loop) to keep "
@@ -326,16 +337,17 @@ def _stack_results(interp, func, outs):
     if isinstance(first, torch.Tensor):
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) != 1:
-            raise DataDependentError(
+            raise _PerExampleSignal(
+                interp,
                 f"vmap: {func} returned tensors of different shapes for different examples "
-                f"({sorted(shapes)[:3]}...); a batched tensor needs one shape. "
+                f"({sorted(shapes)[:3]}...); a batched tensor needs one shape.",
             )
         return BatchedTensor(torch.stack(outs), 0, interp)
     if isinstance(first, (tuple, list)):
         return type(first)(_stack_results(interp, func, list(col)) for col in zip(*outs))
     if all(o == first for o in outs):
         return first
-    raise DataDependentError(f"vmap: {func} returned a different Python value for different examples.")
+    raise _PerExampleSignal(interp, f"vmap: {func} returned a different Python value for different examples.")
 
 
 def _inplace_error(func) -> RuntimeError:
@@ -476,6 +488,7 @@ def vmap(
     randomness: str = "error",
     *,
     chunk_size: int | None = None,
+    strict: bool = False,
 ) -> Callable:
     """Vectorize ``func`` over a batch dimension of its inputs.
 
@@ -511,8 +524,8 @@ def vmap(
         flat_in = _leaf_in_dims(in_dims, args, flat_args, func)
         B = _batch_size(flat_args, flat_in, func)
         if chunk_size is not None and chunk_size < B:
-            return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs)
-        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs)
+            return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict)
+        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict)
 
     return vmapped
 
@@ -580,15 +593,136 @@ def _batch_size(flat_args, flat_in, func) -> int:
     return sizes.pop()
 
 
-def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs):
-    with push_interpreter(VmapInterpreter(B, randomness)) as interp:
-        batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
-        out = func(*tree_unflatten(batched, args_spec), **kwargs)
-        flat_out, out_spec = tree_flatten(out)
-        flat_out = [_core._resolve_dead(o) for o in flat_out]
-        flat_od = _leaf_out_dims(out_dims, out, flat_out, func)
-        res = [_unwrap_out(interp, o, d, func) for o, d in zip(flat_out, flat_od)]
-    return tree_unflatten(res, out_spec)
+def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False):
+    versions = [x._version if isinstance(x, torch.Tensor) else None for x in flat_args]
+    interp = VmapInterpreter(B, randomness)
+    try:
+        with push_interpreter(interp):
+            batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
+            out = func(*tree_unflatten(batched, args_spec), **kwargs)
+            flat_out, out_spec = tree_flatten(out)
+            flat_out = [_core._resolve_dead(o) for o in flat_out]
+            flat_od = _leaf_out_dims(out_dims, out, flat_out, func)
+            res = [_unwrap_out(interp, o, d, func) for o, d in zip(flat_out, flat_od)]
+        return tree_unflatten(res, out_spec)
+    except _PerExampleSignal as signal:
+        if signal.interp is not interp:
+            raise  # another vmap level's business
+        if strict:
+            raise DataDependentError(str(signal) + " (strict=True: not falling back to a per-example loop)") from None
+        mutated = [i for i, (x, v) in enumerate(zip(flat_args, versions)) if v is not None and x._version != v]
+        if mutated:
+            raise DataDependentError(
+                str(signal) + " vmap would re-run the function once per example, but the batched attempt "
+                "already modified its inputs in place, so a re-run would see changed data. Move the "
+                "in-place update after the data-dependent part, or make it out-of-place."
+            ) from None
+        _warn_per_example(signal)
+        return _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs)
+
+
+_WARNED_SITES: set = set()
+_PKG_DIR = __file__.rsplit("/", 1)[0]
+
+
+def _user_site(tb):
+    """The innermost traceback frame outside pyfunctorch and torch: the user's line."""
+    site = None
+    while tb is not None:
+        fname = tb.tb_frame.f_code.co_filename
+        if not fname.startswith(_PKG_DIR) and "/torch/" not in fname:
+            site = (fname, tb.tb_lineno)
+        tb = tb.tb_next
+    return site
+
+
+def _warn_per_example(signal) -> None:
+    site = _user_site(signal.__traceback__)
+    if site in _WARNED_SITES:
+        return
+    _WARNED_SITES.add(site)
+    where = f"{site[0]}:{site[1]}" if site else "an unknown line"
+    warnings.warn(
+        f"{signal} Falling back to running the function once per example (slow but exact). "
+        f"The data-dependent step is at {where}. To keep it batched, use torch.where / "
+        "pyfunctorch.cond / pyfunctorch.while_loop instead of Python control flow on tensor values; "
+        "pass strict=True to vmap to make this an error.",
+        PerformanceWarning,
+        stacklevel=4,
+    )
+
+
+def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs):
+    """vmap's definition: call ``func`` on each example and stack the results."""
+    same_rng = randomness == "same"
+    if same_rng:
+        rng = torch.get_rng_state()
+    outs = []
+    for b in range(B):
+        if same_rng:
+            torch.set_rng_state(rng)  # every example sees the same draws
+        example = [x if d is None else x.select(d, b) for x, d in zip(flat_args, flat_in)]
+        # A size-1 vmap level keeps the randomness flag in force for random factories.
+        with push_interpreter(VmapInterpreter(1, randomness)):
+            outs.append(func(*tree_unflatten(example, args_spec), **kwargs))
+    flat0, spec = tree_flatten(outs[0])
+    cols = []
+    for o in outs:
+        flat, sp = tree_flatten(o)
+        if sp != spec:
+            raise DataDependentError(
+                f"vmap({_name(func)}): the function returned differently structured outputs for different "
+                f"examples ({spec} vs {sp}); vmap needs one output structure."
+            )
+        cols.append(flat)
+    flat_od = _leaf_out_dims(out_dims, outs[0], flat0, func)
+    res = [_combine_examples([c[i] for c in cols], d, func) for i, d in enumerate(flat_od)]
+    return tree_unflatten(res, spec)
+
+
+def _combine_examples(vals, d, func):
+    if d is None:
+        first = vals[0]
+        same = all(torch.equal(v, first) if isinstance(v, torch.Tensor) else v == first for v in vals)
+        if not same:
+            raise ValueError(
+                f"vmap({_name(func)}): out_dims is None for an output that differs between examples; "
+                "give it an int out_dim."
+            )
+        return first
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    if len(tensors) != len(vals):  # e.g. the seed's relu: `return x` or `return 0`
+        if not all(isinstance(v, (torch.Tensor, bool, int, float, complex)) for v in vals):
+            raise ValueError(
+                f"vmap({_name(func)}): the function returned a non-tensor output where out_dims is {d}; "
+                "only tensors and numbers can be stacked."
+            )
+        ref = tensors[0] if tensors else None
+        vals = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=None if ref is None else ref.dtype,
+                                                                          device=None if ref is None else ref.device)
+                for v in vals]
+    shapes = {tuple(v.shape) for v in vals}
+    if len(shapes) == 1:
+        r = vals[0].dim() + 1
+        if not -r <= d < r:
+            raise ValueError(f"vmap({_name(func)}): out_dim {d} is out of range for outputs with {r - 1} dims.")
+        return torch.stack(vals, dim=d)
+    if d != 0:
+        raise DataDependentError(
+            f"vmap({_name(func)}): the examples' outputs have different shapes ({sorted(shapes)[:3]}...), so "
+            "the result is ragged; a ragged result can only be batched along out_dim 0."
+        )
+    return _ragged(vals)
+
+
+def _ragged(vals):
+    """A torch.nested tensor whose i-th component is the i-th example's output."""
+    ranks = {v.dim() for v in vals}
+    if len(ranks) != 1:
+        raise DataDependentError("vmap: the examples' outputs have different numbers of dims; cannot batch them.")
+    if vals[0].dim() >= 1 and len({tuple(v.shape[1:]) for v in vals}) == 1:
+        return torch.nested.nested_tensor(vals, layout=torch.jagged)
+    return torch.nested.nested_tensor(vals)
 
 
 def _leaf_out_dims(out_dims, out, flat_out, func):
@@ -624,13 +758,13 @@ def _unwrap_out(interp, o, d, func):
     return interp.unwrap_value(o, d % r)
 
 
-def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs):
+def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict=False):
     starts = list(range(0, B, chunk_size))
     pieces = []
     for s in starts:
         n = min(chunk_size, B - s)
         chunk = [x if d is None else x.narrow(d, s, n) for x, d in zip(flat_args, flat_in)]
-        pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs))
+        pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs, strict))
     flat0, spec = tree_flatten(pieces[0])
     flat_od = _leaf_out_dims(out_dims, pieces[0], flat0, func)
     cols = [tree_flatten(p)[0] for p in pieces]
