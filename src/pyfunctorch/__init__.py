@@ -12,6 +12,7 @@ from .reverse import grad, grad_and_value, vjp
 from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
 from .batched import DataDependentError, PerformanceWarning, RandomnessError, vmap
+from .control_flow import cond, scan, while_loop
 
 __all__ = [
     "vmap",
@@ -25,6 +26,9 @@ __all__ = [
     "hessian",
     "functional_call",
     "stack_module_state",
+    "cond",
+    "while_loop",
+    "scan",
     "EscapedTensorError",
     "DataDependentError",
     "PerformanceWarning",
