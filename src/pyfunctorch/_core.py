@@ -16,6 +16,7 @@ confusion.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -68,6 +69,26 @@ class Interpreter:
     def lift(self, tensor: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Wrap a lower-level tensor as an unperturbed tensor of this level."""
         raise NotImplementedError
+
+    def wrap_created(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor created inside the transformed function (torch.zeros ...): it belongs
+        to this level, so in-place writes of this level's data into it are recorded."""
+        return self.lift(tensor)
+
+    def check_mutation(self, func, aliased, args, kwargs) -> None:
+        """In-place/out= ops at this level must write into this level's own tensors:
+        writing into a tensor from outside would silently drop this level's derivative."""
+        for w in aliased:
+            target = args[w] if isinstance(w, int) else kwargs.get(w)
+            if target is None:
+                continue
+            if not (isinstance(target, LevelTensor) and target._interp is self):
+                raise RuntimeError(
+                    f"pyfunctorch.{self.kind}: the in-place operation {func} writes a value that depends on "
+                    f"the inputs being differentiated into a tensor that came from outside the function. "
+                    "Its derivative would be lost. Pass that tensor in as an input, create it inside the "
+                    "function, or use the out-of-place form (e.g. `y = x + b` instead of `x.add_(b)`)."
+                )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(level={self.level})"
@@ -240,6 +261,10 @@ def _dispatch_with_dead(func, args, kwargs):
     wrapped fresh at the dead level: autograd needs fresh outputs from
     __torch_dispatch__ (it may turn them into views)."""
     exemplar = _dead_level_of(args, kwargs)
+    if func is torch.ops.aten.detach.default and args[0] is exemplar:
+        # trap 2 again: autograd's own detach (unpacking a saved output in vjp_fn) must
+        # not cut the graphs of the levels below
+        return type(exemplar)(exemplar._value, exemplar._interp)
     rargs = _resolve_dead(args)
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
@@ -389,6 +414,35 @@ def level_of(x: Any) -> int:
 def top_interpreter() -> Interpreter | None:
     st = _state.stack
     return st[-1] if st else None
+
+
+# -- tensors created inside a transformed function ----------------------------------
+
+
+def _factory_entry(original, args, kwargs):
+    """Factories called inside transforms (torch.zeros, arange, ...) return tensors that
+    belong to every live level (lifted from the bottom up), so writing transformed data
+    into them works per example (vmap) and stays differentiable (grad/jvp)."""
+    out = original(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor) or out.requires_grad:
+        return out
+    # Only the user's own code: torch internals (decompositions, nn.functional) and
+    # this library create scratch tensors that must stay plain.
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch", "pyfunctorch")):
+        return out
+    if out.layout != torch.strided or not out.is_contiguous():
+        return out
+    for interp in _state.stack:
+        out = interp.wrap_created(out)
+    return out
+
+
+for _name in ("zeros", "ones", "empty", "full", "arange", "linspace", "logspace", "eye", "tensor", "zeros_like",
+              "ones_like", "empty_like", "full_like"):
+    patch_while_active(torch, _name, _factory_entry)
+for _name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
+    patch_while_active(torch.Tensor, _name, _factory_entry)
 
 
 # -- the user's detach: cut every differentiation level (trap 2) ---------------------

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
+import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
+import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
 from . import _core
 from ._core import EscapedTensorError, Interpreter, LevelTensor, _mutated_returns, _return_aliases, push_interpreter
 from ._pytree import broadcast_prefix, tree_flatten, tree_unflatten
-from .batching import lookup as _lookup_rule
+from .batching import BATCH_RULES, lookup as _lookup_rule
 
 aten = torch.ops.aten
 
@@ -31,6 +35,7 @@ class BatchedTensor(LevelTensor):
     with the batch in dimension ``_bdim``; the wrapper has the per-example shape."""
 
     _bdim: int
+    _lazy = False  # a tensor created inside the function: see _lazy_wrap
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
@@ -103,10 +108,13 @@ class _OpInfo:
     """Per-op decisions of the vmap dispatcher, cached on the OpOverload itself
     (``func._pyf_vmap``: an attribute read is ~3x cheaper than hashing the op)."""
 
-    __slots__ = ("kind", "rule", "aliased")
+    __slots__ = ("kind", "rule", "aliased", "view", "out_variant")
 
-    def __init__(self, kind, rule, aliased):
+    def __init__(self, kind, rule, aliased, func=None):
         self.kind, self.rule, self.aliased = kind, rule, aliased
+        rets = func._schema.returns if func is not None else ()
+        self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+        self.out_variant = _functional_of_out(func) if func is not None and kind is _RULE else None
 
 
 def _op_info(func) -> _OpInfo:
@@ -115,10 +123,11 @@ def _op_info(func) -> _OpInfo:
         info = _OpInfo(_METADATA, None, None)
     elif func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
         info = _OpInfo(_DATA_DEPENDENT, None, None)
-    elif torch.Tag.nondeterministic_seeded in func.tags:
-        info = _OpInfo(_RANDOM, None, aliased)
+    elif torch.Tag.nondeterministic_seeded in func.tags and func not in BATCH_RULES:
+        # (an explicit rule handles its own randomness, e.g. attention with dropout_p=0)
+        info = _OpInfo(_RANDOM, None, aliased, func)
     else:
-        info = _OpInfo(_RULE, _lookup_rule(func), aliased)
+        info = _OpInfo(_RULE, _lookup_rule(func), aliased, func)
     try:
         func._pyf_vmap = info
         _INFO_OPS.append(func)
@@ -134,6 +143,24 @@ def _is_random(func) -> bool:
     return _op_info(func).kind is _RANDOM if not hasattr(func, "_pyf_vmap") else func._pyf_vmap.kind is _RANDOM
 
 
+def _functional_of_out(func):
+    """For an ``out=`` overload (``add.out``), the functional overload (``add.Tensor``)."""
+    schema = func._schema
+    outs = [a.name for a in schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
+    if not outs or schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
+        return None
+    names = [a.name for a in schema.arguments if a.name not in outs]
+    packet = func.overloadpacket
+    for ov in packet.overloads():
+        cand = getattr(packet, ov)
+        cs = cand._schema
+        if cs.is_mutable:
+            continue
+        if [a.name for a in cs.arguments] == names and len(cs.returns) == len(outs):
+            return (cand, tuple(outs))
+    return None
+
+
 def invalidate_op_cache() -> None:
     """Forget cached per-op decisions (call after registering new rules at run time)."""
     for op in list(_INFO_OPS):
@@ -147,6 +174,7 @@ class VmapInterpreter(Interpreter):
         super().__init__()
         self.batch_size = batch_size
         self.randomness = randomness
+        self.lazy_count = 0  # lazy tensors made at this level (skip the check when 0)
         # The outermost level sees only plain tensors: its rules can skip the key
         # guard unless autograd must record on them (see dispatch).
         self.bottom = not _core._state.stack
@@ -171,9 +199,16 @@ class VmapInterpreter(Interpreter):
     def lift(self, tensor):
         return tensor
 
+    def wrap_created(self, tensor):
+        return _lazy_wrap(tensor, self)
+
     def process(self, func, args, kwargs, info=None):
         if info is None:
             info = _op_info(func)
+        if self.lazy_count and _has_lazy(args, kwargs, self):
+            return self._process_lazy(func, args, kwargs, info)
+        if info.out_variant is not None:
+            return _out_variant(self, func, args, kwargs, info)
         kind = info.kind
         if kind is not _RULE:
             if kind is _METADATA:
@@ -199,6 +234,36 @@ class VmapInterpreter(Interpreter):
             return _return_aliases(info.aliased, args, kwargs, out)
         return self._wrap(out, out_dims)
 
+    # -- tensors created inside the function (lazy per-example buffers) -------------
+    def _process_lazy(self, func, args, kwargs, info):
+        """A lazy tensor (made by a factory inside vmap) is unbatched for reading; the
+        first in-place write into it (or a view of it) gives every example its own copy."""
+        if info.aliased is not None:
+            for w in info.aliased:
+                target = args[w] if isinstance(w, int) else kwargs.get(w)
+                if isinstance(target, BatchedTensor) and target._lazy:
+                    _materialize(target._lazy_root)
+            if not _has_lazy(args, kwargs, self):
+                return self.process(func, args, kwargs, info)
+        roots = []
+
+        def plain(x):
+            if isinstance(x, BatchedTensor) and x._lazy and x._interp is self:
+                roots.append(x._lazy_root)
+                return x._value.select(0, 0)
+            if isinstance(x, (list, tuple)):
+                return type(x)(plain(y) for y in x)
+            return x
+
+        pargs = tuple(plain(a) for a in args)
+        pkwargs = {k: plain(v) for k, v in kwargs.items()}
+        out = func(*pargs, **pkwargs)
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
+        if info.view and roots and isinstance(out, torch.Tensor) and not _batched_here(out, self):
+            return _lazy_wrap(out, self, roots[0])
+        return out
+
     def _unwrap_args_checked(self, args):
         """``_unwrap_args`` plus whether any tensor requires grad (then autograd must run)."""
         uargs = []
@@ -209,7 +274,7 @@ class VmapInterpreter(Interpreter):
                 v = a._value
                 if a._bdim != 0:
                     v = v.movedim(a._bdim, 0)
-                needs = needs or v.requires_grad
+                needs = needs or v.requires_grad or a._lazy
                 uargs.append(v)
                 dims.append(0)
             elif isinstance(a, torch.Tensor):
@@ -284,9 +349,7 @@ def _decomposition(func):
         return _DECOMP_CACHE[func]
     except KeyError:
         pass
-    from torch._decomp import decomposition_table
-
-    d = decomposition_table.get(func)
+    d = torch._decomp.decomposition_table.get(func)
     _DECOMP_CACHE[func] = d
     return d
 
@@ -362,6 +425,65 @@ def _inplace_error(func) -> RuntimeError:
 
 class PerformanceWarning(UserWarning):
     """A slow path was taken (e.g. the per-example loop fallback)."""
+
+
+# -- out= ops and lazy per-example buffers ---------------------------------------------
+
+
+def _out_variant(interp, func, args, kwargs, info):
+    """``op(..., out=t)`` under vmap: the functional op, then ``t.copy_`` (per example)."""
+    functional, out_names = info.out_variant
+    outs = [kwargs[n] for n in out_names]
+    rest = {k: v for k, v in kwargs.items() if k not in out_names}
+    res = functional(*args, **rest)
+    results = res if isinstance(res, (tuple, list)) else (res,)
+    for o, r in zip(outs, results):
+        if tuple(o.shape) != tuple(r.shape):
+            raise RuntimeError(
+                f"vmap: {func}: out= has shape {tuple(o.shape)} per example but the result has shape "
+                f"{tuple(r.shape)}; resizing out= tensors is not supported under vmap. Allocate it with the "
+                "result's shape."
+            )
+        o.copy_(r)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _has_lazy(args, kwargs, interp) -> bool:
+    for a in itertools.chain(args, kwargs.values()):
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, BatchedTensor) and b._lazy and b._interp is interp:
+                return True
+    return False
+
+
+def _lazy_wrap(plain: torch.Tensor, interp: "VmapInterpreter", root=None) -> BatchedTensor:
+    """A BatchedTensor whose examples all alias ``plain`` (expanded, no copy). Reads treat
+    it as unbatched; the first write gives each example its own memory (_materialize)."""
+    w = BatchedTensor(plain.unsqueeze(0).expand((interp.batch_size,) + plain.shape), 0, interp)
+    w._lazy = True
+    if root is None:
+        root = w
+        w._lazy_views = []
+        interp.lazy_count += 1
+    else:
+        root._lazy_views.append(weakref.ref(w))
+    w._lazy_root = root
+    return w
+
+
+def _materialize(root: BatchedTensor) -> None:
+    if not root._lazy:
+        return
+    C = root._value.contiguous()
+    B = C.shape[0]
+    members = [root] + [r() for r in root._lazy_views]
+    for w in members:
+        if w is None or not w._lazy:
+            continue
+        # the plain root is contiguous, so each view's layout is valid inside every example
+        w._value = C.as_strided((B,) + tuple(w.shape), (C.stride(0),) + tuple(w.stride()), w.storage_offset() - root.storage_offset() + C.storage_offset())
+        w._lazy = False
+    root._lazy_views = []
 
 
 # -- randomness ---------------------------------------------------------------------
@@ -743,6 +865,8 @@ def _unwrap_out(interp, o, d, func):
             "only tensors can carry a batch dim. Return tensors, or set that out_dim to None."
         )
     if d is None:
+        if isinstance(o, BatchedTensor) and o._interp is interp and o._lazy:
+            return o._value.select(0, 0)  # created inside and never written per example
         if isinstance(o, BatchedTensor) and o._interp is interp:
             raise ValueError(
                 f"vmap({_name(func)}): out_dims is None for an output that depends on the batched "

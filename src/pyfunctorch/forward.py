@@ -73,11 +73,13 @@ class JvpInterpreter(Interpreter):
     def process(self, func, args, kwargs):
         if func is aten.detach.default or func is aten.alias.default:
             return JvpTensor(args[0]._value, self)
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            self.check_mutation(func, aliased, args, kwargs)
         uargs = tuple(_unwrap(a, self) for a in args)
         ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
         out = func(*uargs, **ukwargs)
-        aliased = _mutated_returns(func)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
         return _wrap(out, self)

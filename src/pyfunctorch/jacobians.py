@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._pytree import tree_flatten, tree_unflatten
+from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .reverse import _check_argnums, _check_diff_inputs, _split_aux, vjp
 from .forward import jvp
 from .batched import vmap
@@ -137,10 +137,14 @@ def jacfwd(
                 return r[1], r[0], r[2]
             return r[1], r[0]
 
+        # The primal output (and aux) do not depend on the tangent, but a buffer the function
+        # wrote into is per-example under vmap: take example 0 rather than out_dims=None.
         if has_aux:
-            t_out, out, aux = vmap(push, out_dims=(0, None, None), randomness=randomness)(*basis)
+            t_out, out, aux = vmap(push, randomness=randomness)(*basis)
+            aux = tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, aux)
         else:
-            t_out, out = vmap(push, out_dims=(0, None), randomness=randomness)(*basis)
+            t_out, out = vmap(push, randomness=randomness)(*basis)
+        out = tree_map(lambda t: t[0], out)
         out_flat, out_spec = tree_flatten(out)
         t_flat, _ = tree_flatten(t_out)
         in_groups = [tree_flatten(d)[0] for d in diff]

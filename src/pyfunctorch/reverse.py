@@ -63,12 +63,14 @@ class GradInterpreter(Interpreter):
             # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
             # that must not cut the inner value's graph of lower levels.
             return GradTensor(args[0]._value, self)
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            self.check_mutation(func, aliased, args, kwargs)
         uargs = [_unwrap(a, self) for a in args]
         ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         if _state.jvp_depth:
             uargs, ukwargs = lift_mixed(uargs, ukwargs)
         out = func(*uargs, **ukwargs)
-        aliased = _mutated_returns(func)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
         return _wrap(out, self)
@@ -201,7 +203,7 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
     return g, value, aux
 
 
-def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False):
+def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, retain_graph: bool | None = None):
     """torch.autograd.grad at this level; unused inputs get zeros."""
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     gouts = None if grad_outputs is None else list(grad_outputs)
@@ -215,7 +217,8 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False):
         sel_gouts = [gouts[i] for i in keep]
     create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
-        grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, create_graph=create, allow_unused=True)
+        grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
+                                    allow_unused=True)
     return [torch.zeros_like(x._value) if g is None else g for g, x in zip(grads, inputs)]
 
 
@@ -311,7 +314,8 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
                     f"vjp_fn: each cotangent must be a tensor of its output's shape {tuple(o.shape)}; got "
                     f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}."
                 )
-        grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, outer=True)
+        # vjp_fn may be called again (jacrev chunks, user code): keep the graph by default
+        grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, outer=True, retain_graph=retain_graph)
         return tree_unflatten([_resolve_dead(g) for g in grads], spec)
 
     if has_aux:

@@ -206,11 +206,11 @@ def trailing_only(op, args, kwargs, dims):
 
 @batch_rule(aten.as_strided.default)
 def as_strided(op, args, kwargs, dims):
-    # Per example, as_strided addresses the example's own storage region: emulate on
-    # a contiguous batch whose examples are laid out back to back.
+    # Each example's storage starts one batch stride after the previous one (true for every
+    # batched value this library allocates), so per-example as_strided(size, stride, offset)
+    # is physical as_strided with the batch stride prepended.
     x, size, stride = args[0], tuple(args[1]), tuple(args[2])
     offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", None)
-    xc = x.contiguous()
-    per = xc[0].numel()
-    off0 = xc.storage_offset()
-    return xc.as_strided((x.shape[0],) + size, (per,) + stride, off0 + (offset or 0)), 0
+    if offset is None:
+        offset = x.storage_offset()
+    return x.as_strided((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
