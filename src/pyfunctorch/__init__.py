@@ -13,6 +13,7 @@ from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
 from .batched import DataDependentError, PerformanceWarning, RandomnessError, vmap
 from .control_flow import cond, scan, while_loop
+from . import random
 from . import _autograd_compat  # noqa: F401  (torch.autograd.grad / backward inside vmap)
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "cond",
     "while_loop",
     "scan",
+    "random",
     "EscapedTensorError",
     "DataDependentError",
     "PerformanceWarning",

@@ -13,8 +13,9 @@ import torch._decomp  # noqa: F401  imported before any transform is live: some 
 import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
 from . import _core
+from . import random as _random
 from ._core import EscapedTensorError, Interpreter, LevelTensor, _mutated_returns, _return_aliases, push_interpreter
-from ._pytree import broadcast_prefix, tree_flatten, tree_unflatten
+from ._pytree import broadcast_prefix, tree_flatten, tree_map, tree_unflatten
 from .batching import BATCH_RULES, lookup as _lookup_rule
 
 aten = torch.ops.aten
@@ -175,6 +176,9 @@ class VmapInterpreter(Interpreter):
         self.batch_size = batch_size
         self.randomness = randomness
         self.lazy_count = 0  # lazy tensors made at this level (skip the check when 0)
+        self.rng_base = None  # randomness='different': the vmap call's seed (shared by chunks)
+        self.rng_calls = 0
+        self.example_offset = 0  # index of this level's first example in the whole batch
         # The outermost level sees only plain tensors: its rules can skip the key
         # guard unless autograd must record on them (see dispatch).
         self.bottom = not _core._state.stack
@@ -509,24 +513,62 @@ def _random_op(interp: VmapInterpreter, func, args, kwargs):
             func(one, *args[1:], **kwargs)
             self_.copy_(one)
             return self_
+        if func.overloadpacket.__name__.endswith("_like") and dims[0] is not None and \
+                not any(d is not None for d in dims[1:]):
+            # rand_like(x): x only gives the shape, so one draw serves every example
+            return func(uargs[0][0], *uargs[1:], **kwargs)
         if any_batched:
             raise RandomnessError(
                 f"vmap: randomness='same' cannot be honoured for {func} with batched tensor inputs "
                 "(each example has its own distribution). Use randomness='different'."
             )
         return func(*args, **kwargs)
-    # 'different': run on the whole physical batch; independent draws per element
+    # 'different': every example draws from its own stream (see _example_keys)
     if aliased is not None and dims and dims[0] is None:
         raise RandomnessError(
             f"vmap: randomness='different' needs {func} to write different values for each example "
             "into a tensor that is not batched. Create the tensor inside the function from a batched one."
         )
-    B = interp.batch_size
-    new_args = [_materialize_arg(a, d, B) for a, d in zip(uargs, dims)]
-    out = func(*new_args, **kwargs)
+    has_generator = any(a.name == "generator" for a in func._schema.arguments)
+    if not has_generator:
+        decomp = _decomposition(func)
+        if decomp is not None:  # e.g. native_dropout -> bernoulli_, which takes a generator
+            return decomp(*args, **kwargs)
+        B = interp.batch_size
+        out = func(*[_materialize_arg(a, d, B) for a, d in zip(uargs, dims)], **kwargs)
+        return _return_aliases(aliased, args, kwargs, out) if aliased is not None else interp._wrap(out, 0)
+    keys = _example_keys(interp)
+    outs = []
+    for b in range(interp.batch_size):
+        a_b = tuple(_slice_example(a, interp, b) for a in args)
+        outs.append(func(*a_b, **dict(kwargs, generator=_random.generator_for(keys[b], _device_of(args)))))
     if aliased is not None:
-        return _return_aliases(aliased, args, kwargs, out)
-    return interp._wrap(out, 0)
+        return _return_aliases(aliased, args, kwargs, None)
+    return _stack_results(interp, func, outs)
+
+
+def _device_of(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def _example_keys(interp: "VmapInterpreter") -> list:
+    """Per-example keys for the next random op at this level: they depend on the vmap
+    call's seed, the op's position among the level's random ops, and the example's index
+    in the *whole* batch -- so chunk_size never changes the draws."""
+    if interp.rng_base is None:
+        interp.rng_base = _draw_seed()
+    call_key = _random.fold_in(interp.rng_base, interp.rng_calls)
+    interp.rng_calls += 1
+    idx = torch.arange(interp.batch_size, dtype=torch.int64) + interp.example_offset
+    return list(_random._mix(call_key ^ _random._mix(idx + 0x2545F4914F6CDD1D)).unbind(0))
+
+
+def _draw_seed() -> torch.Tensor:
+    # one draw from torch's global generator: torch.manual_seed still makes runs repeat
+    return _random.key(int(torch.ops.aten.randint.low(0, 2**62, (), dtype=torch.int64)))
 
 
 def _materialize_arg(a, d, B):
@@ -567,7 +609,6 @@ def _random_entry_point(original, args, kwargs):
     if not levels:
         return original(*args, **kwargs)
     inplace = name.endswith("_")
-    reps = 1
     for lv in levels:
         if lv.randomness == "error":
             raise _randomness_error(original)
@@ -578,11 +619,23 @@ def _random_entry_point(original, args, kwargs):
                     "example into a tensor that is not batched. Create the tensor from a batched input "
                     "(e.g. torch.empty_like(x)) instead."
                 )
-            reps *= lv.batch_size
-    if reps == 1:
-        return original(*args, **kwargs)
-    draws = torch.stack([original(*args, **kwargs) for _ in range(reps)])
     different = [lv for lv in levels if lv.randomness == "different"]
+    if not different:
+        return original(*args, **kwargs)
+    first_tensor = next((x for x in leaves if isinstance(x, torch.Tensor)), None)
+    if first_tensor is not None:
+        # a random op on a plain tensor (rand_like(w), F.dropout(w)): make the tensor batched
+        # at the innermost 'different' level, so the op reaches vmap's dispatch
+        lv = different[-1]
+        lifted = BatchedTensor(first_tensor.unsqueeze(0).expand((lv.batch_size,) + first_tensor.shape), 0, lv)
+        new_args, new_kwargs = tree_map(lambda x: lifted if x is first_tensor else x, (args, kwargs))
+        return original(*new_args, **new_kwargs)
+    # a factory: one draw per example (of every 'different' level), each from its own stream
+    keys = [None]
+    for lv in different:  # outermost first
+        lv_keys = _example_keys(lv)
+        keys = [k if prev is None else _random.fold_in(prev, k) for prev in keys for k in lv_keys]
+    draws = torch.stack([original(*args, **dict(kwargs, generator=_random.generator_for(k))) for k in keys])
     out = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
     for lv in different:  # outermost first: each level peels one leading dim
         out = BatchedTensor(out, 0, lv)
@@ -645,9 +698,11 @@ def vmap(
         flat_args, args_spec = tree_flatten(args)
         flat_in = _leaf_in_dims(in_dims, args, flat_args, func)
         B = _batch_size(flat_args, flat_in, func)
+        # randomness='different': one seed per vmap call, shared by all chunks
+        rng = _draw_seed() if randomness == "different" else None
         if chunk_size is not None and chunk_size < B:
-            return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict)
-        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict)
+            return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict, rng)
+        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict, rng)
 
     return vmapped
 
@@ -715,9 +770,16 @@ def _batch_size(flat_args, flat_in, func) -> int:
     return sizes.pop()
 
 
-def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False):
-    versions = [x._version if isinstance(x, torch.Tensor) else None for x in flat_args]
+def _new_level(B, randomness, rng, offset=0) -> "VmapInterpreter":
     interp = VmapInterpreter(B, randomness)
+    interp.rng_base = rng
+    interp.example_offset = offset
+    return interp
+
+
+def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False, rng=None, offset=0):
+    versions = [x._version if isinstance(x, torch.Tensor) else None for x in flat_args]
+    interp = _new_level(B, randomness, rng, offset)
     try:
         with push_interpreter(interp):
             batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
@@ -740,7 +802,7 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
                 "in-place update after the data-dependent part, or make it out-of-place."
             ) from None
         _warn_per_example(signal)
-        return _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs)
+        return _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, interp.rng_base, offset)
 
 
 _WARNED_SITES: set = set()
@@ -774,7 +836,7 @@ def _warn_per_example(signal) -> None:
     )
 
 
-def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs):
+def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, rng=None, offset=0):
     """vmap's definition: call ``func`` on each example and stack the results."""
     same_rng = randomness == "same"
     if same_rng:
@@ -785,7 +847,7 @@ def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, k
             torch.set_rng_state(rng)  # every example sees the same draws
         example = [x if d is None else x.select(d, b) for x, d in zip(flat_args, flat_in)]
         # A size-1 vmap level keeps the randomness flag in force for random factories.
-        with push_interpreter(VmapInterpreter(1, randomness)):
+        with push_interpreter(_new_level(1, randomness, rng, offset + b)):
             outs.append(func(*tree_unflatten(example, args_spec), **kwargs))
     flat0, spec = tree_flatten(outs[0])
     cols = []
@@ -882,13 +944,13 @@ def _unwrap_out(interp, o, d, func):
     return interp.unwrap_value(o, d % r)
 
 
-def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict=False):
+def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict=False, rng=None):
     starts = list(range(0, B, chunk_size))
     pieces = []
     for s in starts:
         n = min(chunk_size, B - s)
         chunk = [x if d is None else x.narrow(d, s, n) for x, d in zip(flat_args, flat_in)]
-        pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs, strict))
+        pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs, strict, rng, s))
     flat0, spec = tree_flatten(pieces[0])
     flat_od = _leaf_out_dims(out_dims, pieces[0], flat0, func)
     cols = [tree_flatten(p)[0] for p in pieces]

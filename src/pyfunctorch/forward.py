@@ -53,6 +53,12 @@ class JvpTensor(LevelTensor):
         # tangents of two jvp levels never meet in one forward-AD formula.
         if kwargs is None:
             kwargs = {}
+        scalar_op = _SCALAR_OPS.get(func)
+        if scalar_op is not None and len(args) == 2 and not kwargs and isinstance(args[1], (int, float)) \
+                and not isinstance(args[1], bool) and isinstance(args[0], torch.Tensor):
+            # trap 6: `x * 2` on a dual tensor is aten.mul.Tensor with a wrapped number, whose
+            # forward formula goes through torch._refs (~120 us); the .Scalar overload is ~8 us.
+            return scalar_op(args[0], args[1])
         args, kwargs = _core.lift_mixed(args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -83,6 +89,15 @@ class JvpInterpreter(Interpreter):
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
         return _wrap(out, self)
+
+
+_SCALAR_OPS = {
+    torch.Tensor.__mul__: aten.mul.Scalar, torch.Tensor.__rmul__: aten.mul.Scalar, torch.Tensor.mul: aten.mul.Scalar,
+    torch.mul: aten.mul.Scalar, torch.Tensor.__add__: aten.add.Scalar, torch.Tensor.__radd__: aten.add.Scalar,
+    torch.Tensor.add: aten.add.Scalar, torch.add: aten.add.Scalar, torch.Tensor.__sub__: aten.sub.Scalar,
+    torch.Tensor.sub: aten.sub.Scalar, torch.sub: aten.sub.Scalar, torch.Tensor.__rsub__: aten.rsub.Scalar,
+    torch.Tensor.__truediv__: aten.div.Scalar, torch.Tensor.div: aten.div.Scalar, torch.div: aten.div.Scalar,
+}
 
 
 def _unwrap(x, interp):

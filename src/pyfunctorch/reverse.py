@@ -173,7 +173,8 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
             diff_flat_all.append(wrapped)
             specs.append(spec)
             new_args[n] = tree_unflatten(wrapped, spec)
-        out = func(*new_args, **kwargs)
+        with torch.enable_grad():  # as torch.func: grad works under an outer no_grad
+            out = func(*new_args, **kwargs)
         out, aux = _split_aux(out, has_aux, who)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
@@ -288,7 +289,8 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
         flat, spec = tree_flatten(primals)
         _check_diff_inputs(flat, "vjp")
         wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
-        out = func(*tree_unflatten(wrapped, spec))
+        with torch.enable_grad():
+            out = func(*tree_unflatten(wrapped, spec))
         out, aux = _split_aux(out, has_aux, "vjp")
         out_flat, out_spec = tree_flatten(out)
         for o in out_flat:

@@ -33,9 +33,37 @@ def lookup(op):
     rule = _TAG_CACHE.get(op, _MISSING)
     if rule is _MISSING:
         rule = None
+        aten_op = _aten_equivalent(op)
+        if aten_op is not None:  # trap 6: torch._refs emit prims.* ops
+            rule = _prims_rule(aten_op, lookup(aten_op))
         if torch.Tag.pointwise in op.tags and not any(
             a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments
         ):
             rule = pointwise.broadcasting_rule
         _TAG_CACHE[op] = rule
     return rule
+
+
+def _aten_equivalent(op):
+    """The aten overload that a ``prims.*`` op stands for (prims.add -> aten.add.Tensor)."""
+    if getattr(op, "namespace", None) != "prims":
+        return None
+    packet = getattr(torch.ops.aten, op.overloadpacket.__name__, None)
+    if packet is None:
+        return None
+    n = len(op._schema.arguments)
+    for name in ("Tensor", "default"):
+        cand = getattr(packet, name, None)
+        if cand is not None and len([a for a in cand._schema.arguments if not a.kwarg_only]) >= n:
+            return cand
+    return None
+
+
+def _prims_rule(aten_op, rule):
+    if rule is None:
+        return None
+
+    def run(op, args, kwargs, dims):
+        return rule(aten_op, args, kwargs, dims)
+
+    return run

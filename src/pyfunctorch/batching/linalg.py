@@ -11,15 +11,21 @@ aten = torch.ops.aten
 
 @batch_rule(aten.mm.default, aten.bmm.default)
 def mm(op, args, kwargs, dims):
-    # Logical shapes are exact for mm/bmm, so matmul's broadcasting over the
-    # leading batch dim gives the per-example products.
+    # Logical shapes are exact for mm/bmm, so matmul's broadcasting over the leading batch
+    # dim gives the per-example products. With only the right operand batched, matmul
+    # would expand the left one into B small products: transpose so the batch folds
+    # into the rows of one large product instead.
     a, b = args
+    if dims[0] is None and dims[1] is not None:
+        return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2), 0
     return torch.matmul(a, b), 0
 
 
 @batch_rule(aten.mv.default)
 def mv(op, args, kwargs, dims):
     a, v = args
+    if dims[0] is None:  # unbatched matrix: one (B, k) @ (k, n) product
+        return torch.matmul(v, a.transpose(-1, -2)), 0
     return torch.matmul(a, v.unsqueeze(-1)).squeeze(-1), 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
+from ._registry import batch_rule, overloads, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
 
 aten = torch.ops.aten
 
@@ -197,7 +197,8 @@ def unfold(op, args, kwargs, dims):
     return op(x, physical_dim(d, rank(x, 0)), size, step), 0
 
 
-@batch_rule(aten.alias.default, aten.detach.default, aten.lift_fresh.default, aten.contiguous.default,
+@batch_rule(*overloads(aten.to), aten._to_copy.default, aten.type_as.default,
+            aten.alias.default, aten.detach.default, aten.lift_fresh.default, aten.contiguous.default,
             aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default)
 def trailing_only(op, args, kwargs, dims):
     """Ops that only touch trailing dims (or none): the batch dim rides along."""
