@@ -15,11 +15,9 @@ Most rules reduce to two tricks:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
+from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -56,42 +54,23 @@ def _is_inplace(op) -> bool:
     return op._schema.is_mutable
 
 
-def _loop(op, args, kwargs, dims, B):
-    """Per-example loop over physical values, for the rare corner a rule cannot vectorize
-    (a rule cannot hand a call back to ``batched.loop_fallback``). Warns like the fallback."""
-    from .. import batched
-
-    batched.FALLBACK_COUNTS[op] = batched.FALLBACK_COUNTS.get(op, 0) + 1
-    if op not in batched._WARNED_FALLBACK:
-        batched._WARNED_FALLBACK.add(op)
-        warnings.warn(f"pyfunctorch.vmap: {op} is run once per example for these arguments (correct "
-                      "but slow).", batched.PerformanceWarning, stacklevel=3)
-
-    def pick(a, d, b):
-        if isinstance(d, list):
-            return [pick(x, e, b) for x, e in zip(a, d)]
-        return a[b] if d is not None else a
-
-    if _is_inplace(op):
-        if dims[0] is None:
-            raise _inplace_error(op)
-        for b in range(B):
-            op(*[pick(a, d, b) for a, d in zip(args, dims)], **kwargs)
-        return args[0], 0
-    outs = [op(*[pick(a, d, b) for a, d in zip(args, dims)], **kwargs) for b in range(B)]
-    if len({tuple(o.shape) for o in outs}) != 1:
-        raise _data_dependent(op)
-    return torch.stack(outs), 0
-
-
 def _data_dependent(op):
-    from ..batched import DataDependentError
+    """The per-example results of ``op`` differ in shape: ask the vmap level that is running
+    this rule to re-run the function once per example (as it does for ``.item()``)."""
+    import sys
 
-    return DataDependentError(
-        f"vmap: {op} gives results of different shapes for different examples (a batched boolean "
-        "mask selects a different number of elements per example); a batched tensor needs one shape. "
-        "Use torch.where(mask, x, other) to keep the shape fixed."
-    )
+    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
+
+    msg = (f"vmap: {op} gives results of different shapes for different examples (a batched boolean "
+           "mask selects a different number of elements per example); a batched tensor needs one shape.")
+    # A rule is not told its level: find the nearest VmapInterpreter.dispatch/process frame.
+    f = sys._getframe(1)
+    while f is not None:
+        interp = f.f_locals.get("self")
+        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
+            return _PerExampleSignal(interp, msg)
+        f = f.f_back
+    return DataDependentError(msg)
 
 
 def _dim_index(index: torch.Tensor, d: int, shape) -> torch.Tensor:
@@ -211,14 +190,13 @@ class _IndexPlan:
 
 
 def _prepare_indices(op, indices, idims, B):
+    """Long indices (masks expanded) and their dims, or None where aten.index itself fails
+    per example (no index tensor, or a 0-d mask): then the caller lets aten raise."""
     idims = list(idims) if idims is not None else [None] * len(indices)
     indices = list(indices)
-    if any(_is_mask(t) and rank(t, d) == 0 for t, d in zip(indices, idims)):
-        return None  # x[True] adds a dim: no long-index equivalent
-    indices, idims = _expand_masks(op, indices, idims, B)
-    if all(t is None for t in indices):
+    if all(t is None for t in indices) or any(_is_mask(t) and rank(t, d) == 0 for t, d in zip(indices, idims)):
         return None
-    return indices, idims
+    return _expand_masks(op, indices, idims, B)
 
 
 @batch_rule(aten.index.Tensor, aten._unsafe_index.Tensor)
@@ -228,7 +206,7 @@ def index(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     prepared = _prepare_indices(op, indices, dims[1], B)
     if prepared is None:
-        return _loop(op, args, kwargs, dims, B)
+        return op(self_, list(indices)), 0  # raises as it would per example
     indices, idims = prepared
     plan = _IndexPlan(indices, idims, rank(self_, sd), sd is not None, B, self_.device)
     return plan.to_logical(op(self_, plan.phys)), 0
@@ -245,7 +223,7 @@ def index_put(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     prepared = _prepare_indices(op, indices, dims[1], B)
     if prepared is None:
-        return _loop(op, args, kwargs, dims, B)
+        return op(*args, **kwargs), 0  # raises as it would per example
     indices, idims = prepared
     # out-of-place ops copy self first, so an expanded unbatched self is fine
     self_p = materialize(self_, sd, B)
@@ -376,11 +354,11 @@ def index_fill(op, args, kwargs, dims):
         idx = _batched_1d_index(index, dims[2], B)
         idx = torch.where(idx < 0, idx + size, idx)
         idx = _dim_index(idx, pd, _shape_with(x_p.shape, pd, idx.shape[1]))
-        if value_batched:
-            src = value.reshape((B,) + (1,) * (x_p.dim() - 1)).to(x_p.dtype).expand(idx.shape)
-            out = (x_p.scatter_ if inplace else x_p.scatter)(pd, idx, src)
-        else:
-            out = (x_p.scatter_ if inplace else x_p.scatter)(pd, idx, value)
+        if isinstance(value, torch.Tensor):  # 0-d per example: broadcast it over the index
+            if value_batched:
+                value = value.reshape((B,) + (1,) * (x_p.dim() - 1))
+            value = value.to(x_p.dtype).expand(idx.shape)
+        out = (x_p.scatter_ if inplace else x_p.scatter)(pd, idx, value)
     if inplace:
         return args[0], 0
     return out.reshape(materialize(x, dims[0], B).shape), 0
@@ -419,18 +397,39 @@ def masked_scatter(op, args, kwargs, dims):
     return out, 0
 
 
+@batch_rule(aten.masked_scatter_backward.default)
+def masked_scatter_backward(op, args, kwargs, dims):
+    # grad of masked_scatter's source: example b's grad at its True positions, in order,
+    # zero-padded to the source size; scatter each element to its rank among the Trues
+    # (the rest go to a dump column past the end).
+    grad, mask, sizes = args
+    B = batch_size_of(args, dims)
+    shape = tuple(grad.shape[dims[0] is not None:])
+    g = materialize(grad, dims[0], B).reshape(B, -1)
+    m = pad_to_rank(materialize(mask, dims[1], B), 0, len(shape)).expand((B,) + shape).reshape(B, -1)
+    n = 1
+    for s in sizes:
+        n *= s
+    pos = m.long().cumsum(1) - 1
+    pos = torch.where(m & (pos < n), pos, n)
+    out = g.new_zeros((B, n + 1)).scatter_(1, pos, g)
+    return out[:, :n].reshape((B,) + tuple(sizes)), 0
+
+
 @batch_rule(aten.take.default)
 def take(op, args, kwargs, dims):
+    # take = index into the flattened self (aten.index, not Python indexing: a 0-d index
+    # must stay a tensor index; negative indices wrap the same way)
     x, index = args
     B = batch_size_of(args, dims)
     ishape = index.shape[dims[1] is not None:]
     if dims[0] is None:  # every example reads the same flat self
-        return x.reshape(-1)[index], 0
+        return aten.index.Tensor(x.reshape(-1), [index]), 0
     flat = x.reshape(B, -1)
     if dims[1] is None:
-        return flat[:, index], 0
+        return aten.index.Tensor(flat, [None, index]), 0
     ar = torch.arange(B, device=x.device).reshape(B, 1)
-    return flat[ar, index.reshape(B, -1)].reshape((B,) + ishape), 0
+    return aten.index.Tensor(flat, [ar, index.reshape(B, -1)]).reshape((B,) + ishape), 0
 
 
 @batch_rule(aten.put.default, aten.put_.default)
@@ -458,7 +457,7 @@ def put(op, args, kwargs, dims):
 def _searchsorted_batched_seq(seq, values, vd, B, kwargs):
     """searchsorted with a batched 1-d sequence: one row of values per example."""
     vals = materialize(values, vd, B)
-    out = aten.searchsorted.Tensor(seq, vals.reshape(B, -1), **kwargs)
+    out = aten.searchsorted.Tensor(seq.contiguous(), vals.reshape(B, -1).contiguous(), **kwargs)
     return out.reshape(vals.shape)
 
 
@@ -472,17 +471,17 @@ def searchsorted(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     kwargs = dict(kwargs)
     seq_rank = rank(seq, dims[0])
-    if dims[0] is None:  # only the values are batched
-        return op(seq, values, **kwargs), 0
+    if dims[0] is None:  # only the values are batched (contiguous: avoids torch's copy warning)
+        return op(seq, values.contiguous(), **kwargs), 0
     if kwargs.get("sorter") is not None:  # an unbatched sorter goes with the batched sequence
-        kwargs["sorter"] = materialize(kwargs["sorter"], None, B)
+        kwargs["sorter"] = materialize(kwargs["sorter"], None, B).contiguous()
     if op is aten.searchsorted.Scalar:
         values, vd = _scalar_values(values, seq), None
     else:
         vd = dims[1]
     if seq_rank == 1:
         return _searchsorted_batched_seq(seq, values, vd, B, kwargs), 0
-    return aten.searchsorted.Tensor(seq, materialize(values, vd, B), **kwargs), 0
+    return aten.searchsorted.Tensor(seq, materialize(values, vd, B).contiguous(), **kwargs), 0
 
 
 @batch_rule(aten.bucketize.Tensor, aten.bucketize.Scalar)
@@ -490,12 +489,33 @@ def bucketize(op, args, kwargs, dims):
     values, boundaries = args
     B = batch_size_of(args, dims)
     if dims[1] is None:  # shared boundaries
-        return op(values, boundaries, **kwargs), 0
+        return op(values.contiguous(), boundaries, **kwargs), 0
     vd = dims[0]
     if op is aten.bucketize.Scalar:
         values, vd = _scalar_values(values, boundaries), None
     # bucketize(v, b, right=r) is searchsorted(b, v, right=r)
     return _searchsorted_batched_seq(boundaries, values, vd, B, kwargs), 0
+
+
+@batch_rule(aten.histc.default)
+def histc(op, args, kwargs, dims):
+    # Per example, min == max means "use this example's data range": the bin edges then
+    # differ per example, so bin by hand with histc's own formula
+    # pos = int((x - lo) * bins / (hi - lo)), the last bin closed on the right.
+    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    x, bins, lo, hi = args
+    B = x.shape[0]
+    flat = x.reshape(B, -1)
+    if lo == hi and flat.shape[1] > 0:
+        lo, hi = flat.amin(1), flat.amax(1)
+    else:
+        lo, hi = (torch.full((B,), float(v), dtype=x.dtype, device=x.device) for v in (lo, hi))
+    same = lo == hi
+    lo, hi = torch.where(same, lo - 1, lo)[:, None], torch.where(same, hi + 1, hi)[:, None]
+    inside = (flat >= lo) & (flat <= hi)
+    pos = ((flat - lo) * bins / (hi - lo)).nan_to_num(0.0).clamp(0, bins - 1).to(torch.int64)
+    hist = torch.zeros((B, bins), dtype=x.dtype, device=x.device)
+    return hist.scatter_add_(1, pos, inside.to(x.dtype)), 0
 
 
 # -- backward forms of views, and the *_scatter ops ---------------------------------------
@@ -537,33 +557,59 @@ def _scatter_view(shift):
         args, kwargs, dims = _normalize(op, args, kwargs, dims)
         B = batch_size_of(args, dims)
         x, src = materialize(args[0], dims[0], B), materialize(args[1], dims[1], B)
-        return op(x, src, *shift(rank(x, 0), args[2:], x), **kwargs), 0
+        return op(x, src, *shift(rank(x, 0), args[2:]), **kwargs), 0
 
     return rule
 
 
-batch_rule(aten.select_scatter.default)(_scatter_view(lambda r, a, x: (physical_dim(a[0], r), a[1])))
-batch_rule(aten.slice_scatter.default)(_scatter_view(lambda r, a, x: (physical_dim(a[0], r),) + tuple(a[1:])))
+# select_scatter(self, src, dim, index), slice_scatter(self, src, dim, start, end, step),
+# diagonal_scatter(self, src, offset, dim1, dim2)
+batch_rule(aten.select_scatter.default)(_scatter_view(lambda r, a: (physical_dim(a[0], r), a[1])))
+batch_rule(aten.slice_scatter.default)(_scatter_view(lambda r, a: (physical_dim(a[0], r), *a[1:])))
 batch_rule(aten.diagonal_scatter.default)(
-    _scatter_view(lambda r, a, x: (a[0], physical_dim(a[1], r), physical_dim(a[2], r))))
+    _scatter_view(lambda r, a: (a[0], physical_dim(a[1], r), physical_dim(a[2], r))))
 
 
 @batch_rule(aten.as_strided_scatter.default)
 def as_strided_scatter(op, args, kwargs, dims):
-    # as views.as_strided: each example addresses its own contiguous storage region
+    # As views.as_strided: each example addresses its own contiguous storage region. The
+    # offset is absolute, i.e. relative to the storage offset the (logical) self reports.
     args, kwargs, dims = _normalize(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
+    rel = (args[4] if args[4] is not None else args[0].storage_offset()) - args[0].storage_offset()
     x = materialize(args[0], dims[0], B).contiguous()
     src = materialize(args[1], dims[1], B)
-    size, stride, offset = tuple(args[2]), tuple(args[3]), args[4] or 0
+    size, stride = tuple(args[2]), tuple(args[3])
     per = x[0].numel()
-    return op(x, src, (B,) + size, (per,) + stride, offset), 0
+    return op(x, src, (B,) + size, (per,) + stride, x.storage_offset() + rel), 0
 
 
-# -- new_* factories: the result has the given size and no batch dim -------------------------
+# -- new_* factories on a batched self: one fresh tensor per example ------------------------
+# (torch internals allocate buffers this way and then write batched data into them, e.g.
+# autograd's CopySlices: `grad.new_empty_strided(...)` then `.copy_(grad)`)
+
+
+def _example_span(size, stride) -> int:
+    return 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(n > 0 for n in size) else 0
 
 
 @batch_rule(aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
             aten.new_empty_strided.default)
 def new_factory(op, args, kwargs, dims):
-    return op(*args, **kwargs), None
+    x, size = args[0], tuple(args[1])
+    B = x.shape[0]
+    if op is aten.new_empty_strided.default:
+        stride = tuple(args[2])
+        return op(x, (B,) + size, (max(_example_span(size, stride), 1),) + stride, **kwargs), 0
+    return op(x, (B,) + size, *args[2:], **kwargs), 0
+
+
+@batch_rule(aten._new_zeros_with_same_feature_meta.default)
+def new_zeros_with_same_feature_meta(op, args, kwargs, dims):
+    # zeros of shape self.shape[:n] + other.shape with other's strides (forward AD allocates
+    # tangents this way): the batch dim becomes one more leading "batch" dim of self.
+    self_, other = args
+    B = batch_size_of(args, dims)
+    n = kwargs.get("self_num_batch_dims", 0)
+    feature = other.select(0, 0) if dims[1] is not None else other  # per-example strides
+    return op(materialize(self_, dims[0], B), feature, self_num_batch_dims=n + 1), 0

@@ -1,9 +1,691 @@
-"""Neural-network ops: convolution, pooling, normalization, losses, embedding."""
+"""Neural-network ops: convolution, pooling, normalization, losses, embedding.
+
+Most rules here use one of two folds, so that a single call of the aten kernel
+serves the whole batch:
+
+* **batch into N** (``fold_into_n``): ops on ``(N, C, *spatial)`` tensors treat
+  every ``(n, c)`` plane independently, so a physical ``(B, N, C, ...)`` is run
+  as ``(B*N, C, ...)`` and the result unflattened. A logical input without an
+  N dim (``(C, H, W)``, which most of these ops accept) simply uses B as N.
+* **batch into channels** (convolution with batched weights, batch norm): a
+  per-example weight becomes B groups of ``groups`` each (``groups * B``), or
+  per-example batch statistics become per-channel statistics of ``B*C``
+  channels.
+
+Served by exact ``torch._decomp`` decompositions instead (all their sub-ops have
+rules): mse_loss, binary_cross_entropy (+backward, also with weights),
+binary_cross_entropy_with_logits, smooth_l1_loss, huber_loss (+backwards),
+soft_margin_loss, multilabel_soft_margin_loss, affine_grid. CompositeImplicit
+functions never reach dispatch: max_pool1d, avg_pool1d, adaptive pools 1d,
+instance_norm (batch norm), rms_norm, local_response_norm, kl_div, l1_loss,
+cross_entropy (log_softmax + nll_loss) arrive as the ops handled here or as
+pointwise/reduction ops.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule
+from .. import _core
+from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, rank
 
 aten = torch.ops.aten
+
+
+def _ops(*names: str):
+    """The non-out overloads of the named aten packets (names missing in this torch are skipped)."""
+    out = []
+    for n in names:
+        packet = getattr(aten, n, None)
+        if packet is None:
+            continue
+        for o in packet.overloads():
+            op = getattr(packet, o)
+            if not op._schema.is_mutable:  # out= variants: their outputs would be unbatched
+                out.append(op)
+    return out
+
+
+def _map(fn, out):
+    """Apply ``fn`` to every tensor of an op's output (a tensor or a tuple; None stays)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(None if o is None else fn(o) for o in out)
+    return fn(out)
+
+
+# -- batch into N: pooling, padding, upsampling, im2col -----------------------------------
+
+
+def _input_size_pos(op):
+    for i, a in enumerate(op._schema.arguments):
+        if a.name == "input_size":
+            return i
+    return None
+
+
+def fold_into_n(core: int):
+    """Rule factory for ops on ``(N, C, *spatial)`` tensors that work on each ``(n, c)`` plane
+    independently; ``core`` is the rank without N (C + spatial dims).
+
+    Every tensor argument is materialized, then a logical ``(N, C, ...)`` batch
+    ``(B, N, C, ...)`` runs as ``(B*N, C, ...)``; a logical ``(C, ...)`` input runs with B as
+    N. Backward ops that take the input's size (``input_size``, N first) get N scaled."""
+
+    def rule(op, args, kwargs, dims):
+        B = batch_size_of(args, dims)
+        tpos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        first = args[tpos[0]]
+        has_n = rank(first, dims[tpos[0]]) > core
+        new = list(args)
+        for i in tpos:
+            t = materialize(args[i], dims[i], B)
+            new[i] = t.flatten(0, 1) if has_n else t
+        size_pos = _input_size_pos(op)
+        if size_pos is not None and has_n:
+            size = list(new[size_pos])
+            new[size_pos] = [B * size[0]] + size[1:]
+        out = op(*new, **kwargs)
+        if has_n:
+            N = first.shape[1] if dims[tpos[0]] is not None else first.shape[0]
+            out = _map(lambda o: o.reshape((B, N) + o.shape[1:]), out)
+        return out, 0
+
+    return rule
+
+
+_FOLD_N = {
+    2: ["reflection_pad1d", "reflection_pad1d_backward", "replication_pad1d", "replication_pad1d_backward",
+        "upsample_nearest1d", "upsample_nearest1d_backward", "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact1d_backward", "upsample_linear1d", "upsample_linear1d_backward", "col2im"],
+    3: ["max_pool2d_with_indices", "max_pool2d_with_indices_backward", "avg_pool2d", "avg_pool2d_backward",
+        "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_max_pool2d",
+        "adaptive_max_pool2d_backward", "max_unpool2d", "reflection_pad2d", "reflection_pad2d_backward",
+        "replication_pad2d", "replication_pad2d_backward", "upsample_nearest2d", "upsample_nearest2d_backward",
+        "_upsample_nearest_exact2d", "_upsample_nearest_exact2d_backward", "upsample_bilinear2d",
+        "upsample_bilinear2d_backward", "upsample_bicubic2d", "upsample_bicubic2d_backward",
+        "_upsample_bilinear2d_aa", "_upsample_bilinear2d_aa_backward", "_upsample_bicubic2d_aa",
+        "_upsample_bicubic2d_aa_backward", "im2col", "grid_sampler_2d", "grid_sampler_2d_backward"],
+    4: ["max_pool3d_with_indices", "max_pool3d_with_indices_backward", "avg_pool3d", "avg_pool3d_backward",
+        "_adaptive_avg_pool3d", "_adaptive_avg_pool3d_backward", "adaptive_max_pool3d",
+        "adaptive_max_pool3d_backward", "max_unpool3d", "reflection_pad3d", "reflection_pad3d_backward",
+        "replication_pad3d", "replication_pad3d_backward", "upsample_nearest3d", "upsample_nearest3d_backward",
+        "_upsample_nearest_exact3d", "_upsample_nearest_exact3d_backward", "upsample_trilinear3d",
+        "upsample_trilinear3d_backward", "grid_sampler_3d", "grid_sampler_3d_backward"],
+}
+for _core_rank, _names in _FOLD_N.items():
+    batch_rule(*_ops(*_names))(fold_into_n(_core_rank))
+
+
+@batch_rule(aten.constant_pad_nd.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+def trailing_dims(op, args, kwargs, dims):
+    """Ops that touch only trailing dims and accept any number of leading ones: the batch
+    dim rides along (constant_pad_nd's decomposition would write into an unbatched buffer)."""
+    return op(*args, **kwargs), 0
+
+
+def _circular_pad(original, args, kwargs):
+    """``F.pad(mode='circular')`` while a transform is live. Its CompositeImplicit kernel
+    (``_pad_circular``) allocates an empty output and copies slices into it, which cannot be
+    batched from below (the buffer is unbatched); the same result as a ``cat`` of slices can."""
+    x = args[0] if args else kwargs.get("input")
+    pad = args[1] if len(args) > 1 else kwargs.get("pad")
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    k = len(pad) // 2 if pad is not None else 0  # padded dims
+    if mode != "circular" or not isinstance(x, _core.LevelTensor) or not k + 1 <= x.dim() <= k + 2:
+        return original(*args, **kwargs)  # (also raises torch's own error for bad shapes)
+    for i in range(len(pad) // 2):  # pad pairs start from the last dim
+        d, left, right = x.dim() - 1 - i, pad[2 * i], pad[2 * i + 1]
+        # negative pads crop first; positive pads then wrap around the cropped tensor
+        x = x.narrow(d, max(-left, 0), x.shape[d] - max(-left, 0) - max(-right, 0))
+        n = x.shape[d]
+        parts = [x.narrow(d, n - left, left)] if left > 0 else []
+        parts.append(x)
+        if right > 0:
+            parts.append(x.narrow(d, 0, right))
+        x = torch.cat(parts, d) if len(parts) > 1 else x
+    return x
+
+
+_core.patch_while_active(torch.nn.functional, "pad", _circular_pad)
+
+
+# -- convolution --------------------------------------------------------------------------
+
+
+def _to_groups(x, has_n):
+    """``(B, N, C, *S)`` (or ``(B, C, *S)`` without N) -> ``(N, B*C, *S)``."""
+    if not has_n:
+        x = x.unsqueeze(1)
+    return x.movedim(0, 1).flatten(1, 2)
+
+
+def _from_groups(y, B, has_n):
+    """``(N, B*C, *S)`` -> the batched result and its batch dim."""
+    y = y.reshape((y.shape[0], B, -1) + y.shape[2:])
+    if not has_n:
+        return y.squeeze(0), 0
+    return y, 1
+
+
+@batch_rule(aten.convolution.default)
+def convolution(op, args, kwargs, dims):
+    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
+    xd, wd, bd = dims[0], dims[1], dims[2]
+    B = batch_size_of(args, dims)
+    k = rank(w, wd) - 2  # spatial dims
+    has_n = rank(x, xd) == k + 2
+    rest = (stride, padding, dilation, transposed, output_padding)
+    if wd is None:
+        # shared filters: the batch joins N; a batched bias is added afterwards
+        if xd is None:
+            out = op(x, w, None, *rest, groups).unsqueeze(0)
+        elif has_n:
+            out = op(x.flatten(0, 1), w, bias if bd is None else None, *rest, groups)
+            out = out.reshape((B, x.shape[1]) + out.shape[1:])
+        else:
+            out = op(x, w, bias if bd is None else None, *rest, groups)
+        if bd is not None:
+            out = out + bias.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k)
+        return out, 0
+    # per-example filters (model ensembling): B*groups groups over B*C input channels.
+    # Weight (B, O, C/g, *K) -> (B*O, C/g, *K); transposed (B, C, O/g, *K) -> (B*C, O/g, *K):
+    # either way the channel order (b, group, ...) lines up with the folded input.
+    xg = _to_groups(materialize(x, xd, B), has_n)
+    bg = None if bias is None else materialize(bias, bd, B).flatten()
+    out = op(xg, w.flatten(0, 1), bg, *rest, groups * B)
+    return _from_groups(out, B, has_n)
+
+
+@batch_rule(aten.convolution_backward.default)
+def convolution_backward(op, args, kwargs, dims):
+    go, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args
+    B = batch_size_of(args, dims)
+    k = rank(w, dims[2]) - 2
+    has_n = rank(x, dims[1]) == k + 2
+    rest = (stride, padding, dilation, transposed, output_padding)
+    go = materialize(go, dims[0], B)
+    x = materialize(x, dims[1], B)
+    if dims[2] is None and not mask[1]:
+        # shared filters and no filter gradient: the batch joins N
+        gi = gb = None
+        if mask[0]:
+            if has_n:
+                gi = op(go.flatten(0, 1), x.flatten(0, 1), w, None, *rest, groups, [True, False, False])[0]
+                gi = gi.reshape(x.shape)
+            else:
+                gi = op(go, x, w, None, *rest, groups, [True, False, False])[0]
+        if mask[2]:
+            cdim = 1 + has_n
+            gb = go.sum([d for d in range(1, go.dim()) if d != cdim])
+        return (gi, None, gb), 0
+    # per-example filter gradients (per-sample gradients): one call with B*groups groups
+    wg = materialize(w, dims[2], B).flatten(0, 1)
+    bsz = None if bias_sizes is None else [B * bias_sizes[0]]
+    gi, gw, gb = op(_to_groups(go, has_n), _to_groups(x, has_n), wg, bsz, *rest, groups * B, mask)
+    gi_dim = None
+    if gi is not None:
+        gi, gi_dim = _from_groups(gi, B, has_n)
+    if gw is not None:
+        gw = gw.reshape((B, -1) + gw.shape[1:])
+    if gb is not None:
+        gb = gb.reshape(B, -1)
+    return (gi, gw, gb), [gi_dim, 0, 0]
+
+
+# -- layer norm / group norm ---------------------------------------------------------------
+
+
+def _affine(out, w, b):
+    """``out * w + b``, the parameters already shaped to broadcast against ``out``."""
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out
+
+
+def _per_channel(t, d, spatial: int):
+    """A per-channel parameter, ``(C,)`` or batched ``(B, C)``, shaped to broadcast against a
+    physical ``(B, N, C, *spatial)`` tensor."""
+    if t is None:
+        return None
+    if d is None:
+        return t.reshape((-1,) + (1,) * spatial)
+    return t.reshape((t.shape[0], 1, -1) + (1,) * spatial)
+
+
+@batch_rule(aten.native_layer_norm.default)
+def native_layer_norm(op, args, kwargs, dims):
+    x, ns, w, b, eps = args
+    B = batch_size_of(args, dims)
+    x = materialize(x, dims[0], B)
+    if dims[2] is None and dims[3] is None:
+        return op(x, ns, w, b, eps), 0  # normalized over trailing dims: the batch rides along
+    out, mean, rstd = op(x, ns, None, None, eps)
+    r = rank(x, 0)  # batched parameters (B, *ns) broadcast once padded to the input's rank
+    return (_affine(out, pad_to_rank(w, dims[2], r), pad_to_rank(b, dims[3], r)), mean, rstd), 0
+
+
+@batch_rule(aten.native_layer_norm_backward.default)
+def native_layer_norm_backward(op, args, kwargs, dims):
+    go, x, ns, mean, rstd, w, b, mask = args
+    B = batch_size_of(args, dims)
+    go, x, mean, rstd = (materialize(t, d, B) for t, d in zip((go, x, mean, rstd), [dims[i] for i in (0, 1, 3, 4)]))
+    r = rank(x, 0)
+    lead = list(range(1, 1 + r - len(ns)))  # per example, the parameter grads sum over these
+    gi = gw = gb = None
+    if mask[0]:
+        if dims[5] is None:
+            gi = op(go, x, ns, mean, rstd, w, None, [True, False, False])[0]
+        else:  # d/dx of xhat * w is the weightless backward of go * w
+            gi = op(go * pad_to_rank(w, 0, r), x, ns, mean, rstd, None, None, [True, False, False])[0]
+    if mask[1] and w is not None:
+        gw = go * ((x - mean) * rstd)
+        gw = gw.sum(lead) if lead else gw
+    if mask[2] and b is not None:
+        gb = go.sum(lead) if lead else go
+    return (gi, gw, gb), 0
+
+
+@batch_rule(aten.native_group_norm.default)
+def native_group_norm(op, args, kwargs, dims):
+    x, w, b, N, C, HxW, group, eps = args
+    B = batch_size_of(args, dims)
+    x = materialize(x, dims[0], B)
+    spatial = x.dim() - 3
+    affine_batched = dims[1] is not None or dims[2] is not None
+    out, mean, rstd = op(x.flatten(0, 1), None if affine_batched else w, None if affine_batched else b,
+                         B * N, C, HxW, group, eps)
+    out = out.reshape(x.shape)
+    if affine_batched:
+        out = _affine(out, _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
+    return (out, mean.reshape(B, N, -1), rstd.reshape(B, N, -1)), 0
+
+
+@batch_rule(aten.native_group_norm_backward.default)
+def native_group_norm_backward(op, args, kwargs, dims):
+    go, x, mean, rstd, w, N, C, HxW, group, mask = args
+    B = batch_size_of(args, dims)
+    go, x, mean, rstd = (materialize(t, d, B) for t, d in zip((go, x, mean, rstd), dims[:4]))
+    spatial = x.dim() - 3
+    gi = gw = gb = None
+    if mask[0]:
+        if dims[4] is None:
+            gin, wn = go, w
+        else:  # d/dx of xhat * w is the weightless backward of go * w
+            gin, wn = go * _per_channel(w, 0, spatial), None
+        gi = op(gin.flatten(0, 1), x.flatten(0, 1), mean.flatten(0, 1), rstd.flatten(0, 1), wn,
+                B * N, C, HxW, group, [True, False, False])[0].reshape(x.shape)
+    red = [1] + list(range(3, x.dim()))  # per example: sum over N and spatial dims
+    if mask[1] and w is not None:
+        g = (B, N, group, -1)
+        xhat = ((x.reshape(g) - mean.reshape(g)) * rstd.reshape(g)).reshape(x.shape)
+        gw = (go * xhat).sum(red)
+    if mask[2]:
+        gb = go.sum(red)
+    return (gi, gw, gb), 0
+
+
+# -- batch norm ----------------------------------------------------------------------------
+# Each example is itself an (N, C, ...) batch with its own statistics: move B next to C and
+# fold, (B, N, C, ...) -> (N, B*C, ...), so the kernel computes B*C channel statistics.
+
+# op -> (position of running_mean or None, position of `training` or its fixed value,
+#        functional: returns new running stats instead of updating them in place)
+_BN = {
+    aten.native_batch_norm.default: (3, 5, False),
+    aten._native_batch_norm_legit.default: (3, 5, False),
+    aten._native_batch_norm_legit.no_stats: (None, 3, False),
+    aten._native_batch_norm_legit_no_training.default: (3, False, False),
+    aten._native_batch_norm_legit_functional.default: (3, 5, True),
+    aten._batch_norm_with_update.default: (3, True, False),
+    aten._batch_norm_with_update_functional.default: (3, True, True),
+    aten._batch_norm_no_update.default: (3, False, False),
+}
+
+
+def _fold_channels(t, d, B):
+    """Per-channel tensor ``(C,)`` or batched ``(B, C)`` -> ``(B*C,)``; None stays None."""
+    return None if t is None else materialize(t, d, B).reshape(-1)
+
+
+def _unfold_stat(t, B):
+    """``(B*C,)`` -> ``(B, C)`` batched; empty placeholders (eval mode, reserve) stay unbatched."""
+    if t is None or t.numel() == 0:
+        return t, None
+    return t.reshape(B, -1), 0
+
+
+def _bn_running_stats_error(op):
+    return RuntimeError(
+        f"vmap: {op} in training mode would update running_mean/running_var that are not batched "
+        "with different statistics for every example (each example is its own batch). Pass the "
+        "running stats batched (e.g. with in_dims, or stack_module_state over one module per "
+        "example), or use track_running_stats=False, or eval mode (module.eval())."
+    )
+
+
+@batch_rule(*_BN)
+def batch_norm(op, args, kwargs, dims):
+    rpos, tpos, functional = _BN[op]
+    training = tpos if isinstance(tpos, bool) else args[tpos]
+    B = batch_size_of(args, dims)
+    x, xd = args[0], dims[0]
+    w, b = args[1], args[2]
+    stats = [args[rpos], args[rpos + 1]] if rpos is not None else [None, None]
+    sdims = [dims[rpos], dims[rpos + 1]] if rpos is not None else [None, None]
+    updates = training and not functional and stats[0] is not None
+    if updates and xd is None and all(d is None for d in sdims):
+        # only the affine part is batched: every example would write the same statistics,
+        # so run the op once (updating the buffers once) and apply the affine part batched
+        new = list(args)
+        new[1] = new[2] = None
+        out = list(op(*new, **kwargs))
+        spatial = x.dim() - 2
+        out[0] = _affine(out[0].unsqueeze(0), _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
+        return tuple(out), [0] + [None] * (len(out) - 1)
+    if updates and any(d is None for d in sdims):
+        raise _bn_running_stats_error(op)
+    new = list(args)
+    new[0] = _to_groups(materialize(x, xd, B), True)
+    new[1], new[2] = _fold_channels(w, dims[1], B), _fold_channels(b, dims[2], B)
+    if rpos is not None:
+        for j in range(2):
+            new[rpos + j] = _fold_channels(stats[j], sdims[j], B)
+            if updates:  # reshape may have copied: update a private copy, written back below
+                new[rpos + j] = new[rpos + j].clone()
+    out = op(*new, **kwargs)
+    if updates:
+        for j in range(2):
+            stats[j].copy_(new[rpos + j].reshape(stats[j].shape))
+    y, y_dim = _from_groups(out[0], B, True)
+    res, out_dims = [y], [y_dim]
+    for t in out[1:]:
+        t, d = _unfold_stat(t, B)
+        res.append(t)
+        out_dims.append(d)
+    return tuple(res), out_dims
+
+
+@batch_rule(aten.native_batch_norm_backward.default, aten.batch_norm_backward.default)
+def batch_norm_backward(op, args, kwargs, dims):
+    B = batch_size_of(args, dims)
+    new = list(args)
+    new[0] = _to_groups(materialize(args[0], dims[0], B), True)
+    new[1] = _to_groups(materialize(args[1], dims[1], B), True)
+    for i in range(2, 7):  # weight, running_mean, running_var, save_mean, save_invstd/var
+        new[i] = _fold_channels(args[i], dims[i], B)
+    if len(args) > 10 and dims[10] is not None:  # batch_norm_backward's reserve (empty on CPU)
+        new[10] = args[10].reshape(-1)
+    gi, gw, gb = op(*new, **kwargs)
+    gi_dim = None
+    if gi is not None:
+        gi, gi_dim = _from_groups(gi, B, True)
+    gw = None if gw is None else gw.reshape(B, -1)
+    gb = None if gb is None else gb.reshape(B, -1)
+    return (gi, gw, gb), [gi_dim, 0, 0]
+
+
+# -- embedding -------------------------------------------------------------------------------
+
+
+def _offsets(B, per, like, ndim):
+    """``b * per`` for each example, shaped to broadcast against a ``(B, ...)`` tensor of rank ``ndim``."""
+    return (torch.arange(B, device=like.device, dtype=like.dtype) * per).reshape((B,) + (1,) * (ndim - 1))
+
+
+@batch_rule(aten.embedding.default)
+def embedding(op, args, kwargs, dims):
+    w, idx = args[0], args[1]
+    if dims[0] is None:
+        return op(*args, **kwargs), 0  # a plain lookup of batched indices
+    # per-example tables: one table of B*V rows, example b's indices shifted by b*V
+    B, V = w.shape[0], w.shape[1]
+    idx = materialize(idx, dims[1], B)
+    return op(w.flatten(0, 1), idx + _offsets(B, V, idx, idx.dim()), *args[2:], **kwargs), 0
+
+
+@batch_rule(aten.embedding_dense_backward.default)
+def embedding_dense_backward(op, args, kwargs, dims):
+    go, idx, num_weights, padding_idx, scale_grad_by_freq = args
+    B = batch_size_of(args, dims)
+    if dims[1] is None:
+        # shared indices: the batch rides in the feature dim, (B, *I, D) -> (*I, B*D)
+        D = go.shape[-1]
+        out = op(go.movedim(0, -2).flatten(-2), idx, num_weights, padding_idx, scale_grad_by_freq)
+        return out.reshape(num_weights, B, D), 1
+    go = materialize(go, dims[0], B)
+    if padding_idx >= 0:  # after shifting, each example has its own padding row: mask instead
+        go = go.masked_fill((idx == padding_idx).unsqueeze(-1), 0)
+    out = op(go, idx + _offsets(B, num_weights, idx, idx.dim()), B * num_weights, -1, scale_grad_by_freq)
+    return out.reshape(B, num_weights, -1), 0
+
+
+# -- nll_loss ----------------------------------------------------------------------------------
+# Computed on the physical tensors with gather/scatter: per-example reductions ('mean' divides
+# by each example's own total weight) and batched class weights come out directly.
+
+
+def _nll_parts(x, xd, target, td, weight, wd, ignore_index, B):
+    x = materialize(x, xd, B)
+    target = materialize(target, td, B)
+    cdim = 1 if x.dim() == 2 else 2  # physical class dim: logical (C,) or (N, C, ...)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    if weight is None:
+        wt = valid.to(x.dtype)
+    else:
+        if wd is None:
+            wt = weight.index_select(0, safe.reshape(-1)).reshape(safe.shape)
+        else:
+            wt = weight.gather(1, safe.reshape(B, -1)).reshape(safe.shape)
+        wt = wt * valid
+    return x, safe, wt, cdim
+
+
+def _per_example_sum(t):
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+@batch_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def nll_loss_forward(op, args, kwargs, dims):
+    x, target, weight, reduction, ignore_index = args
+    B = batch_size_of(args, dims)
+    x, safe, wt, cdim = _nll_parts(x, dims[0], target, dims[1], weight, dims[2], ignore_index, B)
+    loss = -x.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim) * wt
+    if reduction == 0:  # none
+        return (loss, torch.zeros((), dtype=x.dtype, device=x.device)), [0, None]
+    total = _per_example_sum(wt)
+    out = _per_example_sum(loss)
+    if reduction == 1:  # mean
+        out = out / total
+    return (out, total), 0
+
+
+@batch_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
+def nll_loss_backward(op, args, kwargs, dims):
+    go, x, target, weight, reduction, ignore_index, total_weight = args
+    B = batch_size_of(args, dims)
+    x, safe, wt, cdim = _nll_parts(x, dims[1], target, dims[2], weight, dims[3], ignore_index, B)
+    r = safe.dim()  # physical rank of the per-element losses
+    if reduction == 0:
+        g = go if dims[0] is not None else go.unsqueeze(0)
+    else:
+        g = go.reshape((-1,) + (1,) * (r - 1))
+        if reduction == 1:
+            g = g / total_weight.reshape((-1,) + (1,) * (r - 1))
+    val = -(wt * g).to(x.dtype)
+    gi = torch.zeros_like(x).scatter(cdim, safe.unsqueeze(cdim), val.expand(safe.shape).unsqueeze(cdim))
+    return gi, 0
+
+
+# -- multi_margin_loss, multilabel_margin_loss ----------------------------------------------
+# Per-sample losses of a logical (N, C) or (C,) input: fold the batch into N, call the kernel
+# with reduction='none' and reduce per example. (torch._decomp's multilabel_margin_loss_forward
+# disagrees with the kernel, so it must not serve these ops.)
+
+
+def _full_args(op, args, kwargs, dims):
+    """Positional args (and their dims) with the schema's defaults filled in: dispatch drops
+    trailing defaults."""
+    args, dims = list(args), list(dims)
+    for a in op._schema.arguments[len(args):]:
+        if a.kwarg_only:
+            break
+        args.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        dims.append(None)
+    return args, dims
+
+
+def _rows(t, d, B, C):
+    """Materialize ``t`` and flatten a logical ``(N, C)``/``(C,)`` (or ``(N,)``/``()`` if C is None) batch."""
+    t = materialize(t, d, B)
+    return t.reshape(-1, C) if C is not None else t.reshape(-1)
+
+
+def _reduce_rows(loss, B, reduction):
+    """Per-row losses ``(B*N,)`` -> per-example losses for ``reduction``."""
+    loss = loss.reshape(B, -1)
+    if reduction == 1:
+        return loss.mean(1)
+    if reduction == 2:
+        return loss.sum(1)
+    return loss
+
+
+def _row_grads(go, d, B, n, reduction):
+    """The grad of each row's loss, ``(B*n,)``, from the per-example grad_output."""
+    go = materialize(go, d, B)
+    if reduction == 0:
+        return go.reshape(-1)
+    g = go.reshape(B, 1).expand(B, n)
+    return (g / n if reduction == 1 else g).reshape(-1)
+
+
+def _loop(op, args, dims, B):
+    """One call per example, inside a rule: for rare corners a fold cannot express."""
+    outs = [op(*[a.select(0, b) if d is not None else a for a, d in zip(args, dims)]) for b in range(B)]
+    return torch.stack(outs), 0
+
+
+@batch_rule(aten.multi_margin_loss.default)
+def multi_margin_loss(op, args, kwargs, dims):
+    args, dims = _full_args(op, args, kwargs, dims)
+    x, target, p, margin, weight, reduction = args
+    B = batch_size_of(args, dims)
+    if dims[4] is not None:  # per-example class weights: no single kernel call takes them
+        return _loop(op, args, dims, B)
+    shape = materialize(x, dims[0], B).shape
+    loss = op(_rows(x, dims[0], B, shape[-1]), _rows(target, dims[1], B, None), p, margin, weight, 0)
+    loss = _reduce_rows(loss, B, reduction)
+    return (loss.reshape(shape[:-1]) if reduction == 0 else loss), 0
+
+
+@batch_rule(aten.multi_margin_loss_backward.default)
+def multi_margin_loss_backward(op, args, kwargs, dims):
+    args, dims = _full_args(op, args, kwargs, dims)
+    go, x, target, p, margin, weight, reduction = args
+    B = batch_size_of(args, dims)
+    if dims[5] is not None:
+        return _loop(op, args, dims, B)
+    xr = _rows(x, dims[1], B, x.shape[-1])
+    g = _row_grads(go, dims[0], B, xr.shape[0] // B, reduction)
+    gi = op(g, xr, _rows(target, dims[2], B, None), p, margin, weight, 0)
+    return gi.reshape(materialize(x, dims[1], B).shape), 0
+
+
+@batch_rule(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss_forward(op, args, kwargs, dims):
+    x, target, reduction = args
+    B = batch_size_of(args, dims)
+    shape = materialize(x, dims[0], B).shape
+    loss, is_target = op(_rows(x, dims[0], B, shape[-1]), _rows(target, dims[1], B, shape[-1]), 0)
+    loss = _reduce_rows(loss, B, reduction)
+    return (loss.reshape(shape[:-1]) if reduction == 0 else loss, is_target.reshape(shape)), 0
+
+
+@batch_rule(aten.multilabel_margin_loss_backward.default)
+def multilabel_margin_loss_backward(op, args, kwargs, dims):
+    go, x, target, reduction, is_target = args
+    B = batch_size_of(args, dims)
+    shape = materialize(x, dims[1], B).shape
+    C = shape[-1]
+    xr = _rows(x, dims[1], B, C)
+    g = _row_grads(go, dims[0], B, xr.shape[0] // B, reduction)
+    gi = op(g, xr, _rows(target, dims[2], B, C), 0, _rows(is_target, dims[4], B, C))
+    return gi.reshape(shape), 0
+
+
+# -- cdist, attention ------------------------------------------------------------------------
+
+
+def _flat_lead(t, lead):
+    """Expand ``t``'s leading dims to ``lead`` and flatten them into one."""
+    return t.expand(tuple(lead) + t.shape[-2:]).reshape((-1,) + t.shape[-2:])
+
+
+@batch_rule(aten._cdist_forward.default)
+def cdist_forward(op, args, kwargs, dims):
+    x1, x2 = args[0], args[1]
+    B = batch_size_of(args, dims)
+    x1, x2 = materialize(x1, dims[0], B), materialize(x2, dims[1], B)
+    r = max(x1.dim(), x2.dim())
+    x1, x2 = pad_to_rank(x1, 0, r - 1), pad_to_rank(x2, 0, r - 1)
+    lead = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    out = op(_flat_lead(x1, lead), _flat_lead(x2, lead), *args[2:], **kwargs)
+    return out.reshape(tuple(lead) + out.shape[-2:]), 0
+
+
+@batch_rule(aten._cdist_backward.default)
+def cdist_backward(op, args, kwargs, dims):
+    grad, x1, x2, p, cdist = args
+    B = batch_size_of(args, dims)
+    grad, cdist = materialize(grad, dims[0], B), materialize(cdist, dims[4], B)
+    lead = grad.shape[:-2]
+    x1 = pad_to_rank(materialize(x1, dims[1], B), 0, len(lead) + 1)
+    x2 = pad_to_rank(materialize(x2, dims[2], B), 0, len(lead) + 1)
+    out = op(_flat_lead(grad, lead), _flat_lead(x1, lead), _flat_lead(x2, lead), p, _flat_lead(cdist, lead))
+    return out.reshape(tuple(lead) + out.shape[-2:]), 0
+
+
+def _fold_mask(kwargs, B):
+    # the mask broadcasts against one example's (N, H, L, S); after folding N becomes B*N
+    m = kwargs.get("attn_mask")
+    if m is not None and m.dim() == 4 and m.shape[0] != 1:
+        kwargs = dict(kwargs, attn_mask=m.unsqueeze(0).expand((B,) + m.shape).flatten(0, 1))
+    return kwargs
+
+
+def _check_attention_dropout(dropout_p):
+    """Attention with dropout is random. A rule is not told which vmap level runs it, so follow
+    every live vmap level, as random factories do: 'different' everywhere -> the fold draws
+    independently per example; otherwise raise."""
+    if not dropout_p:
+        return
+    from ..batched import RandomnessError
+
+    modes = {i.randomness for i in _core.interpreter_stack() if i.kind == "vmap"}
+    if modes - {"different"}:
+        raise RandomnessError(
+            "vmap: scaled_dot_product_attention with dropout_p > 0 is random; under vmap it needs "
+            "randomness='different' (each example draws its own dropout mask). randomness='same' "
+            "cannot be honoured with batched inputs. Or pass dropout_p=0 (e.g. model.eval())."
+        )
+
+
+@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def sdpa_flash_cpu(op, args, kwargs, dims):
+    # the kernel takes (N, H, L, E): the batch joins N
+    _check_attention_dropout(args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0))
+    B = batch_size_of(args, dims)
+    q, k, v = (materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:3], dims[:3]))
+    out, lse = op(q, k, v, *args[3:], **_fold_mask(kwargs, B))
+    return (out.reshape((B, -1) + out.shape[1:]), lse.reshape((B, -1) + lse.shape[1:])), 0
+
+
+@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def sdpa_flash_cpu_backward(op, args, kwargs, dims):
+    B = batch_size_of(args, dims)
+    ts = [materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:6], dims[:6])]
+    grads = op(*ts, *args[6:], **_fold_mask(kwargs, B))
+    return tuple(g.reshape((B, -1) + g.shape[1:]) for g in grads), 0
