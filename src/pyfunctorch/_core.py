@@ -320,7 +320,13 @@ class LevelTensor(torch.Tensor):
 
     # -- what a user sees --------------------------------------------------
     def __repr__(self, *, tensor_contents=None) -> str:  # trap 11
+        if not self._interp.alive:
+            return self._escaped_repr()
         return f"{self._describe()}({_plain_repr(self)})"
+
+    def _escaped_repr(self) -> str:
+        # an escaped grad/jvp tensor is just its value now
+        return _plain_repr(self)
 
     def _describe(self) -> str:
         return f"{type(self).__name__}[level {self._interp.level}]"

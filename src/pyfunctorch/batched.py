@@ -73,6 +73,10 @@ class BatchedTensor(LevelTensor):
     def _tolist(self):
         raise _data_dependent(self._interp, "tolist")
 
+    def _escaped_repr(self) -> str:
+        return (f"<BatchedTensor escaped from a finished vmap (level {self._interp.level}); using it raises "
+                "EscapedTensorError: return it from the vmapped function instead>")
+
     def _detached(self):
         return BatchedTensor(_core.detach_all_levels(self._value), self._bdim, self._interp)
 
@@ -210,6 +214,12 @@ class VmapInterpreter(Interpreter):
         if info is None:
             info = _op_info(func)
         if self.lazy_count and _has_lazy(args, kwargs, self):
+            if info.kind is _RANDOM:  # a random op must not see one shared buffer
+                for w in info.aliased or ():
+                    target = args[w] if isinstance(w, int) else kwargs.get(w)
+                    if isinstance(target, BatchedTensor) and target._lazy:
+                        _materialize(target._lazy_root)
+                return _random_op(self, func, args, kwargs)
             return self._process_lazy(func, args, kwargs, info)
         if info.out_variant is not None:
             return _out_variant(self, func, args, kwargs, info)
@@ -225,7 +235,9 @@ class VmapInterpreter(Interpreter):
         if rule is None:
             decomp = _decomposition(func)
             if decomp is not None:
-                return decomp(*args, **kwargs)
+                out = decomp(*args, **kwargs)
+                if out is not NotImplemented:  # some decompositions decline some inputs
+                    return out
             return loop_fallback(self, func, args, kwargs)
         for v in kwargs.values():
             if _batched_here(v, self):
@@ -264,8 +276,14 @@ class VmapInterpreter(Interpreter):
         out = func(*pargs, **pkwargs)
         if info.aliased is not None:
             return _return_aliases(info.aliased, args, kwargs, out)
-        if info.view and roots and isinstance(out, torch.Tensor) and not _batched_here(out, self):
-            return _lazy_wrap(out, self, roots[0])
+        if roots and isinstance(out, torch.Tensor) and not _batched_here(out, self):
+            if info.view:
+                return _lazy_wrap(out, self, roots[0])
+            name = func.overloadpacket.__name__
+            if name.endswith("_like") or name.startswith("new_"):
+                # a fresh buffer made from a lazy tensor is itself made inside the function
+                # (e.g. dropout's empty_like(x).bernoulli_(p): each example needs its own draw)
+                return _lazy_wrap(out, self)
         return out
 
     def _unwrap_args_checked(self, args):
@@ -702,7 +720,8 @@ def vmap(
         rng = _draw_seed() if randomness == "different" else None
         if chunk_size is not None and chunk_size < B:
             return _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict, rng)
-        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict, rng)
+        return _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict, rng,
+                          orig_args=args)
 
     return vmapped
 
@@ -777,13 +796,28 @@ def _new_level(B, randomness, rng, offset=0) -> "VmapInterpreter":
     return interp
 
 
-def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False, rng=None, offset=0):
+def _rebuild_args(leaves, args_spec, flat_in, orig_args):
+    """The positional args for the call: an argument with no batched leaf is passed as the
+    caller's own object (a list the function mutates is the caller's list, not a copy)."""
+    args = list(tree_unflatten(leaves, args_spec))
+    if orig_args is not None:
+        i = 0
+        for n, a in enumerate(orig_args):
+            k = len(tree_flatten(a)[0])
+            if all(d is None for d in flat_in[i : i + k]):
+                args[n] = a
+            i += k
+    return args
+
+
+def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False, rng=None, offset=0,
+               orig_args=None):
     versions = [x._version if isinstance(x, torch.Tensor) else None for x in flat_args]
     interp = _new_level(B, randomness, rng, offset)
     try:
         with push_interpreter(interp):
             batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
-            out = func(*tree_unflatten(batched, args_spec), **kwargs)
+            out = func(*_rebuild_args(batched, args_spec, flat_in, orig_args), **kwargs)
             flat_out, out_spec = tree_flatten(out)
             flat_out = [_core._resolve_dead(o) for o in flat_out]
             flat_od = _leaf_out_dims(out_dims, out, flat_out, func)
