@@ -58,7 +58,7 @@ class Interpreter:
 
     def dispatch(self, func, args: tuple, kwargs: dict) -> Any:
         """Entry from ``__torch_dispatch__``: restore the level's key set, then ``process``."""
-        if func in _METADATA_OPS:
+        if func is _IS_SAME_SIZE or func is _SAME_STORAGE_NUMEL:
             return _metadata_query(func, args)
         with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
             return self.process(func, args, kwargs)
@@ -200,8 +200,8 @@ def _mutated_returns(func) -> tuple | None:
     """For ops whose outputs alias a written input (in-place and out= ops): for each
     output, where the written input is (an int position or a kwarg name). Cached."""
     try:
-        return _ALIAS_CACHE[func]
-    except KeyError:
+        return func._pyf_alias  # cached on the OpOverload: cheaper than hashing it
+    except AttributeError:
         pass
     schema = func._schema
     res = None
@@ -222,11 +222,13 @@ def _mutated_returns(func) -> tuple | None:
                 res.func = func
             else:
                 res = tuple(where)
-    _ALIAS_CACHE[func] = res
+    try:
+        func._pyf_alias = res
+    except AttributeError:
+        pass
     return res
 
 
-_ALIAS_CACHE: dict = {}
 class _InplaceViewAliases(tuple):
     """Marks in-place view ops (squeeze_, transpose_, as_strided_ ...): they change the
     inner value's metadata, so the wrapper's own size/stride must be fixed too (trap 4)."""
@@ -294,7 +296,9 @@ def _metadata_query(func, args):
     return NotImplemented
 
 
-_METADATA_OPS = {aten.is_same_size.default, aten._has_same_storage_numel.default}
+_IS_SAME_SIZE = aten.is_same_size.default
+_SAME_STORAGE_NUMEL = aten._has_same_storage_numel.default
+_METADATA_OPS = {_IS_SAME_SIZE, _SAME_STORAGE_NUMEL}
 
 
 class LevelTensor(torch.Tensor):

@@ -57,7 +57,6 @@ class BatchedTensor(LevelTensor):
             storage_offset=value.storage_offset(),
             dtype=value.dtype,
             device=value.device,
-            layout=value.layout,
         )
         r._value = value
         r._bdim = bdim

@@ -37,8 +37,6 @@ class JvpTensor(LevelTensor):
             storage_offset=value.storage_offset(),
             dtype=value.dtype,
             device=value.device,
-            layout=value.layout,
-            requires_grad=False,
         )
         r._value = value
         r._interp = interp

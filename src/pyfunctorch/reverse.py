@@ -32,8 +32,11 @@ class GradTensor(LevelTensor):
             storage_offset=value.storage_offset(),
             dtype=value.dtype,
             device=value.device,
-            layout=value.layout,
             requires_grad=requires_grad,
+        ) if requires_grad else torch.Tensor._make_wrapper_subclass(
+            # fewer keyword arguments: this runs for every op's output (~1.5 us saved)
+            cls, value.shape, strides=value.stride(), storage_offset=value.storage_offset(),
+            dtype=value.dtype, device=value.device,
         )
         r._value = value
         r._interp = interp

@@ -52,9 +52,9 @@ for _op in [
     aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction,
     aten.sort.default, aten.sort.stable, aten.argsort.default, aten.argsort.stable, aten.median.dim,
     aten.nanmedian.dim, aten.mode.default, aten.kthvalue.default,
-    aten.glu.default, aten.renorm.default,
+    aten.glu.default,
 ]:
-    pos = {aten.kthvalue.default: 2, aten.renorm.default: 2, aten.sort.stable: 2, aten.argsort.stable: 2}.get(_op, 1)
+    pos = {aten.kthvalue.default: 2, aten.sort.stable: 2, aten.argsort.stable: 2}.get(_op, 1)
     if _op in (aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable):
         batch_rule(_op)(dim_rule(pos, none_means_all=False))
     else:
@@ -132,3 +132,19 @@ def vector_norm(op, args, kwargs, dims):
         pd = []
         return x.abs() if ord_ != 0 else (x != 0).to(x.dtype), 0
     return op(x, ord_, pd, keepdim, **kwargs), 0
+
+
+@batch_rule(aten.renorm.default, aten.renorm_.default)
+def renorm(op, args, kwargs, dims):
+    # renorm rescales each slice along `dim` by the norm over all *other* dims: merge the
+    # batch dim into `dim` so that norms never mix examples.
+    x, p, d, maxnorm = args
+    r = rank(x, 0)
+    pd = physical_dim(d, r)
+    moved = x.movedim(pd, 1)
+    shape = moved.shape
+    flat = moved.reshape((shape[0] * shape[1],) + tuple(shape[2:]))
+    out = aten.renorm.default(flat, p, 0, maxnorm).reshape(shape).movedim(1, pd)
+    if op is aten.renorm_.default:
+        return x.copy_(out), 0
+    return out, 0

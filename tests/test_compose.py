@@ -1,0 +1,362 @@
+"""Compositions of transforms, each against the same composition in torch.func and, where a
+closed form exists, against the exact answer. Plus the perturbation-confusion cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.func as tf
+
+import pyfunctorch as pf
+
+from conftest import assert_close, loop_vmap
+
+DT = torch.float64
+B = 3
+
+_M = torch.randn(4, 4, dtype=DT, generator=torch.Generator().manual_seed(7))
+
+
+def _mat(x):
+    return _M[: x.shape[-1], : x.shape[-1]].to(x.device)
+
+
+# scalar-valued functions of an x of any shape with at least one dim
+SCALAR = {
+    "sin_exp": lambda x: (torch.sin(x) * torch.exp(x)).sum(),
+    "tanh_matmul": lambda x: torch.tanh(x @ _mat(x)).sum(),
+    "softmax": lambda x: (torch.softmax(x, -1) * torch.cos(x)).sum(),
+    "prod_div": lambda x: (x.prod(-1) / (1 + (x**2).sum(-1))).sum(),
+}
+# vector-valued functions (for jvp / vjp)
+VECTOR = {
+    "sin_exp": lambda x: torch.sin(x) * torch.exp(x),
+    "tanh_matmul": lambda x: torch.tanh(x @ _mat(x)),
+    "softmax": lambda x: torch.softmax(x, -1) / (2 + torch.cos(x)),
+    "prod_div": lambda x: x.prod(-1, keepdim=True) / (1 + x**2),
+}
+SHAPES = [(3,), (2, 3)]
+
+
+def _rand(shape, batch=False):
+    s = ((B,) if batch else ()) + tuple(shape)
+    return (torch.rand(s, dtype=DT) - 0.5) * 2
+
+
+params_scalar = pytest.mark.parametrize("fname", sorted(SCALAR))
+params_vector = pytest.mark.parametrize("fname", sorted(VECTOR))
+params_shape = pytest.mark.parametrize("shape", SHAPES, ids=str)
+
+
+# ----------------------------------------------------------------------------------------
+# each composition: pf vs torch.func
+# ----------------------------------------------------------------------------------------
+
+
+@params_scalar
+@params_shape
+def test_vmap_grad(fname, shape):
+    f = SCALAR[fname]
+    xb = _rand(shape, batch=True)
+    got = pf.vmap(pf.grad(f))(xb)
+    assert_close(got, tf.vmap(tf.grad(f))(xb))
+    assert_close(got, loop_vmap(tf.grad(f))(xb))
+
+
+@params_scalar
+@params_shape
+def test_grad_vmap(fname, shape):
+    f = SCALAR[fname]
+    xb = _rand(shape, batch=True)
+    got = pf.grad(lambda xb: pf.vmap(f)(xb).sum())(xb)
+    assert_close(got, tf.grad(lambda xb: tf.vmap(f)(xb).sum())(xb))
+
+
+@params_scalar
+@params_shape
+def test_grad_grad_grad(fname, shape):
+    f = SCALAR[fname]
+    x = _rand(shape)
+
+    def third(M):
+        g1 = lambda x: M.grad(f)(x).sin().sum()  # noqa: E731
+        g2 = lambda x: (M.grad(g1)(x) * x).sum()  # noqa: E731
+        return M.grad(g2)(x)
+
+    assert_close(third(pf), third(tf))
+
+
+@params_scalar
+@params_shape
+@pytest.mark.parametrize("outer,inner", [("jacfwd", "jacrev"), ("jacrev", "jacrev"), ("jacfwd", "jacfwd"), ("jacrev", "jacfwd")])
+def test_jacobian_of_jacobian(fname, shape, outer, inner):
+    f = SCALAR[fname]
+    x = _rand(shape)
+    got = getattr(pf, outer)(getattr(pf, inner)(f))(x)
+    want = tf.jacfwd(tf.jacrev(f))(x)
+    assert_close(got, want)
+
+
+@params_scalar
+@params_shape
+def test_jvp_grad(fname, shape):
+    f = SCALAR[fname]
+    x, t = _rand(shape), _rand(shape)
+    got = pf.jvp(pf.grad(f), (x,), (t,))
+    assert_close(got, tf.jvp(tf.grad(f), (x,), (t,)))
+
+
+@params_scalar
+@params_shape
+def test_grad_jvp(fname, shape):
+    f = SCALAR[fname]
+    x, t = _rand(shape), _rand(shape)
+    got = pf.grad(lambda x: pf.jvp(f, (x,), (t,))[1])(x)
+    assert_close(got, tf.grad(lambda x: tf.jvp(f, (x,), (t,))[1])(x))
+
+
+@params_vector
+@params_shape
+def test_jvp_jvp(fname, shape):
+    g = VECTOR[fname]
+    x, t1, t2 = _rand(shape), _rand(shape), _rand(shape)
+
+    def run(M):
+        return M.jvp(lambda x: M.jvp(g, (x,), (t1,))[1], (x,), (t2,))
+
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_vmap_jvp(fname, shape):
+    g = VECTOR[fname]
+    xb, tb = _rand(shape, True), _rand(shape, True)
+    run = lambda M: M.vmap(lambda x, t: M.jvp(g, (x,), (t,)))(xb, tb)  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_vmap_jvp_unbatched_tangent(fname, shape):
+    g = VECTOR[fname]
+    xb, t = _rand(shape, True), _rand(shape)
+    run = lambda M: M.vmap(lambda x: M.jvp(g, (x,), (t,)))(xb)  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_jvp_vmap(fname, shape):
+    g = VECTOR[fname]
+    xb, tb = _rand(shape, True), _rand(shape, True)
+    run = lambda M: M.jvp(M.vmap(g), (xb,), (tb,))  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_vmap_vjp(fname, shape):
+    g = VECTOR[fname]
+    xb = _rand(shape, True)
+    vb = torch.randn_like(tf.vmap(g)(xb))
+
+    def run(M):
+        def one(x, v):
+            out, fn = M.vjp(g, x)
+            return out, fn(v)[0]
+
+        return M.vmap(one)(xb, vb)
+
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_vmap_over_vjp_fn(fname, shape):
+    g = VECTOR[fname]
+    x = _rand(shape)
+    out = g(x)
+    vb = torch.randn((B,) + tuple(out.shape), dtype=DT)
+
+    def run(M):
+        _, fn = M.vjp(g, x)
+        return M.vmap(fn)(vb)
+
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+@params_shape
+def test_vjp_vmap(fname, shape):
+    g = VECTOR[fname]
+    xb = _rand(shape, True)
+    vb = torch.randn_like(tf.vmap(g)(xb))
+
+    def run(M):
+        out, fn = M.vjp(M.vmap(g), xb)
+        return out, fn(vb)
+
+    assert_close(run(pf), run(tf))
+
+
+@params_scalar
+@params_shape
+def test_vmap_hessian(fname, shape):
+    f = SCALAR[fname]
+    xb = _rand(shape, True)
+    assert_close(pf.vmap(pf.hessian(f))(xb), tf.vmap(tf.hessian(f))(xb))
+
+
+@params_scalar
+@params_shape
+def test_grad_vmap_grad(fname, shape):
+    f = SCALAR[fname]
+    xb = _rand(shape, True)
+    run = lambda M: M.grad(lambda xb: (M.vmap(M.grad(f))(xb) ** 2).sum())(xb)  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+def test_vmap_vmap_mixed_negative_in_dims(fname):
+    g = VECTOR[fname]
+    a = _rand((4, 3, 2))  # outer batch at -1 (size 2), inner batch at 0 (size 4): example (3,)
+    b = _rand((2, 3))  # outer batch at 0, inner: unbatched
+
+    def h(x, y):
+        return g(x * y)
+
+    def run(M):
+        return M.vmap(M.vmap(h, in_dims=(0, None), out_dims=-1), in_dims=(-1, 0), out_dims=1)(a, b)
+
+    got = run(pf)
+    assert_close(got, run(tf))
+    assert_close(got, loop_vmap(loop_vmap(h, in_dims=(0, None), out_dims=-1), in_dims=(-1, 0), out_dims=1)(a, b))
+
+
+@params_scalar
+def test_vmap_vmap_grad_negative_in_dims(fname):
+    f = SCALAR[fname]
+    x = _rand((3, 2, 4))  # outer over dim -1 (4), inner over dim 0 (3): example (2,)
+    run = lambda M: M.vmap(M.vmap(M.grad(f), in_dims=0), in_dims=-1)(x)  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+@params_vector
+def test_jacrev_jacfwd_of_vector_function(fname):
+    g = VECTOR[fname]
+    x = _rand((3,))
+    assert_close(pf.jacrev(pf.jacfwd(g))(x), tf.jacrev(tf.jacfwd(g))(x))
+
+
+@params_scalar
+def test_vmap_jacrev_with_in_dims_none(fname):
+    f = SCALAR[fname]
+    x = _rand((3,))
+    w = _rand((3,), True)
+    run = lambda M: M.vmap(M.jacrev(lambda x, w: f(x * w)), in_dims=(None, 0))(x, w)  # noqa: E731
+    assert_close(run(pf), run(tf))
+
+
+# ----------------------------------------------------------------------------------------
+# exact answers (sin: every derivative is known)
+# ----------------------------------------------------------------------------------------
+
+
+def test_exact_answers_for_sin():
+    x = _rand((4,))
+    xb = _rand((4,), True)
+    t = _rand((4,))
+    f = lambda x: torch.sin(x).sum()  # noqa: E731
+    assert_close(pf.vmap(pf.grad(f))(xb), torch.cos(xb))
+    assert_close(pf.grad(lambda xb: pf.vmap(f)(xb).sum())(xb), torch.cos(xb))
+    assert_close(pf.hessian(f)(x), torch.diag(-torch.sin(x)))
+    assert_close(pf.jacrev(pf.jacrev(f))(x), torch.diag(-torch.sin(x)))
+    assert_close(pf.jvp(pf.grad(f), (x,), (t,)), (torch.cos(x), -torch.sin(x) * t))
+    assert_close(pf.grad(lambda x: pf.jvp(f, (x,), (t,))[1])(x), -torch.sin(x) * t)
+    assert_close(pf.vmap(pf.hessian(f))(xb), torch.diag_embed(-torch.sin(xb)))
+    # d/dx sum(cos(x)^2) = -sin(2x)
+    assert_close(pf.grad(lambda xb: (pf.vmap(pf.grad(f))(xb) ** 2).sum())(xb), -torch.sin(2 * xb))
+    # third derivative of sin is -cos
+    s = torch.tensor(0.7, dtype=DT)
+    assert_close(pf.grad(pf.grad(pf.grad(torch.sin)))(s), -torch.cos(s))
+    # fourth, mixing modes: jvp(grad(grad(grad)))
+    assert_close(pf.jvp(pf.grad(pf.grad(pf.grad(torch.sin))), (s,), (torch.ones((), dtype=DT),))[1], torch.sin(s))
+
+
+def test_exact_jvp_jvp_of_product():
+    # d2/dadb of x*y along (t1 on x) and (t2 on y) = t1*t2
+    x, y = _rand((3,)), _rand((3,))
+    t1, t2 = _rand((3,)), _rand((3,))
+    z = torch.zeros(3, dtype=DT)
+    out = pf.jvp(lambda x, y: pf.jvp(lambda x, y: x * y, (x, y), (t1, z))[1], (x, y), (z, t2))[1]
+    assert_close(out, t1 * t2)
+
+
+# ----------------------------------------------------------------------------------------
+# perturbation confusion
+# ----------------------------------------------------------------------------------------
+
+ONE = torch.tensor(1.0, dtype=DT)
+
+
+@pytest.mark.parametrize("xv", [0.5, 2.0, -3.0])
+def test_perturbation_confusion_reverse(xv):
+    x = torch.tensor(xv, dtype=DT)
+    got = pf.grad(lambda x: pf.grad(lambda y: x * y)(x))(x)
+    assert_close(got, ONE)
+    assert_close(got, tf.grad(lambda x: tf.grad(lambda y: x * y)(x))(x))
+
+
+@pytest.mark.parametrize("xv", [0.5, 2.0, -3.0])
+def test_perturbation_confusion_forward(xv):
+    x = torch.tensor(xv, dtype=DT)
+    got = pf.jvp(lambda x: pf.jvp(lambda y: x * y, (x,), (ONE,))[1], (x,), (ONE,))[1]
+    assert_close(got, ONE)
+    assert_close(got, tf.jvp(lambda x: tf.jvp(lambda y: x * y, (x,), (ONE,))[1], (x,), (ONE,))[1])
+
+
+@pytest.mark.parametrize("xv", [0.5, 2.0, -3.0])
+def test_perturbation_confusion_grad_over_jvp(xv):
+    x = torch.tensor(xv, dtype=DT)
+    got = pf.grad(lambda x: pf.jvp(lambda y: x * y, (x,), (ONE,))[1])(x)
+    assert_close(got, ONE)
+    assert_close(got, tf.grad(lambda x: tf.jvp(lambda y: x * y, (x,), (ONE,))[1])(x))
+
+
+@pytest.mark.parametrize("xv", [0.5, 2.0, -3.0])
+def test_perturbation_confusion_jvp_over_grad(xv):
+    x = torch.tensor(xv, dtype=DT)
+    got = pf.jvp(lambda x: pf.grad(lambda y: x * y)(x), (x,), (ONE,))[1]
+    assert_close(got, ONE)
+    assert_close(got, tf.jvp(lambda x: tf.grad(lambda y: x * y)(x), (x,), (ONE,))[1])
+
+
+def test_perturbation_confusion_siskind_pearlmutter():
+    # d/dx [ x * (d/dy (x + y))|_{y=x} ] = 1 (a confused implementation gives 2)
+    x = torch.tensor(1.3, dtype=DT)
+    for M in (pf,):
+        assert_close(M.grad(lambda x: x * M.grad(lambda y: x + y)(x))(x), ONE)
+        assert_close(M.jvp(lambda x: x * M.jvp(lambda y: x + y, (x,), (ONE,))[1], (x,), (ONE,))[1], ONE)
+        assert_close(M.grad(lambda x: x * M.jvp(lambda y: x + y, (x,), (ONE,))[1])(x), ONE)
+        assert_close(M.jvp(lambda x: x * M.grad(lambda y: x + y)(x), (x,), (ONE,))[1], ONE)
+
+
+def test_perturbation_confusion_under_vmap():
+    xs = torch.tensor([0.5, 2.0, -3.0], dtype=DT)
+    ones = torch.ones(3, dtype=DT)
+    assert_close(pf.vmap(lambda x: pf.grad(lambda x: pf.grad(lambda y: x * y)(x))(x))(xs), ones)
+    assert_close(pf.vmap(lambda x: pf.jvp(lambda x: pf.jvp(lambda y: x * y, (x,), (ONE,))[1], (x,), (ONE,))[1])(xs), ones)
+    assert_close(pf.vmap(lambda x: pf.grad(lambda x: pf.jvp(lambda y: x * y, (x,), (ONE,))[1])(x))(xs), ones)
+    assert_close(pf.vmap(lambda x: pf.jvp(lambda x: pf.grad(lambda y: x * y)(x), (x,), (ONE,))[1])(xs), ones)
+
+
+def test_perturbation_confusion_nontrivial():
+    # d/dx grad_y[ sin(x*y) ]|_{y=x}: grad_y = x cos(xy); at y=x -> x cos(x^2)
+    # d/dx x cos(x^2) = cos(x^2) - 2 x^2 sin(x^2)
+    x = torch.tensor(0.8, dtype=DT)
+    want = torch.cos(x**2) - 2 * x**2 * torch.sin(x**2)
+    assert_close(pf.grad(lambda x: pf.grad(lambda y: torch.sin(x * y))(x))(x), want)
+    assert_close(pf.jvp(lambda x: pf.grad(lambda y: torch.sin(x * y))(x), (x,), (ONE,))[1], want)
+    assert_close(pf.grad(lambda x: pf.jvp(lambda y: torch.sin(x * y), (x,), (ONE,))[1])(x), want)
+    assert_close(pf.jvp(lambda x: pf.jvp(lambda y: torch.sin(x * y), (x,), (ONE,))[1], (x,), (ONE,))[1], want)
