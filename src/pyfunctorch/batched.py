@@ -998,3 +998,23 @@ def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_si
 
 def _name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
+
+
+# -- x[i] with a batched 0-dim integer index ---------------------------------------------
+
+
+def _is_batched_int_scalar(i) -> bool:
+    return (isinstance(i, LevelTensor) and i.dim() == 0 and not i.is_floating_point() and not i.is_complex()
+            and i.dtype is not torch.bool)
+
+
+def _getitem_entry(original, args, kwargs):
+    # Python indexing turns a 0-dim integer tensor into an int via .item(), which under
+    # vmap would force a per-example loop; as a tensor index it stays batched.
+    self, idx = args[0], args[1]
+    if _is_batched_int_scalar(idx):
+        return torch.ops.aten.index.Tensor(self, [idx])
+    return original(*args, **kwargs)
+
+
+_core.patch_while_active(torch.Tensor, "__getitem__", _getitem_entry)
