@@ -94,6 +94,58 @@ class Interpreter:
         return f"{type(self).__name__}(level={self.level})"
 
 
+class WrapperInterpreter(Interpreter):
+    """A differentiation level (grad/vjp, jvp): unwrap this level's wrappers, run the op
+    on the inner values (lower levels dispatch on their own), rewrap the outputs."""
+
+    wrapper: type  # the LevelTensor subclass of this level
+
+    def lift(self, tensor):
+        return self.wrapper(tensor, self)
+
+    def process(self, func, args, kwargs):
+        if func is aten.detach.default or func is aten.alias.default:
+            # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
+            # that must not cut the inner value's graph of lower levels.
+            return self.wrapper(args[0]._value, self)
+        aliased = _mutated_returns(func)
+        if aliased is not None:
+            self.check_mutation(func, aliased, args, kwargs)
+        uargs = tuple(unwrap_level(a, self) for a in args)
+        ukwargs = {k: unwrap_level(v, self) for k, v in kwargs.items()} if kwargs else kwargs
+        if _state.jvp_depth:
+            uargs, ukwargs = lift_mixed(uargs, ukwargs)
+        out = func(*uargs, **ukwargs)
+        if aliased is not None:
+            return _return_aliases(aliased, args, kwargs, out)
+        return wrap_level(out, self)
+
+
+def unwrap_level(x, interp):
+    """``x`` with ``interp``'s wrappers replaced by their inner values (lists too)."""
+    if isinstance(x, LevelTensor):
+        return x._value if x._interp is interp else x
+    if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
+        return type(x)(unwrap_level(y, interp) for y in x)
+    return x
+
+
+def wrap_level(x, interp):
+    """Every tensor in ``x`` wrapped as a fresh wrapper of ``interp``'s level."""
+    if isinstance(x, torch.Tensor):
+        return interp.wrapper(x, interp)
+    if isinstance(x, (list, tuple)):
+        return type(x)(wrap_level(y, interp) for y in x)
+    return x
+
+
+def peel(x, interp):
+    """An output of the transformed function, seen from outside ``interp``'s level."""
+    if isinstance(x, LevelTensor) and x._interp is interp:
+        return x._value
+    return x
+
+
 # -- Python entry points patched while any transform is live ------------------------
 #
 # A few torch calls never reach a tensor subclass: random factories (``torch.randn(3)``

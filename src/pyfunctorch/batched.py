@@ -14,7 +14,7 @@ import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-scri
 
 from . import _core
 from . import random as _random
-from ._core import EscapedTensorError, Interpreter, LevelTensor, _mutated_returns, _return_aliases, push_interpreter
+from ._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases, push_interpreter
 from ._pytree import broadcast_prefix, tree_flatten, tree_map, tree_unflatten
 from .batching import BATCH_RULES, lookup as _lookup_rule
 

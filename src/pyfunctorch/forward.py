@@ -11,16 +11,15 @@ user calls and in ``process`` before an op runs on unwrapped values.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _core
-from ._core import _mutated_returns, _return_aliases, Interpreter, LevelTensor, push_interpreter
+from ._core import LevelTensor, WrapperInterpreter, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
-from .reverse import GradInterpreter, _check_diff_inputs, _split_aux
+from .reverse import _check_diff_inputs, _split_aux
 
 aten = torch.ops.aten
 
@@ -68,25 +67,9 @@ class JvpTensor(LevelTensor):
         return _core._resolve_dead(self._value)
 
 
-class JvpInterpreter(Interpreter):
+class JvpInterpreter(WrapperInterpreter):
     kind = "jvp"
-
-    def lift(self, tensor):
-        return JvpTensor(tensor, self)
-
-    def process(self, func, args, kwargs):
-        if func is aten.detach.default or func is aten.alias.default:
-            return JvpTensor(args[0]._value, self)
-        aliased = _mutated_returns(func)
-        if aliased is not None:
-            self.check_mutation(func, aliased, args, kwargs)
-        uargs = tuple(_unwrap(a, self) for a in args)
-        ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
-        uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
-        out = func(*uargs, **ukwargs)
-        if aliased is not None:
-            return _return_aliases(aliased, args, kwargs, out)
-        return _wrap(out, self)
+    wrapper = JvpTensor
 
 
 _SCALAR_OPS = {
@@ -98,26 +81,7 @@ _SCALAR_OPS = {
 }
 
 
-def _unwrap(x, interp):
-    if isinstance(x, JvpTensor) and x._interp is interp:
-        return x._value
-    if isinstance(x, (list, tuple)) and x and any(isinstance(y, JvpTensor) for y in x):
-        return type(x)(_unwrap(y, interp) for y in x)
-    return x
-
-
-def _wrap(x, interp):
-    if isinstance(x, torch.Tensor):
-        return JvpTensor(x, interp)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_wrap(y, interp) for y in x)
-    return x
-
-
-def _peel(x, interp):
-    if isinstance(x, JvpTensor) and x._interp is interp:
-        return x._value
-    return x
+_peel = peel
 
 
 # -- the single global dual level ---------------------------------------------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ._pytree import tree_flatten, tree_map, tree_unflatten
-from .reverse import _check_argnums, _check_diff_inputs, _split_aux, vjp
+from .reverse import _check_argnums, _check_diff_inputs, vjp
 from .forward import jvp
 from .batched import vmap
 

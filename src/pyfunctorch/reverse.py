@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import _mutated_returns, _return_aliases, Interpreter, LevelTensor, _resolve_dead, _state, interpreter_stack, lift_mixed, push_interpreter
+from ._core import LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -55,51 +55,12 @@ class GradTensor(LevelTensor):
         return _resolve_dead(self._value)
 
 
-class GradInterpreter(Interpreter):
+class GradInterpreter(WrapperInterpreter):
     kind = "grad"
-
-    def lift(self, tensor):
-        return GradTensor(tensor, self)
-
-    def process(self, func, args, kwargs):
-        if func is aten.detach.default:
-            # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
-            # that must not cut the inner value's graph of lower levels.
-            return GradTensor(args[0]._value, self)
-        aliased = _mutated_returns(func)
-        if aliased is not None:
-            self.check_mutation(func, aliased, args, kwargs)
-        uargs = [_unwrap(a, self) for a in args]
-        ukwargs = {k: _unwrap(v, self) for k, v in kwargs.items()} if kwargs else kwargs
-        if _state.jvp_depth:
-            uargs, ukwargs = lift_mixed(uargs, ukwargs)
-        out = func(*uargs, **ukwargs)
-        if aliased is not None:
-            return _return_aliases(aliased, args, kwargs, out)
-        return _wrap(out, self)
+    wrapper = GradTensor
 
 
-def _unwrap(x, interp):
-    if isinstance(x, GradTensor) and x._interp is interp:
-        return x._value
-    if isinstance(x, (list, tuple)) and x and any(isinstance(y, GradTensor) for y in x):
-        return type(x)(_unwrap(y, interp) for y in x)
-    return x
-
-
-def _wrap(x, interp):
-    if isinstance(x, torch.Tensor):
-        return GradTensor(x, interp)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_wrap(y, interp) for y in x)
-    return x
-
-
-def _peel(x, interp):
-    """Output of the transformed function, seen from outside this level."""
-    if isinstance(x, GradTensor) and x._interp is interp:
-        return x._value
-    return x
+_peel = peel
 
 
 def _needs_graph(primals_flat, skip_top: bool = True) -> bool:
@@ -227,8 +188,8 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
 
 
 def grad_and_value(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable:
-    """Like :func:`grad`, but also returns the function's value: ``(grad, value)``
-    (``((grad, (value, aux))`` with ``has_aux=True``).
+    """Like ``grad``, but also returns the function's value: ``(grad, value)``
+    (``(grad, (value, aux))`` with ``has_aux=True``).
 
     Example:
         >>> import torch

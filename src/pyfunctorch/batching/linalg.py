@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, pad_to_rank, rank
+from ._registry import batch_rule, pad_to_rank
 
 aten = torch.ops.aten
 
