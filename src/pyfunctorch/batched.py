@@ -799,11 +799,11 @@ def _rebuild_args(leaves, args_spec, flat_in, orig_args):
     """The positional args for the call: an argument with no batched leaf is passed as the
     caller's own object (a list the function mutates is the caller's list, not a copy)."""
     args = list(tree_unflatten(leaves, args_spec))
-    if orig_args is not None:
+    if orig_args is not None and None in flat_in:
         i = 0
-        for n, a in enumerate(orig_args):
-            k = len(tree_flatten(a)[0])
-            if all(d is None for d in flat_in[i : i + k]):
+        for n, (a, spec) in enumerate(zip(orig_args, args_spec.children_specs)):
+            k = spec.num_leaves
+            if k and all(d is None for d in flat_in[i : i + k]):
                 args[n] = a
             i += k
     return args
