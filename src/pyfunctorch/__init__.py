@@ -15,6 +15,7 @@ from .batched import DataDependentError, PerformanceWarning, RandomnessError, vm
 from .control_flow import cond, scan, while_loop
 from . import random
 from . import _autograd_compat  # noqa: F401  (torch.autograd.grad / backward inside vmap)
+from . import custom_function  # noqa: F401  (torch.autograd.Function under transforms)
 
 __all__ = [
     "vmap",
