@@ -11,6 +11,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
+
 from . import batched
 from .batching import BATCH_RULES, lookup
 
@@ -28,7 +30,7 @@ def served_by(op) -> str:
     A rule-served call whose kwargs hold a batched tensor still goes to the loop;
     that depends on the call, see :func:`trace_vmap`.
     """
-    if batched._is_random(op):
+    if torch.Tag.nondeterministic_seeded in op.tags:
         return "random"
     if op in BATCH_RULES:
         return "rule"
@@ -68,18 +70,24 @@ def trace_vmap() -> Iterator[VmapTrace]:
     """Record the aten ops that reach ``VmapInterpreter.process`` while active."""
     trace = VmapTrace()
     cls = batched.VmapInterpreter
-    orig = cls.process
+    # the entry point every op takes into a vmap level (``dispatch`` where the
+    # interpreter has one, else ``process``)
+    name = "dispatch" if hasattr(cls, "dispatch") else "process"
+    orig = cls.__dict__.get(name)
 
-    def process(self, func, args, kwargs):
+    def hook(self, func, *args, **kwargs):
         trace.ops[func] += 1
-        return orig(self, func, args, kwargs)
+        return getattr(super(cls, self), name)(func, *args, **kwargs) if orig is None else orig(self, func, *args, **kwargs)
 
     before = dict(batched.FALLBACK_COUNTS)
-    cls.process = process
+    setattr(cls, name, hook)
     try:
         yield trace
     finally:
-        cls.process = orig
+        if orig is None:
+            delattr(cls, name)
+        else:
+            setattr(cls, name, orig)
         for op, n in batched.FALLBACK_COUNTS.items():
             d = n - before.get(op, 0)
             if d:

@@ -105,6 +105,7 @@ _WARNED_FALLBACK: set = set()
 FALLBACK_COUNTS: dict = {}
 
 
+_RANKED_FORMATS = (torch.channels_last, torch.channels_last_3d)
 _RULE, _RANDOM, _DATA_DEPENDENT, _METADATA = "rule", "random", "data-dependent", "metadata"
 
 
@@ -212,6 +213,10 @@ class VmapInterpreter(Interpreter):
     def process(self, func, args, kwargs, info=None):
         if info is None:
             info = _op_info(func)
+        if kwargs and kwargs.get("memory_format") in _RANKED_FORMATS:
+            # channels_last needs a rank-4 tensor: the physical value has one more dim, and the
+            # memory format of an example is a layout detail that no value depends on
+            kwargs = dict(kwargs, memory_format=torch.contiguous_format)
         if self.lazy_count and _has_lazy(args, kwargs, self):
             if info.kind is _RANDOM:  # a random op must not see one shared buffer
                 for w in info.aliased or ():
@@ -234,7 +239,12 @@ class VmapInterpreter(Interpreter):
         if rule is None:
             decomp = _decomposition(func)
             if decomp is not None:
-                out = decomp(*args, **kwargs)
+                try:
+                    out = decomp(*args, **kwargs)
+                except BatchedWriteError:
+                    # the decomposition writes batched values into a scratch buffer it made
+                    # unbatched (torch internals allocate plain tensors): run per example
+                    out = NotImplemented
                 if out is not NotImplemented:  # some decompositions decline some inputs
                     return out
             return loop_fallback(self, func, args, kwargs)
@@ -434,8 +444,12 @@ def _stack_results(interp, func, outs):
     raise _PerExampleSignal(interp, f"vmap: {func} returned a different Python value for different examples.")
 
 
+class BatchedWriteError(RuntimeError):
+    """An in-place op would write batched values into a tensor that is not batched."""
+
+
 def _inplace_error(func) -> RuntimeError:
-    return RuntimeError(
+    return BatchedWriteError(
         f"vmap: {func} writes batched values into a tensor that is not batched (it came from "
         "outside the vmapped function, or was created unbatched). Each example would overwrite "
         "the same memory, so the result cannot be per-example. Use the out-of-place form "
@@ -691,7 +705,7 @@ def vmap(
     ``'error'``, ``'different'`` or ``'same'``. ``chunk_size`` runs the batch in
     chunks of that size (less memory). Keyword arguments are passed unbatched.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import vmap
         >>> x = torch.randn(5, 3)

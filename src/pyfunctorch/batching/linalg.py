@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, pad_to_rank
+from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank
 
 aten = torch.ops.aten
 
@@ -65,3 +65,41 @@ def addmm(op, args, kwargs, dims):
     if dims[1] is None and dims[2] is None:
         prod = prod.unsqueeze(0).expand((bias.shape[0],) + prod.shape)
     return _add_scaled(prod, bias, dims[0], beta, alpha, out_rank), 0
+
+
+# -- linear algebra that already treats leading dims as a batch -----------------------------
+# These ops act on the last one or two dims and broadcast over any leading dims, so a batch
+# dim in front is just one more batch dim. Multi-operand ones (solve ...) get every operand
+# materialized: vector-vs-matrix right-hand sides are told apart by rank relative to A.
+_BATCH_AGNOSTIC = [
+    "_linalg_svd", "linalg_inv_ex", "_linalg_eigh", "linalg_eig", "_linalg_eigvals", "_linalg_det", "_linalg_slogdet",
+    "linalg_cholesky_ex", "linalg_qr", "linalg_lu_factor_ex", "linalg_lu", "linalg_matrix_exp", "cholesky",
+    "cholesky_inverse", "cholesky_solve", "triangular_solve", "linalg_solve_triangular", "linalg_lu_solve",
+    "lu_unpack", "_linalg_solve_ex", "linalg_householder_product", "linalg_ldl_factor_ex", "linalg_ldl_solve",
+    "geqrf", "ormqr", "linalg_pinv", "_linalg_eigvals", "linalg_matrix_power", "inverse", "logdet", "det",
+    "slogdet", "linalg_tensorinv", "matrix_power", "linalg_vander",
+]
+
+
+def batch_agnostic(op, args, kwargs, dims):
+    B = batch_size_of(args, dims)
+    args = [materialize(a, d, B) if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
+    return op(*args, **kwargs), 0
+
+
+for _name in _BATCH_AGNOSTIC:
+    _packet = getattr(aten, _name, None)
+    if _packet is None:
+        continue
+    for _ov in _packet.overloads():
+        _op = getattr(_packet, _ov)
+        if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in _op._schema.arguments):
+            continue
+        batch_rule(_op)(batch_agnostic)
+
+
+@batch_rule(aten._linalg_check_errors.default)
+def check_errors(op, args, kwargs, dims):
+    info, api_name = args[0], args[1]
+    op(info, api_name, is_matrix=False)  # raises with the same message for any failing example
+    return None, None

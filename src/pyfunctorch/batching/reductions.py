@@ -29,6 +29,8 @@ def dim_rule(pos: int, name: str = "dim", none_means_all: bool = True):
         B = batch_size_of(args, dims)
         args = [materialize(a, d, B) if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
         r = rank(args[0], 0)
+        if r == 0:
+            return _on_scalars(op, args, kwargs, pos, name)
         if len(args) > pos:
             args[pos], _ = _shift(args[pos], r, none_means_all)
         elif name in kwargs:
@@ -40,6 +42,25 @@ def dim_rule(pos: int, name: str = "dim", none_means_all: bool = True):
         return op(*args, **kwargs), 0
 
     return rule
+
+
+def _on_scalars(op, args, kwargs, pos, name):
+    """Per-example 0-dim inputs: torch accepts dim 0/-1 (or none) on a scalar. Give each
+    example a size-1 dim, run the op over it, and drop that dim from the outputs."""
+    args = [a.unsqueeze(1) if isinstance(a, torch.Tensor) and a.dim() == 1 else a for a in args]
+    schema_arg = next((a for a in op._schema.arguments if a.name == name), None)
+    as_list = schema_arg is not None and ("List" in str(schema_arg.type) or "[]" in str(schema_arg.type))
+    new_dim = [1] if as_list else 1  # whatever dim (0, -1, (), None) meant, it is this one
+    if len(args) > pos:
+        args[pos] = new_dim
+    else:
+        kwargs = dict(kwargs, **{name: new_dim})
+    out = op(*args, **kwargs)
+
+    def drop(t):
+        return t.squeeze(1) if isinstance(t, torch.Tensor) and t.dim() == 2 else t
+
+    return (type(out)(drop(t) for t in out) if isinstance(out, (tuple, list)) else drop(out)), 0
 
 
 # dim at position 1 (an int, a list, or None = all dims)
@@ -75,7 +96,8 @@ def topk(op, args, kwargs, dims):
     d = args[2] if len(args) > 2 else kwargs.pop("dim", -1)
     r = rank(x, 0)
     if r == 0:
-        return op(x.unsqueeze(1), k, 1, *args[3:], **kwargs)[0].squeeze(1), 0
+        values, indices = op(x.unsqueeze(1), k, 1, *args[3:], **kwargs)
+        return (values.squeeze(1), indices.squeeze(1)), 0
     return op(x, k, physical_dim(d, r), *args[3:], **kwargs), 0
 
 
@@ -148,3 +170,8 @@ def renorm(op, args, kwargs, dims):
     if op is aten.renorm_.default:
         return x.copy_(out), 0
     return out, 0
+
+
+# FFTs take a list of dims: shift them past the batch dim.
+for _op in [aten._fft_r2c.default, aten._fft_c2c.default, aten._fft_c2r.default]:
+    batch_rule(_op)(dim_rule(1, none_means_all=False))
