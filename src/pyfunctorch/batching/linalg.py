@@ -75,7 +75,7 @@ _BATCH_AGNOSTIC = [
     "_linalg_svd", "linalg_inv_ex", "_linalg_eigh", "linalg_eig", "_linalg_eigvals", "_linalg_det", "_linalg_slogdet",
     "linalg_cholesky_ex", "linalg_qr", "linalg_lu_factor_ex", "linalg_lu", "linalg_matrix_exp", "cholesky",
     "cholesky_inverse", "cholesky_solve", "triangular_solve", "linalg_solve_triangular", "linalg_lu_solve",
-    "lu_unpack", "_linalg_solve_ex", "linalg_householder_product", "linalg_ldl_factor_ex", "linalg_ldl_solve",
+    "lu_unpack", "_linalg_solve_ex", "linalg_householder_product", "linalg_ldl_factor_ex",
     "geqrf", "ormqr", "linalg_pinv", "_linalg_eigvals", "linalg_matrix_power", "inverse", "logdet", "det",
     "slogdet", "linalg_tensorinv", "matrix_power", "linalg_vander",
 ]
@@ -83,7 +83,8 @@ _BATCH_AGNOSTIC = [
 
 def batch_agnostic(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
-    args = [materialize(a, d, B) if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
+    # contiguous: some kernels (matrix_exp) view their input assuming a dense batch
+    args = [materialize(a, d, B).contiguous() if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
     return op(*args, **kwargs), 0
 
 

@@ -270,7 +270,10 @@ def native_layer_norm(op, args, kwargs, dims):
 def native_layer_norm_backward(op, args, kwargs, dims):
     go, x, ns, mean, rstd, w, b, mask = args
     B = batch_size_of(args, dims)
-    go, x, mean, rstd = (materialize(t, d, B) for t, d in zip((go, x, mean, rstd), [dims[i] for i in (0, 1, 3, 4)]))
+    # contiguous: the CPU kernel reads mean/rstd as flat buffers of M values, ignoring their
+    # strides, so an expanded (unbatched) mean would be read past its end
+    go, x, mean, rstd = (materialize(t, d, B).contiguous()
+                         for t, d in zip((go, x, mean, rstd), [dims[i] for i in (0, 1, 3, 4)]))
     r = rank(x, 0)
     lead = list(range(1, 1 + r - len(ns)))  # per example, the parameter grads sum over these
     gi = gw = gb = None
@@ -306,7 +309,7 @@ def native_group_norm(op, args, kwargs, dims):
 def native_group_norm_backward(op, args, kwargs, dims):
     go, x, mean, rstd, w, N, C, HxW, group, mask = args
     B = batch_size_of(args, dims)
-    go, x, mean, rstd = (materialize(t, d, B) for t, d in zip((go, x, mean, rstd), dims[:4]))
+    go, x, mean, rstd = (materialize(t, d, B).contiguous() for t, d in zip((go, x, mean, rstd), dims[:4]))
     spatial = x.dim() - 3
     gi = gw = gb = None
     if mask[0]:
@@ -356,13 +359,132 @@ def _unfold_stat(t, B):
     return t.reshape(B, -1), 0
 
 
-def _bn_running_stats_error(op):
-    return RuntimeError(
-        f"vmap: {op} in training mode would update running_mean/running_var that are not batched "
-        "with different statistics for every example (each example is its own batch). Pass the "
-        "running stats batched (e.g. with in_dims, or stack_module_state over one module per "
-        "example), or use track_running_stats=False, or eval mode (module.eval())."
-    )
+def _momentum_pos(op):
+    for i, a in enumerate(op._schema.arguments):
+        if a.name == "momentum":
+            return i
+    raise AssertionError(op)
+
+
+# -- running statistics shared by the whole batch -------------------------------------------
+# vmap's definition is the loop ``for x_i in x: bn(x_i)``: with unbatched running stats that
+# loop updates them once per example, in order. With momentum m_i for example i (a constant m,
+# or 1/(n0+1+i) for nn.BatchNorm's cumulative moving average, momentum=None), the result is
+#     r_B = prod_j (1 - m_j) r_0 + sum_i m_i prod_{j>i} (1 - m_j) s_i
+# where s_i are example i's own batch statistics (mean, and the variance unbiased over its
+# own N*spatial elements). That single well-defined value is written into the buffers; the
+# per-example s_i come from one kernel call on the folded batch with private stats and
+# momentum 1 (which makes the kernel's "updated" stats exactly s_i).
+
+#: (running_mean, n0) of the nn.BatchNorm forward calls in flight with momentum=None
+#: (cumulative moving average): n0 is num_batches_tracked before the loop's first example
+_BN_CMA: list = []
+
+
+def _loop_weights(B, m, cma_n0):
+    """Weights ``(w0, [w_i])`` of ``r_0`` and of each example's statistics after B updates."""
+    ms = [1.0 / (cma_n0 + 1 + i) for i in range(B)] if cma_n0 is not None else [m] * B
+    ws = []
+    for i in range(B):
+        w = ms[i]
+        for j in range(i + 1, B):
+            w *= 1.0 - ms[j]
+        ws.append(w)
+    w0 = 1.0
+    for mj in ms:
+        w0 *= 1.0 - mj
+    return w0, ws
+
+
+def _batched_below(t) -> bool:
+    """Whether ``t`` (a physical value inside a rule) is batched at another (lower) vmap level."""
+    while isinstance(t, _core.LevelTensor):
+        if t._interp.kind == "vmap" and not getattr(t, "_lazy", False):
+            return True
+        t = t._value
+    return False
+
+
+def _vmap_batch_sizes(t) -> dict:
+    """{vmap interpreter: batch size} of the levels at which ``t`` is batched."""
+    out = {}
+    while isinstance(t, _core.LevelTensor):
+        if t._interp.kind == "vmap" and not getattr(t, "_lazy", False):
+            out[t._interp] = t._interp.batch_size
+        t = t._value
+    return out
+
+
+def _cma_n0(running_mean):
+    for rm, n0 in reversed(_BN_CMA):
+        if rm is running_mean:
+            return n0
+    return None
+
+
+def _bn_shared_stats_update(op, args, dims, B):
+    """Batch norm in training mode with running stats that are not batched (see above):
+    the batched output, and the buffers updated as the per-example loop updates them."""
+    rpos, tpos, _ = _BN[op]
+    stats = [args[rpos], args[rpos + 1]]
+    below = {}
+    for i in range(3):
+        if isinstance(args[i], torch.Tensor):
+            below.update(_vmap_batch_sizes(args[i]))
+    for t in stats:
+        if t is not None:
+            for lv in _vmap_batch_sizes(t):
+                below.pop(lv, None)
+    if below:
+        raise RuntimeError(
+            f"vmap: {op} in training mode with running_mean/running_var that are not batched, under "
+            "two vmap levels that both batch the input (or the affine parameters), is not supported. "
+            "Pass the running stats batched at one of them (e.g. stack_module_state / in_dims), or use "
+            "track_running_stats=False, or eval mode (module.eval())."
+        )
+    x, xd = args[0], dims[0]
+    w, b = args[1], args[2]
+    mpos = _momentum_pos(op)
+    momentum = args[mpos]
+    cma = _cma_n0(stats[0])
+    new = list(args)
+    new[mpos] = 1.0  # the kernel's "updated" private stats are then the batch statistics
+    if xd is None:
+        # only the affine part is batched: every example has the same statistics s, so the
+        # loop's B updates are r_B = w0 r_0 + (sum w_i) s
+        new[1] = new[2] = None
+        priv = [torch.zeros_like(t) if t is not None else None for t in stats]
+        new[rpos], new[rpos + 1] = priv
+        out = list(op(*new))
+        spatial = x.dim() - 2
+        out[0] = _affine(out[0].unsqueeze(0), _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
+        per_example = [None if p is None else p.unsqueeze(0).expand((B,) + p.shape) for p in priv]
+        out_dims = [0] + [None] * (len(out) - 1)
+        res = tuple(out)
+    else:
+        new[0] = _to_groups(x, True)
+        new[1], new[2] = _fold_channels(w, dims[1], B), _fold_channels(b, dims[2], B)
+        priv = [None if t is None else t.new_zeros((B * t.shape[0],)) for t in stats]
+        new[rpos], new[rpos + 1] = priv
+        out = op(*new)
+        per_example = [None if p is None else p.reshape(B, -1) for p in priv]
+        y, y_dim = _from_groups(out[0], B, True)
+        res, out_dims = [y], [y_dim]
+        for t in out[1:]:
+            t, d = _unfold_stat(t, B)
+            res.append(t)
+            out_dims.append(d)
+        res = tuple(res)
+    w0, ws = _loop_weights(B, momentum, cma)
+    wt = torch.tensor(ws, dtype=torch.float64).reshape(B, 1)
+    with torch.no_grad():
+        for r, s in zip(stats, per_example):
+            if r is None:
+                continue
+            # accumulate in float64: r_0 and the s_i may differ in size by orders of magnitude
+            upd = w0 * r.double() + (wt * s.double()).sum(0)
+            r.copy_(upd.to(r.dtype))
+    return res, out_dims
 
 
 @batch_rule(*_BN)
@@ -370,22 +492,21 @@ def batch_norm(op, args, kwargs, dims):
     rpos, tpos, functional = _BN[op]
     training = tpos if isinstance(tpos, bool) else args[tpos]
     B = batch_size_of(args, dims)
+    if kwargs:
+        args, dims = _full_args(op, args, kwargs, dims)  # (defaults only: no tensors in kwargs)
+        kwargs = {}
     x, xd = args[0], dims[0]
     w, b = args[1], args[2]
     stats = [args[rpos], args[rpos + 1]] if rpos is not None else [None, None]
     sdims = [dims[rpos], dims[rpos + 1]] if rpos is not None else [None, None]
     updates = training and not functional and stats[0] is not None
-    if updates and xd is None and all(d is None for d in sdims):
-        # only the affine part is batched: every example would write the same statistics,
-        # so run the op once (updating the buffers once) and apply the affine part batched
-        new = list(args)
-        new[1] = new[2] = None
-        out = list(op(*new, **kwargs))
-        spatial = x.dim() - 2
-        out[0] = _affine(out[0].unsqueeze(0), _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
-        return tuple(out), [0] + [None] * (len(out) - 1)
-    if updates and any(d is None for d in sdims):
-        raise _bn_running_stats_error(op)
+    if updates and all(d is None for d in sdims):
+        return _bn_shared_stats_update(op, args, dims, B)
+    if updates and any(d is None and t is not None for t, d in zip(stats, sdims)):
+        raise RuntimeError(
+            f"vmap: {op} in training mode with running_mean batched and running_var not (or the other "
+            "way round): batch both or neither."
+        )
     new = list(args)
     new[0] = _to_groups(materialize(x, xd, B), True)
     new[1], new[2] = _fold_channels(w, dims[1], B), _fold_channels(b, dims[2], B)
@@ -405,6 +526,48 @@ def batch_norm(op, args, kwargs, dims):
         res.append(t)
         out_dims.append(d)
     return tuple(res), out_dims
+
+
+def _bn_module_forward(original, args, kwargs):
+    """``nn.BatchNorm*.forward`` while a transform is live. The loop ``for x_i in x: bn(x_i)``
+    that vmap stands for calls forward once per example: ``num_batches_tracked`` grows by the
+    batch size, and with momentum=None the i-th call averages with factor 1/(n0+1+i). Both
+    happen in Python, outside any op, so they are done here; the batch-norm rule does the rest."""
+    self = args[0]
+    x = args[1] if len(args) > 1 else kwargs.get("input")
+    nbt = getattr(self, "num_batches_tracked", None)
+    rm = self.running_mean
+    if (not self.training or not self.track_running_stats or nbt is None or rm is None
+            or len(args) + len(kwargs) != 2 or not isinstance(x, torch.Tensor)):
+        return original(*args, **kwargs)
+    # the loop's calls of forward: the examples of the levels that batch the op but not the stats
+    sizes = {}
+    for t in (x, self.weight, self.bias):
+        if t is not None:
+            sizes.update(_vmap_batch_sizes(t))
+    for lv in _vmap_batch_sizes(rm):
+        sizes.pop(lv, None)
+    if not sizes or (self.momentum is None and isinstance(nbt, _core.LevelTensor)):
+        return original(*args, **kwargs)
+    n = 1
+    for bs in sizes.values():
+        n *= bs
+    self._check_input_dim(x)
+    if self.momentum is None:
+        n0 = int(nbt)
+        nbt.add_(n)
+        _BN_CMA.append((self.running_mean, n0))
+        try:
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                  True, 1.0 / (n0 + 1), self.eps)
+        finally:
+            _BN_CMA.pop()
+    nbt.add_(n)
+    return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                          self.momentum, self.eps)
+
+
+_core.patch_while_active(torch.nn.modules.batchnorm._BatchNorm, "forward", _bn_module_forward)
 
 
 @batch_rule(aten.native_batch_norm_backward.default, aten.batch_norm_backward.default)
@@ -515,7 +678,11 @@ def nll_loss_backward(op, args, kwargs, dims):
         if reduction == 1:
             g = g / total_weight.reshape((-1,) + (1,) * (r - 1))
     val = -(wt * g).to(x.dtype)
-    gi = torch.zeros_like(x).scatter(cdim, safe.unsqueeze(cdim), val.expand(safe.shape).unsqueeze(cdim))
+    # ignored targets get no gradient even where grad_output is nan (an all-ignored 'mean'
+    # batch has total weight 0): the kernel skips them rather than multiplying by weight 0
+    valid = materialize(target, dims[2], B) != ignore_index
+    val = torch.where(valid, val.expand(safe.shape), torch.zeros((), dtype=x.dtype, device=x.device))
+    gi = torch.zeros_like(x).scatter(cdim, safe.unsqueeze(cdim), val.unsqueeze(cdim))
     return gi, 0
 
 
@@ -689,3 +856,140 @@ def sdpa_flash_cpu_backward(op, args, kwargs, dims):
     ts = [materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:6], dims[:6])]
     grads = op(*ts, *args[6:], **_fold_mask(kwargs, B))
     return tuple(g.reshape((B, -1) + g.shape[1:]) for g in grads), 0
+
+
+# -- recurrent layers ----------------------------------------------------------------------------
+# torch's RNN/GRU/LSTM kernels (``_VF.rnn_tanh``, ``gru``, ``lstm``, the ``*_cell`` ops) are
+# CompositeImplicit C++ loops that accumulate in place into ``linear(hidden, w_hh, b_hh)``:
+# ``linear_hh(h).add_(linear_ih(x))``, and GRU's ``chunked_hgates[0].add_(...)``. When the
+# initial hidden state is not batched (``nn.RNN`` makes it with ``torch.zeros`` when none is
+# given) but the input or the weights are, that buffer is unbatched and the ``add_`` would write
+# batched values into it. Giving the hidden state the batch of the other arguments (adding a
+# zero that is batched at their levels) makes every step's buffer batched; values are unchanged.
+
+
+def _batched_zero(tensors):
+    """A 0-dim zero batched at every level where any of ``tensors`` is; None if none is wrapped."""
+    zero = None
+    for t in tensors:
+        if isinstance(t, _core.LevelTensor):
+            z = t.new_zeros(())
+            zero = z if zero is None else zero + z
+    return zero
+
+
+def _rnn_entry(original, args, kwargs):
+    if kwargs or len(args) < 3:
+        return original(*args, **kwargs)
+    name = original.__name__
+    if name.endswith("_cell"):
+        pos = 1
+    else:  # the packed-sequence overloads take (data, batch_sizes, hx, params, ...)
+        pos = 2 if isinstance(args[1], torch.Tensor) and (name == "lstm" or isinstance(args[2], torch.Tensor)) else 1
+    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+    zero = _batched_zero(flat)
+    if zero is None:
+        return original(*args, **kwargs)
+    hx = args[pos]
+    if isinstance(hx, (list, tuple)):
+        hx = type(hx)(h + zero for h in hx)
+    elif isinstance(hx, torch.Tensor):
+        hx = hx + zero
+    new = list(args)
+    new[pos] = hx
+    return original(*new, **kwargs)
+
+
+for _rnn_name in ("rnn_tanh", "rnn_relu", "gru", "lstm", "rnn_tanh_cell", "rnn_relu_cell", "gru_cell", "lstm_cell"):
+    _core.patch_while_active(torch._VF, _rnn_name, _rnn_entry)
+
+
+# -- fractional max pooling ----------------------------------------------------------------------
+# The backward ops fold the batch into N like the other pools; the forward also takes the
+# per-(n, c) random samples, (N, C, k) or (1, C, k) for an input without N.
+
+
+def _fractional_max_pool(core):
+    def rule(op, args, kwargs, dims):
+        x, ksize, osize, samples = args
+        B = batch_size_of(args, dims)
+        x = materialize(x, dims[0], B)
+        has_n = x.dim() - 1 > core
+        s = materialize(samples, dims[3], B).flatten(0, 1)
+        out, idx = op(x.flatten(0, 1) if has_n else x, ksize, osize, s)
+        if has_n:
+            out, idx = (t.reshape(x.shape[:2] + t.shape[1:]) for t in (out, idx))
+        return (out, idx), 0
+
+    return rule
+
+
+batch_rule(aten.fractional_max_pool2d.default)(_fractional_max_pool(3))
+batch_rule(aten.fractional_max_pool3d.default)(_fractional_max_pool(4))
+batch_rule(aten.fractional_max_pool2d_backward.default)(fold_into_n(3))
+batch_rule(aten.fractional_max_pool3d_backward.default)(fold_into_n(4))
+
+
+# -- _trilinear (nn.Bilinear) ---------------------------------------------------------------------
+
+
+@batch_rule(aten._trilinear.default)
+def trilinear(op, args, kwargs, dims):
+    # every input is unsqueezed at its expand dims to one common rank, multiplied and summed
+    # over sumdim: with the batch dim in front of each, every listed dim moves up by one
+    args, dims = _full_args(op, args, kwargs, dims)
+    B = batch_size_of(args, dims)
+    i1, i2, i3 = (materialize(t, d, B) for t, d in zip(args[:3], dims[:3]))
+    up = lambda ds: [d + 1 for d in ds]  # noqa: E731  (the lists hold non-negative dims)
+    return op(i1, i2, i3, up(args[3]), up(args[4]), up(args[5]), up(args[6]), args[7] + 1), 0
+
+
+# -- CTC loss ----------------------------------------------------------------------------------------
+# Each example's (T, N, C) log-probs join the N sequences of one kernel call, (T, B*N, C); the
+# targets (padded (N, S) or concatenated (sum of lengths,)) and lengths follow in the same
+# (example, sequence) order.
+
+
+def _ctc_fold(args, dims, B, lp_pos):
+    """Folded (log_probs, targets, input_lengths, target_lengths) and N; None if the lengths
+    differ between examples (then the examples' outputs differ in shape: loop)."""
+    lp, tg, il, tl = args[lp_pos:lp_pos + 4]
+    ld, td, ild, tld = dims[lp_pos:lp_pos + 4]
+    if tld is not None:
+        return None
+    lp = materialize(lp, ld, B)  # (B, T, N, C)
+    N = lp.shape[2]
+    lp = lp.movedim(0, 1).flatten(1, 2)
+    tg = materialize(tg, td, B).flatten(0, 1)  # (B, N, S) -> (B*N, S); (B, L) -> (B*L,)
+    if isinstance(il, torch.Tensor):
+        il = materialize(il, ild, B).reshape(-1)
+        tl = materialize(tl, None, B).reshape(-1)
+    else:
+        il, tl = list(il) * B, list(tl) * B
+    return lp, tg, il, tl, N
+
+
+@batch_rule(aten._ctc_loss.default, aten._ctc_loss.Tensor)
+def ctc_loss(op, args, kwargs, dims):
+    args, dims = _full_args(op, args, kwargs, dims)
+    B = batch_size_of(args, dims)
+    folded = _ctc_fold(args, dims, B, 0)
+    if folded is None or rank(args[0], dims[0]) != 3:
+        return _loop(op, args, dims, B)
+    lp, tg, il, tl, N = folded
+    nll, alpha = op(lp, tg, il, tl, *args[4:])
+    return (nll.reshape(B, N), alpha.reshape((B, N) + alpha.shape[1:])), 0
+
+
+@batch_rule(aten._ctc_loss_backward.default, aten._ctc_loss_backward.Tensor)
+def ctc_loss_backward(op, args, kwargs, dims):
+    args, dims = _full_args(op, args, kwargs, dims)
+    B = batch_size_of(args, dims)
+    folded = _ctc_fold(args, dims, B, 1)
+    if folded is None or rank(args[1], dims[1]) != 3:
+        return _loop(op, args, dims, B)
+    lp, tg, il, tl, N = folded
+    grad, nll, alpha = (materialize(t, d, B).flatten(0, 1) for t, d in zip(
+        (args[0], args[5], args[6]), (dims[0], dims[5], dims[6])))
+    out = op(grad, lp, tg, il, tl, nll, alpha, *args[7:])
+    return out.reshape((out.shape[0], B, N) + out.shape[2:]), 1

@@ -120,3 +120,22 @@ def copy_(op, args, kwargs, dims):
         src = pad_to_rank(src, 0, rank(self_, 0))
     self_.copy_(src, *args[2:], **kwargs)
     return self_, 0
+
+
+@batch_rule(aten.masked_fill.Tensor, aten.masked_fill_.Tensor)
+def masked_fill_tensor(op, args, kwargs, dims):
+    # the fill value must be 0-dim per example; a batched one becomes a where()
+    self_, mask, value = args
+    if dims[2] is None:
+        return broadcasting_rule(op, args, kwargs, dims)
+    if op is aten.masked_fill_.Tensor and dims[0] is None:
+        raise _inplace_unbatched_self_error(op)
+    r = max(rank(self_, dims[0]), rank(mask, dims[1]))
+    s = pad_to_rank(self_, dims[0], r)
+    m = pad_to_rank(mask, dims[1], r)
+    v = value.reshape((value.shape[0],) + (1,) * r).to(self_.dtype)
+    out = torch.where(m, v, s)
+    if op is aten.masked_fill_.Tensor:
+        self_.copy_(out.expand_as(self_) if out.shape != self_.shape else out)
+        return self_, 0
+    return out, 0

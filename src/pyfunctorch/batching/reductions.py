@@ -67,7 +67,7 @@ def _on_scalars(op, args, kwargs, pos, name):
 for _op in [
     aten.sum.dim_IntList, aten.mean.dim, aten.nansum.default, aten.nanmean.default, aten.amax.default,
     aten.amin.default, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.any.dims, aten.all.dim,
-    aten.all.dims, aten.count_nonzero.dim_IntList, aten.max.dim, aten.min.dim, aten.aminmax.default,
+    aten.all.dims, aten.count_nonzero.dim_IntList, aten.max.dim, aten.min.dim,
     aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default,
     aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int,
     aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction,
@@ -175,3 +175,20 @@ def renorm(op, args, kwargs, dims):
 # FFTs take a list of dims: shift them past the batch dim.
 for _op in [aten._fft_r2c.default, aten._fft_c2c.default, aten._fft_c2r.default]:
     batch_rule(_op)(dim_rule(1, none_means_all=False))
+
+
+@batch_rule(aten.aminmax.default)
+def aminmax(op, args, kwargs, dims):
+    x = args[0]
+    d = args[1] if len(args) > 1 else kwargs.get("dim", None)
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    r = rank(x, 0)
+    if d is None or r == 0:  # over all elements of each example
+        if r == 0:
+            physical_dim(d, r) if d is not None else None
+        mn, mx = op(x.reshape(x.shape[0], -1), dim=1, keepdim=False)
+        if keepdim:
+            shape = (x.shape[0],) + (1,) * r
+            mn, mx = mn.reshape(shape), mx.reshape(shape)
+        return (mn, mx), 0
+    return op(x, dim=physical_dim(d, r), keepdim=keepdim), 0

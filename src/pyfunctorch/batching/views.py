@@ -48,6 +48,9 @@ def permute(op, args, kwargs, dims):
 def transpose(op, args, kwargs, dims):
     x, d0, d1 = args
     r = rank(x, 0)
+    if r == 0:  # torch allows transpose(0, -1) of a scalar: the identity
+        physical_dim(d0, r), physical_dim(d1, r)  # (still validates the dims)
+        return (x if op is aten.transpose_.default else x.view(x.shape)), 0
     return op(x, physical_dim(d0, r), physical_dim(d1, r)), 0
 
 
@@ -194,7 +197,11 @@ def roll(op, args, kwargs, dims):
 @batch_rule(aten.unfold.default)
 def unfold(op, args, kwargs, dims):
     x, d, size, step = args
-    return op(x, physical_dim(d, rank(x, 0)), size, step), 0
+    r = rank(x, 0)
+    if r == 0:  # a scalar unfolds as a 1-element dim: shape (size,) == (1,)
+        physical_dim(d, r)
+        return op(x.unsqueeze(1), 1, size, step).reshape(x.shape[0], -1), 0
+    return op(x, physical_dim(d, r), size, step), 0
 
 
 @batch_rule(*overloads(aten.to), aten._to_copy.default, aten.type_as.default,
