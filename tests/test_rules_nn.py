@@ -341,27 +341,31 @@ def test_batch_norm_training_batched_running_stats_update_in_place():
 
 
 def test_batch_norm_training_shared_running_stats():
+    """Unbatched running stats in training mode follow the per-example loop: the loop updates
+    them once per example, in order, each with that example's own statistics."""
     x, w = r(B, 4, 3, 5), r(B, 3)
-    fresh = lambda: (torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))  # noqa: E731
-    rm, rv = fresh()
-    f = lambda x, w: F.batch_norm(x, rm, rv, w, None, training=True)  # noqa: E731
-    # each example has its own statistics: updating one shared buffer has no per-example meaning
-    with pytest.raises(RuntimeError, match="running_mean/running_var that are not batched.*track_running_stats=False"):
-        pf.vmap(f, in_dims=(0, None))(x, w[0])
-    assert_close((rm, rv), fresh())
-    # input shared, only the affine part batched: every example computes the same statistics;
-    # the shared buffers are updated once, as torch.func.vmap does
-    with no_fallback():
-        got = pf.vmap(f, in_dims=(None, 0))(x[0], w)
-    assert_close(got, loop_vmap(lambda x, w: F.batch_norm(x, *fresh(), w, None, training=True), in_dims=(None, 0))(x[0], w))
-    rm_ref, rv_ref = fresh()
-    F.batch_norm(x[0], rm_ref, rv_ref, None, None, training=True)
-    assert_close((rm, rv), (rm_ref, rv_ref))
-    rm, rv = fresh()
-    tf.vmap(f, in_dims=(None, 0))(x[0], w)
-    assert_close((rm, rv), (rm_ref, rv_ref))
-    # and its gradients (the backward sees a batched grad_output, everything else shared)
-    per_sample_grads(lambda x, w: f(x, w).sin().sum(), (x[0], w), (None, 0), argnums=(0, 1))
+    fresh = lambda: (r(3), r(3).exp())  # noqa: E731
+    rm0, rv0 = fresh()
+    for momentum in (0.1, 0.7):
+        for in_dims, args in [((0, None), (x, w[0])), ((None, 0), (x[0], w)), ((0, 0), (x, w))]:
+            rm, rv = rm0.clone(), rv0.clone()
+            f = lambda x, w: F.batch_norm(x, rm, rv, w, None, training=True, momentum=momentum)  # noqa: E731
+            with no_fallback():
+                got = pf.vmap(f, in_dims=in_dims)(*args)
+            got_stats = (rm.clone(), rv.clone())
+            rm, rv = rm0.clone(), rv0.clone()
+            want = loop_vmap(f, in_dims=in_dims)(*args)
+            assert_close(got, want)
+            assert_close(got_stats, (rm, rv))
+            # and the gradients (for the affine-only case the backward sees a batched
+            # grad_output with everything else shared)
+            per_sample_grads(lambda x, w: f(x, w).sin().sum(), args, in_dims, argnums=(0, 1))
+    # under two vmap levels that both batch the input there is no single sequence: an error
+    rm, rv = rm0.clone(), rv0.clone()
+    f = lambda x: F.batch_norm(x, rm, rv, None, None, training=True)  # noqa: E731
+    with pytest.raises(RuntimeError, match="not batched, under two vmap levels.*track_running_stats=False"):
+        pf.vmap(pf.vmap(f))(r(2, B, 4, 3))
+    assert_close((rm, rv), (rm0, rv0))
 
 
 def test_batch_norm_module_per_sample_grads():
@@ -403,21 +407,16 @@ def test_batch_norm_aten_variants(op_name):
         got = pf.vmap(f)(x, w, *stats)
     assert_close(got, want)
     assert_close(stats, loop_stats)  # in-place updates of batched running stats
-    if "running_mean" in schema:  # unbatched running stats are fine when they are only read
+    if "running_mean" in schema:
+        # unbatched running stats: read-only and functional variants leave them alone; the
+        # in-place variants update them as the per-example loop does (once per example)
         ro = (rm[0].clone(), rv[0].clone())
-        try:
-            want = loop_vmap(f, in_dims=(0, 0, None, None))(x, w, *(t.clone() for t in ro))
-        except RuntimeError:
-            return
-        if op_name in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update",
-                       "_native_batch_norm_legit_functional", "_batch_norm_with_update_functional"):
-            with no_fallback():
-                got = pf.vmap(f, in_dims=(0, 0, None, None))(x, w, *ro)
-            assert_close(got, want)
-            assert_close(ro, (rm[0], rv[0]))
-        else:
-            with pytest.raises(RuntimeError, match="not batched"):
-                pf.vmap(f, in_dims=(0, 0, None, None))(x, w, *ro)
+        loop_ro = tuple(t.clone() for t in ro)
+        want = loop_vmap(f, in_dims=(0, 0, None, None))(x, w, *loop_ro)
+        with no_fallback():
+            got = pf.vmap(f, in_dims=(0, 0, None, None))(x, w, *ro)
+        assert_close(got, want)
+        assert_close(ro, loop_ro)
 
 
 @pytest.mark.parametrize("op", [aten.native_batch_norm_backward.default, aten.batch_norm_backward.default])
@@ -760,3 +759,54 @@ def test_per_sample_hessian_of_cross_entropy():
 
     # and through hessian (jacfwd over jacrev); fallbacks of non-nn ops are not this file's business
     assert_close(pf.vmap(pf.hessian(loss), in_dims=(None, 0, 0))(W, x, t), want)
+
+
+# ----------------------------------------------------------------------------------------
+# CTC loss, bilinear (_trilinear), fractional max pooling
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("targets_kind", ["padded", "concatenated"])
+@pytest.mark.parametrize("lengths", ["lists", "tensors"])
+def test_ctc_loss(targets_kind, lengths):
+    T, N, C, S = 6, 2, 4, 3
+    lp = r(B, T, N, C).log_softmax(-1)
+    tl = [3, 2]
+    tgt = torch.randint(1, C, (B, N, S)) if targets_kind == "padded" else torch.randint(1, C, (B, sum(tl)))
+    il = [6, 5]
+    if lengths == "tensors":
+        il_b = torch.tensor([[6, 5], [5, 6], [4, 6]])
+        il, tl = torch.tensor(il), torch.tensor(tl)
+    for red in ("none", "mean", "sum"):
+        f = lambda lp, tgt: F.ctc_loss(lp, tgt, il, tl, reduction=red)  # noqa: E731
+        for in_dims in [(0, 0), (0, None), (None, 0)]:
+            args = [t if d == 0 else t[0] for t, d in zip((lp, tgt), in_dims)]
+            check_vmap(f, args, in_dims, func_oracle=False)
+            if in_dims[0] == 0:
+                per_sample_grads(lambda lp, tgt: f(lp, tgt).sum(), args, in_dims)
+        if lengths == "tensors":  # batched input lengths
+            g = lambda lp, il: F.ctc_loss(lp, tgt[0], il, tl, reduction=red)  # noqa: E731
+            check_vmap(g, (lp, il_b), func_oracle=False)
+            per_sample_grads(lambda lp, il: g(lp, il).sum(), (lp, il_b), (0, 0))
+
+
+def test_bilinear():
+    x1, x2, w, b = r(B, 4, 2), r(B, 4, 3), r(B, 5, 2, 3), r(B, 5)
+    for in_dims in [(0, 0, None, None), (0, None, None, None), (None, 0, 0, 0), (0, 0, 0, 0)]:
+        args = [t if d == 0 else t[0] for t, d in zip((x1, x2, w, b), in_dims)]
+        check_vmap(F.bilinear, args, in_dims)
+        per_sample_grads(lambda *a: F.bilinear(*a).pow(2).sum(), args, in_dims, argnums=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_fractional_max_pool(dim):
+    pool = F.fractional_max_pool2d if dim == 2 else F.fractional_max_pool3d
+    x = r(B, 2, 3, *[7] * dim)
+    samples = torch.rand(B, 4, 3, dim, dtype=DT)  # more rows than N: the kernel reads the first N
+    f = lambda x, s: pool(x, 2, output_size=3, _random_samples=s)  # noqa: E731
+    for in_dims in [(0, 0), (0, None), (None, 0)]:
+        args = [t if d == 0 else t[0] for t, d in zip((x, samples), in_dims)]
+        check_vmap(f, args, in_dims, func_oracle=False)
+        check_vmap(lambda x, s: f(x[0], s), args, in_dims, func_oracle=False)  # no N dim
+        if in_dims[0] == 0:
+            per_sample_grads(lambda x, s: f(x, s).pow(2).sum(), args, in_dims)

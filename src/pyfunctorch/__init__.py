@@ -13,6 +13,7 @@ from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
 from .batched import DataDependentError, PerformanceWarning, RandomnessError, vmap
 from .control_flow import cond, scan, while_loop
+from .compile import compile
 from . import random
 from . import _autograd_compat  # noqa: F401  (torch.autograd.grad / backward inside vmap)
 from . import custom_function  # noqa: F401  (torch.autograd.Function under transforms)
@@ -32,6 +33,7 @@ __all__ = [
     "cond",
     "while_loop",
     "scan",
+    "compile",
     "random",
     "EscapedTensorError",
     "DataDependentError",

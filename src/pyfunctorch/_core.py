@@ -70,6 +70,19 @@ class Interpreter:
         """Wrap a lower-level tensor as an unperturbed tensor of this level."""
         raise NotImplementedError
 
+    def carries_derivative(self, t: "LevelTensor") -> bool:
+        """Whether this level's wrapper ``t`` carries a derivative of this level."""
+        return True
+
+    def _writes_derivative(self, args, kwargs) -> bool:
+        # Only a written value that carries this level's derivative would lose it; e.g.
+        # forward AD updating a lower-level tangent in place writes a constant of this level.
+        for a in itertools.chain(args, kwargs.values()):
+            for b in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(b, LevelTensor) and b._interp is self and self.carries_derivative(b):
+                    return True
+        return False
+
     def wrap_created(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor created inside the transformed function (torch.zeros ...): it belongs
         to this level, so in-place writes of this level's data into it are recorded."""
@@ -82,7 +95,7 @@ class Interpreter:
             target = args[w] if isinstance(w, int) else kwargs.get(w)
             if target is None:
                 continue
-            if not (isinstance(target, LevelTensor) and target._interp is self):
+            if not (isinstance(target, LevelTensor) and target._interp is self) and self._writes_derivative(args, kwargs):
                 raise RuntimeError(
                     f"pyfunctorch.{self.kind}: the in-place operation {func} writes a value that depends on "
                     f"the inputs being differentiated into a tensor that came from outside the function. "
@@ -99,6 +112,11 @@ class WrapperInterpreter(Interpreter):
     on the inner values (lower levels dispatch on their own), rewrap the outputs."""
 
     wrapper: type  # the LevelTensor subclass of this level
+
+    def carries_derivative(self, t):
+        if self.kind == "jvp":
+            return _is_dual(t)
+        return t.requires_grad
 
     def lift(self, tensor):
         return self.wrapper(tensor, self)

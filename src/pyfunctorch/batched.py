@@ -37,6 +37,8 @@ class BatchedTensor(LevelTensor):
 
     _bdim: int
     _lazy = False  # a tensor created inside the function: see _lazy_wrap
+    _lazy_views: "list[weakref.ref[BatchedTensor]]"
+    _lazy_root: "BatchedTensor"
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
@@ -71,6 +73,16 @@ class BatchedTensor(LevelTensor):
 
     def _tolist(self):
         raise _data_dependent(self._interp, "tolist")
+
+    def __getitem__(self, idx):
+        # Python indexing turns a 0-dim integer tensor index into an int via .item(), which
+        # would force a per-example loop; as a tensor index it stays batched. (Defined on
+        # the wrapper class, never patched onto torch.Tensor: assigning a slot method there
+        # changes the type for good.)
+        if isinstance(idx, LevelTensor) and idx.dim() == 0 and not idx.is_floating_point() \
+                and not idx.is_complex() and idx.dtype is not torch.bool:
+            return torch.ops.aten.index.Tensor(self, [idx])
+        return super().__getitem__(idx)
 
     def _escaped_repr(self) -> str:
         return (f"<BatchedTensor escaped from a finished vmap (level {self._interp.level}); using it raises "
@@ -180,7 +192,7 @@ class VmapInterpreter(Interpreter):
         self.batch_size = batch_size
         self.randomness = randomness
         self.lazy_count = 0  # lazy tensors made at this level (skip the check when 0)
-        self.rng_base = None  # randomness='different': the vmap call's seed (shared by chunks)
+        self.rng_base: torch.Tensor | None = None  # randomness='different': the vmap call's seed (shared by chunks)
         self.rng_calls = 0
         self.example_offset = 0  # index of this level's first example in the whole batch
         # The outermost level sees only plain tensors: its rules can skip the key
@@ -673,15 +685,15 @@ def _random_entry_point(original, args, kwargs):
     return out
 
 
-for _name in ("randn", "rand", "randint", "randperm", "normal", "randn_like", "rand_like", "randint_like",
+for _fn_name in ("randn", "rand", "randint", "randperm", "normal", "randn_like", "rand_like", "randint_like",
               "bernoulli", "multinomial", "poisson", "dropout", "alpha_dropout", "feature_alpha_dropout",
               "feature_dropout"):
-    _core.patch_while_active(torch, _name, _random_entry_point)
-for _name in _DROPOUTS:
-    _core.patch_while_active(torch.nn.functional, _name, _random_entry_point)
-for _name in ("normal_", "uniform_", "random_", "exponential_", "cauchy_", "log_normal_", "geometric_",
+    _core.patch_while_active(torch, _fn_name, _random_entry_point)
+for _fn_name in _DROPOUTS:
+    _core.patch_while_active(torch.nn.functional, _fn_name, _random_entry_point)
+for _fn_name in ("normal_", "uniform_", "random_", "exponential_", "cauchy_", "log_normal_", "geometric_",
               "bernoulli_", "bernoulli", "multinomial"):
-    _core.patch_while_active(torch.Tensor, _name, _random_entry_point)
+    _core.patch_while_active(torch.Tensor, _fn_name, _random_entry_point)
 
 
 # -- the public transform ---------------------------------------------------------------
@@ -815,7 +827,7 @@ def _rebuild_args(leaves, args_spec, flat_in, orig_args):
     args = list(tree_unflatten(leaves, args_spec))
     if orig_args is not None and None in flat_in:
         i = 0
-        for n, (a, spec) in enumerate(zip(orig_args, args_spec.children_specs)):
+        for n, (a, spec) in enumerate(zip(orig_args, args_spec.children())):
             k = spec.num_leaves
             if k and all(d is None for d in flat_in[i : i + k]):
                 args[n] = a
@@ -875,9 +887,7 @@ def _warn_per_example(signal) -> None:
     where = f"{site[0]}:{site[1]}" if site else "an unknown line"
     warnings.warn(
         f"{signal} Falling back to running the function once per example (slow but exact). "
-        f"The data-dependent step is at {where}. To keep it batched, use torch.where / "
-        "pyfunctorch.cond / pyfunctorch.while_loop instead of Python control flow on tensor values; "
-        "pass strict=True to vmap to make this an error.",
+        f"The data-dependent step is at {where}. Pass strict=True to vmap to make this an error.",
         PerformanceWarning,
         stacklevel=4,
     )
@@ -1012,23 +1022,3 @@ def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_si
 
 def _name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
-
-
-# -- x[i] with a batched 0-dim integer index ---------------------------------------------
-
-
-def _is_batched_int_scalar(i) -> bool:
-    return (isinstance(i, LevelTensor) and i.dim() == 0 and not i.is_floating_point() and not i.is_complex()
-            and i.dtype is not torch.bool)
-
-
-def _getitem_entry(original, args, kwargs):
-    # Python indexing turns a 0-dim integer tensor into an int via .item(), which under
-    # vmap would force a per-example loop; as a tensor index it stays batched.
-    self, idx = args[0], args[1]
-    if _is_batched_int_scalar(idx):
-        return torch.ops.aten.index.Tensor(self, [idx])
-    return original(*args, **kwargs)
-
-
-_core.patch_while_active(torch.Tensor, "__getitem__", _getitem_entry)

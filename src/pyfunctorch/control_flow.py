@@ -71,7 +71,7 @@ def _select(pred: torch.Tensor, a: Any, b: Any, who: str) -> Any:
 def cond(pred: Any, true_fn: Callable, false_fn: Callable, operands: tuple = ()) -> Any:
     """``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``, batched under vmap.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import vmap, cond
         >>> relu = lambda x: cond(x > 0, lambda x: x, lambda x: x * 0, (x,))
@@ -93,7 +93,7 @@ def while_loop(cond_fn: Callable, body_fn: Callable, carry: Any) -> Any:
     Under vmap the loop runs until every example's condition is false; finished examples
     keep their values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import vmap, while_loop
         >>> halve = lambda x: while_loop(lambda x: x > 1, lambda x: x / 2, x)
@@ -116,7 +116,7 @@ def scan(fn: Callable, init: Any, xs: Any) -> tuple[Any, Any]:
     """JAX's scan: ``carry, y = fn(carry, x)`` for each ``x`` along dim 0 of ``xs``;
     returns ``(final_carry, stacked_ys)``. Exact under every transform.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import scan
         >>> carry, ys = scan(lambda c, x: (c + x, c * x), torch.tensor(0.0), torch.arange(4.0))

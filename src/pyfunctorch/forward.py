@@ -141,7 +141,7 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
     """Jacobian-vector product by true forward mode: returns ``(func(*primals), J @ tangents)``
     (and ``aux`` with ``has_aux=True``) at the cost of about one forward pass.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import jvp
         >>> x = torch.tensor([0.1, 0.2])
@@ -178,7 +178,7 @@ def linearize(func: Callable, *primals: Any):
     JVP at ``primals`` (the forward pass is not re-traced per call in torch.func; here
     each call runs forward mode again, with the primal output computed once).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import linearize
         >>> x = torch.tensor([0.1, 0.2])

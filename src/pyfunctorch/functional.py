@@ -23,7 +23,7 @@ def functional_call(
     from names as in ``module.named_parameters()`` to tensors. ``args`` is a tuple of
     positional arguments (a single non-tuple value is passed as the only argument).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import functional_call
         >>> lin = torch.nn.Linear(2, 1)
@@ -59,7 +59,7 @@ def stack_module_state(models: Sequence[torch.nn.Module]) -> tuple[dict[str, tor
     for ensembling with ``vmap(functional_call)``. Returns ``(params, buffers)``; the stacked
     params are new leaves (requires_grad as in the models).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import stack_module_state
         >>> params, buffers = stack_module_state([torch.nn.Linear(3, 2) for _ in range(4)])

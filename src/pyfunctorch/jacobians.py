@@ -62,7 +62,7 @@ def jacrev(
 
     ``chunk_size`` bounds how many rows are computed at once (memory vs speed).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import jacrev
         >>> x = torch.randn(3)
@@ -113,7 +113,7 @@ def jacfwd(
     """The Jacobian of ``func`` with respect to ``argnums``, by forward mode
     (``vmap`` over ``jvp``; one forward pass per input element, vectorized).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import jacfwd
         >>> x = torch.randn(3)
@@ -169,7 +169,7 @@ def jacfwd(
 def hessian(func: Callable, argnums: int | tuple[int, ...] = 0) -> Callable:
     """The Hessian of a scalar ``func``: ``jacfwd(jacrev(func, argnums), argnums)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import hessian
         >>> x = torch.randn(3)

@@ -9,7 +9,7 @@ vmap, in chunks (``chunk_size``) or in a Python loop over the examples.
 The bits come from SplitMix64 (a counter-based generator: ``mix(key + counter)``),
 computed with wrapping int64 arithmetic.
 
-Example:
+Examples:
     >>> import torch
     >>> from pyfunctorch import vmap, random
     >>> keys = random.split(random.key(0), 4)

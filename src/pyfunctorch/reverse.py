@@ -175,7 +175,7 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
     keep = [i for i, o in enumerate(outs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
     if not keep:
         return [torch.zeros_like(x._value) for x in inputs]
-    sel_outs = [outs[i] for i in keep]
+    sel_outs: list[Any] = [outs[i] for i in keep]
     if gouts is None:
         sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
     else:
@@ -191,7 +191,7 @@ def grad_and_value(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: 
     """Like ``grad``, but also returns the function's value: ``(grad, value)``
     (``(grad, (value, aux))`` with ``has_aux=True``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import grad_and_value
         >>> g, v = grad_and_value(lambda x: (x ** 2).sum())(torch.tensor([1., 2.]))
@@ -216,7 +216,7 @@ def grad(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = Fal
     gradients; ``grad(grad(f))`` second derivatives). With ``has_aux=True`` ``func``
     returns ``(output, aux)`` and the result is ``(grad, aux)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import grad
         >>> x = torch.tensor(0.5)
@@ -241,7 +241,7 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
     ``has_aux=True``); ``vjp_fn(cotangents)`` gives the vector-Jacobian products,
     one per primal, as a tuple. Outputs and primals may be pytrees.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from pyfunctorch import vjp
         >>> x = torch.tensor([1., 2.])

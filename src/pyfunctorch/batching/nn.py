@@ -906,7 +906,8 @@ for _rnn_name in ("rnn_tanh", "rnn_relu", "gru", "lstm", "rnn_tanh_cell", "rnn_r
 
 # -- fractional max pooling ----------------------------------------------------------------------
 # The backward ops fold the batch into N like the other pools; the forward also takes the
-# per-(n, c) random samples, (N, C, k) or (1, C, k) for an input without N.
+# per-(n, c) random samples (N', C, k), of which the kernel reads the first N rows (one row
+# for an input without N).
 
 
 def _fractional_max_pool(core):
@@ -915,7 +916,8 @@ def _fractional_max_pool(core):
         B = batch_size_of(args, dims)
         x = materialize(x, dims[0], B)
         has_n = x.dim() - 1 > core
-        s = materialize(samples, dims[3], B).flatten(0, 1)
+        # the kernel reads the first N rows of the samples (the first row without N)
+        s = materialize(samples, dims[3], B)[:, : x.shape[1] if has_n else 1].flatten(0, 1)
         out, idx = op(x.flatten(0, 1) if has_n else x, ksize, osize, s)
         if has_n:
             out, idx = (t.reshape(x.shape[:2] + t.shape[1:]) for t in (out, idx))

@@ -1,0 +1,486 @@
+"""pyfunctorch.compile: traced-and-replayed transforms against eager pyfunctorch and torch.func
+(the oracle), plus the cache, fallback, randomness and autograd semantics."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.func as tf
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyfunctorch as pf
+
+from conftest import assert_close
+
+DT = torch.float64
+
+
+def _twice(c, *args, **kwargs):
+    """First call traces, second replays: both must be right."""
+    first = c(*args, **kwargs)
+    second = c(*args, **kwargs)
+    return first, second
+
+
+def _check(c, eager, oracle, *args, **kwargs):
+    first, second = _twice(c, *args, **kwargs)
+    expected = oracle(*args, **kwargs)
+    assert_close(first, expected)
+    assert_close(second, expected)
+    assert_close(eager(*args, **kwargs), expected)
+    info = c.cache_info()
+    assert (info.traces, info.misses, info.hits, info.eager_calls) == (1, 1, 1, 0), info
+
+
+# -- the workloads ---------------------------------------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+
+def test_per_sample_grads_functional_call():
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def make(func_call, grad, vmap):
+        def loss(p, x, y):
+            out = func_call(model, p, (x.unsqueeze(0),))
+            return F.cross_entropy(out, y.unsqueeze(0))
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))
+
+    eager = make(pf.functional_call, pf.grad, pf.vmap)
+    oracle = make(tf.functional_call, tf.grad, tf.vmap)
+    c = pf.compile(eager)
+    x, y = torch.randn(7, 6, dtype=DT), torch.randint(0, 3, (7,))
+    _check(c, eager, oracle, params, x, y)
+    # new weights are graph inputs: no retrace
+    params2 = {k: v + 0.1 for k, v in params.items()}
+    assert_close(c(params2, x, y), oracle(params2, x, y))
+    assert c.cache_info().traces == 1
+    # outputs are plain tensors in eager's structure
+    out = c(params, x, y)
+    assert type(out) is dict and list(out) == list(params)
+    assert all(type(v) is torch.Tensor for v in out.values())
+
+
+def _tanh_mlp(x):
+    return torch.tanh(torch.tanh(x @ _W1) @ _W2)
+
+
+_W1 = torch.randn(4, 5, dtype=DT, generator=torch.Generator().manual_seed(1))
+_W2 = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+
+
+def test_jacrev():
+    x = torch.randn(4, dtype=DT)
+    _check(pf.compile(pf.jacrev(_tanh_mlp)), pf.jacrev(_tanh_mlp), tf.jacrev(_tanh_mlp), x)
+
+
+def test_jacfwd():
+    x = torch.randn(4, dtype=DT)
+    _check(pf.compile(pf.jacfwd(_tanh_mlp)), pf.jacfwd(_tanh_mlp), tf.jacfwd(_tanh_mlp), x)
+
+
+def test_hessian():
+    def f(x):
+        return (torch.sin(x) * torch.exp(x @ _W1).sum()).sum()
+
+    x = torch.randn(4, dtype=DT)
+    _check(pf.compile(pf.hessian(f)), pf.hessian(f), tf.hessian(f), x)
+
+
+def test_vmap_over_jvp():
+    def make(vmap, jvp):
+        return vmap(lambda x, t: jvp(_tanh_mlp, (x,), (t,)))
+
+    x, t = torch.randn(5, 4, dtype=DT), torch.randn(5, 4, dtype=DT)
+    eager = make(pf.vmap, pf.jvp)
+    _check(pf.compile(eager), eager, make(tf.vmap, tf.jvp), x, t)
+
+
+def test_batched_hvp():
+    def f(x):
+        return (torch.tanh(x @ _W1) ** 2).sum()
+
+    def make(vmap, jvp, grad):
+        return vmap(lambda x, v: jvp(grad(f), (x,), (v,))[1], in_dims=(None, 0))
+
+    x, v = torch.randn(4, dtype=DT), torch.randn(6, 4, dtype=DT)
+    eager = make(pf.vmap, pf.jvp, pf.grad)
+    _check(pf.compile(eager), eager, make(tf.vmap, tf.jvp, tf.grad), x, v)
+
+
+def test_nested_vmap_in_dims():
+    def f(a, b, w):
+        return torch.sin(a) * b + w.sum()
+
+    def make(vmap):
+        return vmap(vmap(f, in_dims=(0, None, None)), in_dims=(1, 0, None))
+
+    a, b, w = torch.randn(3, 4, 2, dtype=DT), torch.randn(4, 2, dtype=DT), torch.randn(5, dtype=DT)
+    eager = make(pf.vmap)
+    _check(pf.compile(eager), eager, make(tf.vmap), a, b, w)
+
+
+def test_pytree_outputs_kwargs_and_constants():
+    def f(x, *, scale, extra=None):
+        return {"y": x * scale, "n": 3, "pair": (x.sin(), [x.cos()])}
+
+    c = pf.compile(f)
+    x = torch.randn(3, dtype=DT)
+    for _ in range(2):
+        out = c(x, scale=2.0)
+        assert_close(out, f(x, scale=2.0))
+    assert c.cache_info().traces == 1
+    c(x, scale=3.0)  # non-tensor arguments are part of the signature, by value
+    assert c.cache_info().traces == 2
+    assert_close(c(x, scale=3.0), f(x, scale=3.0))
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+def test_cache_hits_and_retraces():
+    calls = []
+
+    def loss(w, x):
+        calls.append(1)  # a Python side effect: happens at trace time only
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    c = pf.compile(pf.vmap(pf.grad(loss), in_dims=(None, 0)))
+    w = torch.randn(4, 3, dtype=DT)
+    for _ in range(3):
+        c(w, torch.randn(5, 4, dtype=DT))
+    assert c.cache_info() == (2, 1, 1, 0, 1)  # hits, misses, traces, eager_calls, entries
+    assert len(calls) == 1
+    c(w, torch.randn(6, 4, dtype=DT))  # new batch size
+    c(w.float(), torch.randn(5, 4))  # new dtype
+    c(w, torch.randn(4, 5, dtype=DT).t())  # new strides
+    c(w.requires_grad_(), torch.randn(5, 4, dtype=DT))  # requires_grad
+    info = c.cache_info()
+    assert (info.traces, info.misses, info.entries) == (5, 5, 5)
+    assert len(calls) == 5 and len(c.graphs()) == 5
+    x = torch.randn(6, 4, dtype=DT)
+    assert_close(c(w.detach(), x), tf.vmap(tf.grad(loss), in_dims=(None, 0))(w.detach(), x))
+    assert c.cache_info().traces == 5
+    c.cache_clear()
+    assert c.cache_info() == (0, 0, 0, 0, 0)
+
+
+def test_same_tensor_twice_is_part_of_the_signature():
+    c = pf.compile(lambda a, b: a * 2 + b)
+    x, y = torch.randn(3), torch.randn(3)
+    assert_close(c(x, x), x * 3)
+    assert_close(c(x, y), x * 2 + y)
+    assert_close(c(y, y), y * 3)
+    assert c.cache_info().traces == 2
+
+
+def test_closed_over_tensors_are_constants_by_reference():
+    w = torch.randn(3)
+    c = pf.compile(pf.grad(lambda x: (x * w).sum()))
+    x = torch.randn(3)
+    assert_close(c(x), w)
+    with torch.no_grad():
+        w.mul_(2)  # in-place updates of a captured tensor are seen by the replay
+    assert_close(c(x), w)
+
+
+def test_inplace_update_of_an_input_happens_once_per_call():
+    def f(x):
+        x.add_(1)
+        return x * 2
+
+    c = pf.compile(f)
+    x = torch.zeros(3)
+    c(x)
+    assert_close(x, torch.ones(3))
+    c(x)
+    assert_close(x, torch.full((3,), 2.0))
+
+    def g(x, y):  # a mutation whose result is unused stays in the graph
+        x.add_(1)
+        return y * 2
+
+    c = pf.compile(g)
+    x, y = torch.zeros(2), torch.ones(2)
+    for _ in range(3):
+        assert_close(c(x, y), y * 2)
+    assert_close(x, torch.full((2,), 3.0))
+
+
+# -- data-dependent control flow -----------------------------------------------------------
+
+
+def _branchy(x):
+    if x.sum() > 0:
+        return x * 2
+    return x * 3
+
+
+def test_data_dependent_control_flow_falls_back_with_a_warning():
+    c = pf.compile(pf.vmap(_branchy))
+    x = torch.randn(6, 3, dtype=DT)
+    expected = torch.stack([_branchy(r) for r in x])
+    with pytest.warns(pf.PerformanceWarning, match="pyfunctorch.compile.*run eagerly"):
+        assert_close(c(x), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once; the signature is remembered as eager
+        assert_close(c(x), expected)
+    info = c.cache_info()
+    assert (info.traces, info.misses, info.hits, info.eager_calls) == (0, 1, 1, 2)
+
+
+def test_data_dependent_strict_raises():
+    c = pf.compile(pf.vmap(_branchy), strict=True)
+    with pytest.raises(pf.DataDependentError, match=r"strict=True.*test_compile.py"):
+        c(torch.randn(4, 3))
+    c2 = pf.compile(pf.grad(lambda x: _branchy(x).sum()), strict=True)
+    with pytest.raises(pf.DataDependentError, match="reads the value"):
+        c2(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        pytest.param(lambda x: x * torch.tensor(x.tolist()), id="tolist"),
+        pytest.param(lambda x: x * x.sum().item(), id="item"),
+        pytest.param(lambda x: x.nonzero().sum(0).to(x.dtype) + x.sum(), id="nonzero"),
+        pytest.param(lambda x: x[x > 0].sum() * x, id="bool-mask"),
+    ],
+)
+@pytest.mark.parametrize("under_vmap", [False, True])
+def test_data_dependence_is_detected(f, under_vmap):
+    fn = pf.vmap(f) if under_vmap else f
+    x = torch.randn(4, 3, dtype=DT)
+    expected = torch.stack([f(r) for r in x]) if under_vmap else f(x)
+    c = pf.compile(fn)
+    with pytest.warns(pf.PerformanceWarning, match="pyfunctorch.compile"):
+        assert_close(c(x), expected)
+    x2 = torch.randn(4, 3, dtype=DT)  # other values: still right (eager, not a frozen graph)
+    assert_close(c(x2), torch.stack([f(r) for r in x2]) if under_vmap else f(x2))
+    assert c.cache_info().traces == 0
+    with pytest.raises(pf.DataDependentError):
+        pf.compile(fn, strict=True)(x)
+
+
+def test_integer_indexing_is_not_data_dependent():
+    idx = torch.tensor([0, 2])
+    c = pf.compile(pf.vmap(lambda x: x[idx] * 2))
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)
+        assert_close(c(x), x[:, idx] * 2)
+        assert_close(c(x), x[:, idx] * 2)
+    assert c.cache_info().traces == 1
+
+
+def test_called_inside_a_transform_runs_eagerly():
+    c = pf.compile(lambda x: torch.sin(x) * x)
+    x = torch.randn(4, 3)
+    with pytest.warns(pf.PerformanceWarning, match="inside a live transform"):
+        assert_close(pf.vmap(c)(x), torch.sin(x) * x)
+    assert_close(pf.vmap(pf.grad(lambda v: c(v).sum()))(x), torch.cos(x) * x + torch.sin(x))
+
+
+def test_decorator_forms():
+    @pf.compile
+    def f(x):
+        return torch.sin(x)
+
+    @pf.compile(strict=True)
+    def g(x):
+        return torch.cos(x)
+
+    x = torch.randn(3)
+    assert_close(f(x), torch.sin(x))
+    assert_close(g(x), torch.cos(x))
+    assert f.__name__ == "f" and g.cache_info().traces == 1
+
+
+def test_dynamic_true_is_refused():
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        pf.compile(torch.sin, dynamic=True)
+
+
+# -- randomness ------------------------------------------------------------------------------
+
+
+def test_random_ops_draw_fresh_numbers_on_every_replay():
+    c = pf.compile(pf.grad(lambda x: (x * torch.randn(64)).sum()))
+    x = torch.zeros(64)
+    draws = [c(x) for _ in range(4)]
+    assert c.cache_info().traces == 1
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(draws[i], draws[j])
+    # the replay draws from torch's global generator: manual_seed makes it repeat
+    torch.manual_seed(123)
+    a = c(x)
+    torch.manual_seed(123)
+    assert torch.equal(a, c(x))
+
+
+def test_vmap_randomness_same_replays_fresh_draws():
+    c = pf.compile(pf.vmap(lambda x: x + torch.randn(3), randomness="same"))
+    x = torch.zeros(5, 3)
+    draws = [c(x) for _ in range(3)]
+    for d in draws:  # 'same': every example sees the same draw
+        assert_close(d, d[:1].expand(5, 3))
+    assert not torch.equal(draws[1], draws[2])
+    assert c.cache_info().traces == 1
+
+
+def test_vmap_randomness_different_draws_fresh_per_call_and_per_example():
+    # Traced and replayed where the vmap level's randomness is traceable; otherwise the
+    # signature runs eagerly (with a PerformanceWarning). Either way: fresh draws.
+    c = pf.compile(pf.vmap(lambda x: x + torch.randn(3), randomness="different"))
+    x = torch.zeros(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pf.PerformanceWarning)
+        draws = [c(x) for _ in range(3)]
+    for d in draws:
+        assert d.shape == (5, 3) and not torch.equal(d[0], d[1])
+    assert not torch.equal(draws[1], draws[2])
+
+
+def test_dropout_under_grad_replays_fresh_masks():
+    c = pf.compile(pf.grad(lambda x: F.dropout(x, 0.5, training=True).sum()))
+    x = torch.ones(200)
+    masks = [c(x) for _ in range(3)]
+    assert all(set(m.unique().tolist()) <= {0.0, 2.0} for m in masks)
+    assert not torch.equal(masks[1], masks[2])
+
+
+# -- autograd through the replay ---------------------------------------------------------------
+
+
+def test_autograd_through_the_replay():
+    def f(x):
+        return (torch.tanh(x @ _W1) ** 2).sum()
+
+    c = pf.compile(pf.grad(f))
+    x0 = torch.randn(4, dtype=DT)
+    for _ in range(2):  # trace, then replay
+        x = x0.clone().requires_grad_()
+        g = c(x)
+        (h,) = torch.autograd.grad(g.sin().sum(), x, create_graph=True)
+        (h2,) = torch.autograd.grad(h.sum(), x)  # third order through the replay
+        xe = x0.clone().requires_grad_()
+        ge = tf.grad(f)(xe)
+        (he,) = torch.autograd.grad(ge.sin().sum(), xe, create_graph=True)
+        (he2,) = torch.autograd.grad(he.sum(), xe)
+        assert_close(g, ge)
+        assert_close(h, he)
+        assert_close(h2, he2)
+    assert c.cache_info().traces == 1
+
+
+def test_autograd_through_replayed_per_sample_grads():
+    def loss(w, x):
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    c = pf.compile(pf.vmap(pf.grad(loss), in_dims=(None, 0)))
+    w0, x = torch.randn(4, 3, dtype=DT), torch.randn(5, 4, dtype=DT)
+    for _ in range(2):
+        w = w0.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(c(w, x).pow(2).sum(), w)
+        we = w0.clone().requires_grad_()
+        (gwe,) = torch.autograd.grad(tf.vmap(tf.grad(loss), in_dims=(None, 0))(we, x).pow(2).sum(), we)
+        assert_close(gw, gwe)
+
+
+# -- torch.compile backends ----------------------------------------------------------------------
+
+
+def test_backend_aot_eager():
+    def loss(w, x):
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    eager = pf.vmap(pf.grad(loss), in_dims=(None, 0))
+    c = pf.compile(eager, backend="aot_eager")
+    w, x = torch.randn(4, 3), torch.randn(5, 4)
+    _check(c, eager, tf.vmap(tf.grad(loss), in_dims=(None, 0)), w, x)
+
+
+def test_failing_backend_falls_back_to_the_replay():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    c = pf.compile(lambda x: torch.sin(x) * 2, backend=broken_backend)
+    x = torch.randn(3)
+    with pytest.warns(pf.PerformanceWarning, match="no compiler here"):
+        for _ in range(3):
+            assert_close(c(x), torch.sin(x) * 2)
+    with pytest.raises(Exception, match="no compiler here"):
+        strict = pf.compile(lambda x: torch.sin(x) * 2, backend=broken_backend, strict=True)
+        strict(x)
+        strict(x)
+
+
+@pytest.mark.slow
+def test_backend_inductor():  # ~25 s on a 2-core CPU (C++ compilation)
+    def loss(w, x):
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    eager = pf.vmap(pf.grad(loss), in_dims=(None, 0))
+    c = pf.compile(eager, backend="inductor")
+    w, x = torch.randn(4, 3), torch.randn(5, 4)
+    _check(c, eager, tf.vmap(tf.grad(loss), in_dims=(None, 0)), w, x)
+    wr = w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(c(wr, x).sum(), wr)
+    c(wr, x)
+    wr2 = w.clone().requires_grad_()
+    (ge,) = torch.autograd.grad(tf.vmap(tf.grad(loss), in_dims=(None, 0))(wr2, x).sum(), wr2)
+    assert_close(g, ge)
+
+
+# -- other tracing failures, printing ----------------------------------------------------------
+
+
+def test_errors_of_the_function_itself_propagate():
+    def f(x):
+        raise ValueError("boom")
+
+    for strict in (False, True):
+        c = pf.compile(f, strict=strict)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no compile warning: the eager error is the user's
+            with pytest.raises(ValueError, match="boom"):
+                c(torch.randn(2))
+        assert c.cache_info().entries == 0
+
+
+def test_failed_trace_after_an_inplace_update_of_an_input_raises():
+    def f(x):
+        x.add_(1)
+        if x.sum() > 0:
+            return x
+        return -x
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="in place"):
+        pf.compile(f)(x)
+    assert_close(x, torch.full((3,), 2.0))  # updated exactly once
+
+
+def test_print_inside_shows_trace_time_values(capsys):
+    def loss(w, x):
+        value = (torch.tanh(x @ w) ** 2).sum()
+        print("loss:", value)
+        return value
+
+    c = pf.compile(pf.vmap(pf.grad(loss), in_dims=(None, 0)))
+    w, x = torch.randn(3, 2), torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)  # printing does not break the trace
+        c(w, x)
+        c(w, x)
+    assert capsys.readouterr().out.count("loss:") == 1  # a side effect: at trace time only
+    assert c.cache_info().traces == 1
