@@ -255,7 +255,9 @@ def run_config(info, mode, idx, mi, *, torch_func=True, timeout=CONFIG_TIMEOUT):
         signal.alarm(timeout)
     try:
         try:
-            module, fargs, fkwargs = _build(info, mi, dtype, mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (constructor advice, e.g. about nested tensors)
+                module, fargs, fkwargs = _build(info, mi, dtype, mode)
         except Exception as e:  # noqa: BLE001
             return dict(rec, pyf="skip", tf="skip", reason="building the module raises: " + _first_line(e))
         leaves, spec = pytree.tree_flatten((list(fargs), dict(fkwargs)))
@@ -384,17 +386,17 @@ def write_markdown(recs, path):
         "buffers afterwards (unbatched buffers are updated as the loop updates them: once per example, in",
         "order). See the script's docstring for details.",
         "",
-        f"**pyfunctorch: {s['pyf_pass']} of {s['compared']} configs pass** "
-        f"({s['pyf_fail']} fail, {s['pyf_error']} error); "
-        f"**torch.func: {s['tf_pass']} of {s['compared']}** ({s['tf_fail']} fail, {s['tf_error']} error). "
-        f"{s['skipped']} of {s['configs']} configs ({s['modules']} modules) are not comparable (skip).",
+        (f"**pyfunctorch: {s['pyf_pass']} of {s['compared']} configs pass** "
+         f"({s['pyf_fail']} fail, {s['pyf_error']} error); "
+         f"**torch.func: {s['tf_pass']} of {s['compared']}** ({s['tf_fail']} fail, {s['tf_error']} error). "
+         f"{s['skipped']} of {s['configs']} configs ({s['modules']} modules) are not comparable (skip)."),
         "",
     ]
     both = [r for r in recs if r["pyf"] != "skip"]
     only_pyf = [r for r in both if r["pyf"] == "pass" and r.get("tf") != "pass"]
     only_tf = [r for r in both if r["pyf"] != "pass" and r.get("tf") == "pass"]
-    lines += [f"Configs that pass with pyfunctorch but not torch.func: {len(only_pyf)}; "
-              f"with torch.func but not pyfunctorch: {len(only_tf)}.", ""]
+    lines += [(f"Configs that pass with pyfunctorch but not torch.func: {len(only_pyf)}; "
+               f"with torch.func but not pyfunctorch: {len(only_tf)}."), ""]
     fb = Counter(op for r in recs for op in r.get("fallbacks", ()))
     if fb:
         lines += ["Ops served by the per-example loop fallback (configs using them): "

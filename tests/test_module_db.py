@@ -37,12 +37,13 @@ INFOS = {m.name: m for m in mc.module_infos()}
 
 #: config key -> why it fails (see the report in docs/module_coverage.md)
 KNOWN_FAILURES = {
-    # pyfunctorch.grad alone fails too (and torch.func): the custom op's backward (options with
-    # allow_retain_graph=True, reduction='none') multiplies grad_output in place into a scratch
-    # tensor that torch creates from constants, which the grad level refuses (_core.check_mutation)
-    "nn.LinearCrossEntropyLoss[train]#414": "grad: in-place write into an internal tensor",
-    "nn.LinearCrossEntropyLoss[train]#552": "grad: in-place write into an internal tensor",
-    "nn.LinearCrossEntropyLoss[train]#828": "grad: in-place write into an internal tensor",
+    # LinearCrossEntropyLoss(reduction='none', options with allow_retain_graph=True): its custom
+    # op's backward multiplies grad_output in place into a scratch tensor that torch computes from
+    # unbatched constants (neg_weight_target.neg_().mul_(grad_output)); a batched (or
+    # differentiated) value cannot be written into it. torch.func fails these configs too.
+    "nn.LinearCrossEntropyLoss[train]#414": "in-place write of grad_output into an internal unbatched tensor",
+    "nn.LinearCrossEntropyLoss[train]#552": "in-place write of grad_output into an internal unbatched tensor",
+    "nn.LinearCrossEntropyLoss[train]#828": "in-place write of grad_output into an internal unbatched tensor",
 }
 
 DT = torch.float64
@@ -133,7 +134,7 @@ def test_batch_norm_train_running_stats_follow_the_loop(cls, shape, momentum):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
         bn.num_batches_tracked.fill_(5)
-    bufs, bufs0 = _bn_check(bn, torch.randn(4, *shape, dtype=DT))
+    bufs, _ = _bn_check(bn, torch.randn(4, *shape, dtype=DT))
     assert int(bufs["num_batches_tracked"]) == 5 + 4
 
 

@@ -281,6 +281,8 @@ def test_group_norm(wmode, bmode):
     (w, wd), (b, bd) = _param_variants((6,))[wmode], _param_variants((6,))[bmode]
     f = lambda x, w, b: F.group_norm(x, 3, w, b)  # noqa: E731
     check_vmap(f, (x, w, b), (0, wd, bd))
+    check_vmap(f, (x.movedim(0, -1), w, b), (-1, wd, bd))  # the kernel needs a contiguous input
+    check_vmap(f, (x[:, :0], w, b), (0, wd, bd), func_oracle=False)  # N = 0
     check_vmap(lambda x, w, b: F.group_norm(x, 2, w, b), (x[:, :, :, 0, 0], w, b), (0, wd, bd))  # no spatial dims
     if wd is not None or bd is not None:
         check_vmap(f, (x[0], w, b), (None, wd, bd))
@@ -546,9 +548,9 @@ def test_elementwise_losses(name, fn, prob, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("shape", [(5, 4), (4,)])
+@pytest.mark.parametrize("shape", [(5, 4), (4,), ()])
 def test_margin_losses(reduction, shape):
-    C = shape[-1]
+    C = shape[-1] if shape else 1  # a 0-dim input is one row of one class
     x = r(B, *shape)
     t = torch.randint(0, C, (B,) + shape[:-1])
     for p, w in [(1, None), (2, r(C).exp()), (1, r(B, C).exp())]:

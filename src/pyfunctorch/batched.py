@@ -297,15 +297,22 @@ class VmapInterpreter(Interpreter):
         out = func(*pargs, **pkwargs)
         if info.aliased is not None:
             return _return_aliases(info.aliased, args, kwargs, out)
-        if roots and isinstance(out, torch.Tensor) and not _batched_here(out, self):
+        if not roots:
+            return out
+
+        def lazify(o):
+            if isinstance(o, (list, tuple)):
+                return type(o)(lazify(p) for p in o)
+            if not isinstance(o, torch.Tensor) or _batched_here(o, self) or o.layout != torch.strided:
+                return o
             if info.view:
-                return _lazy_wrap(out, self, roots[0])
-            name = func.overloadpacket.__name__
-            if name.endswith("_like") or name.startswith("new_"):
-                # a fresh buffer made from a lazy tensor is itself made inside the function
-                # (e.g. dropout's empty_like(x).bernoulli_(p): each example needs its own draw)
-                return _lazy_wrap(out, self)
-        return out
+                return _lazy_wrap(o, self, roots[0])
+            # A fresh tensor computed from tensors made inside the function is itself made
+            # inside (`y = torch.zeros(3) * 2; y.add_(x)`; dropout's empty_like(x).bernoulli_):
+            # it stays lazy, so a later batched write gives each example its own copy.
+            return _lazy_wrap(o.contiguous(), self)
+
+        return lazify(out)
 
     def _unwrap_args_checked(self, args):
         """``_unwrap_args`` plus whether any tensor requires grad (then autograd must run)."""
@@ -904,8 +911,12 @@ def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, k
             torch.set_rng_state(rng)  # every example sees the same draws
         example = [x if d is None else x.select(d, b) for x, d in zip(flat_args, flat_in)]
         # A size-1 vmap level keeps the randomness flag in force for random factories.
-        with push_interpreter(_new_level(1, randomness, rng, offset + b)):
-            outs.append(func(*tree_unflatten(example, args_spec), **kwargs))
+        with push_interpreter(_new_level(1, randomness, rng, offset + b)) as one:
+            out = func(*tree_unflatten(example, args_spec), **kwargs)
+            # tensors the function created belong to the size-1 level: take their one example
+            out = tree_map(lambda t: one.unwrap_value(t).select(0, 0) if isinstance(t, BatchedTensor) and t._interp is one
+                           else t, out)
+            outs.append(out)
     flat0, spec = tree_flatten(outs[0])
     cols = []
     for o in outs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import keyword
 import sys
 import traceback
 import warnings
@@ -77,24 +78,23 @@ def _flatten(x: Any, leaves: list, struct: list) -> None:
 
 
 def _unflatten(struct: tuple, leaves: list) -> Any:
-    it_struct = iter(struct)
-    it_leaves = iter(leaves)
+    return _build(iter(struct), iter(leaves))
 
-    def build():
-        s = next(it_struct)
-        if s == _LEAF:
-            return next(it_leaves)
-        kind, info = s
-        if kind is _TUPLE:
-            return tuple([build() for _ in range(info)])
-        if kind is _LIST:
-            return [build() for _ in range(info)]
-        if kind is _DICT:
-            return {k: build() for k in info}
-        n = info.num_leaves
-        return pytree.tree_unflatten([next(it_leaves) for _ in range(n)], info)
 
-    return build()
+def _build(it_struct, it_leaves) -> Any:
+    # (a plain recursive function: a self-referencing closure would be a reference cycle
+    # that keeps the output tensors alive until the cyclic GC runs)
+    s = next(it_struct)
+    if s == _LEAF:
+        return next(it_leaves)
+    kind, info = s
+    if kind is _TUPLE:
+        return tuple([_build(it_struct, it_leaves) for _ in range(info)])
+    if kind is _LIST:
+        return [_build(it_struct, it_leaves) for _ in range(info)]
+    if kind is _DICT:
+        return {k: _build(it_struct, it_leaves) for k in info}
+    return pytree.tree_unflatten([next(it_leaves) for _ in range(info.num_leaves)], info)
 
 
 class _Uncacheable(Exception):
@@ -428,20 +428,21 @@ class CompiledFunction:
                 raise problem
             self._fallback(key, problem, None)
             self._eager_calls += 1
-            return _unflatten(captured["struct"], captured["leaves"])
+            return _unflatten(captured.pop("struct"), captured.pop("leaves"))
 
         entry = _Entry()
         entry.graph = gm
         entry.tensor_pos = tuple(tensor_pos)
-        out_leaves = captured["leaves"]
-        single = captured["struct"] == _SINGLE and isinstance(out_leaves[0], torch.Tensor)
-        entry.out_struct = _SINGLE if single else captured["struct"]
+        # (popped: flat_fn, which make_fx may keep referenced, must not keep this call's outputs)
+        out_struct, out_leaves = captured.pop("struct"), captured.pop("leaves")
+        single = out_struct == _SINGLE and isinstance(out_leaves[0], torch.Tensor)
+        entry.out_struct = _SINGLE if single else out_struct
         entry.out_tensor_slots = tuple(i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor))
         entry.out_template = tuple(None if isinstance(o, torch.Tensor) else o for o in out_leaves)
         entry.run = self._make_runner(gm)
         self._cache[key] = entry
         self._traces += 1
-        return _unflatten(entry.out_struct, out_leaves)
+        return _unflatten(out_struct, out_leaves)
 
     def _check_graph(self, gm, captured):
         for o in captured["leaves"]:
@@ -533,7 +534,7 @@ class _NotStraight(Exception):
 def _replay_fn(gm):
     try:
         return _straight_line(gm)
-    except _NotStraight:  # pragma: no cover - make_fx graphs are straight-line aten calls
+    except (_NotStraight, SyntaxError):  # pragma: no cover - make_fx graphs are straight-line aten calls
         return gm.forward
 
 
@@ -624,6 +625,8 @@ def _straight_line(gm: torch.fx.GraphModule) -> Callable:
                 fn = getattr(fn, "_op", fn)
             g = f"_f{len(glb)}"
             glb[g] = fn
+            if any(keyword.iskeyword(k) or not k.isidentifier() for k in n.kwargs):
+                raise _NotStraight(f"keyword argument names {list(n.kwargs)}")
             args = [render(a) for a in n.args] + [f"{k}={render(a)}" for k, a in n.kwargs.items()]
             lines.append(f"    {v} = {g}({', '.join(args)})")
             names[n] = v
@@ -672,11 +675,15 @@ def compile(fn: Callable | None = None, backend: Any = None, *, dynamic: bool | 
       Tensors the function *closes over* (a module's own parameters, globals) are graph
       constants held by reference: in-place updates are seen, rebinding them is not.
     * **Python side effects** (prints, appends, counters) happen when a signature is
-      traced, not on replays.
+      traced, not on replays. The traced run is a real run: its results are that call's
+      results. ``print(tensor)`` inside ``fn`` shows the trace-time values.
     * **Randomness.** Random ops (``torch.randn``, dropout, ``vmap(...,
       randomness='same')``) are recorded as aten random ops, so every replay draws
-      fresh numbers from torch's global generator (a different stream from eager: the
-      values are not bitwise those an eager call would draw).
+      fresh numbers from torch's global generator (``torch.manual_seed`` makes replays
+      repeat; the values are not bitwise those an eager call would draw). Where a
+      transform reads a random seed into Python (at present vmap's
+      ``randomness='different'``), the trace fails as data-dependent and such calls run
+      eagerly, with fresh draws.
     * **Data-dependent control flow and dynamic shapes** (``if x.sum() > 0:``,
       ``.item()``, ``.tolist()``, vmap's per-example re-run, ``nonzero`` / boolean-mask
       indexing whose output shape depends on values) cannot be frozen into a graph. By
@@ -688,11 +695,14 @@ def compile(fn: Callable | None = None, backend: Any = None, *, dynamic: bool | 
       again, so its Python side effects happen twice on that call; if the failed trace
       had already modified an input in place, a ``RuntimeError`` is raised instead.
     * **Outputs** are plain tensors in the same pytree structure as the eager result;
-      non-tensor outputs are the values returned at trace time.
+      non-tensor outputs (numbers, strings, dtypes ...) are the values returned at trace
+      time. A function that returns a closure (``vjp``'s ``vjp_fn``, ``linearize``'s
+      ``jvp_fn``) runs eagerly (one-time warning; ``strict=True`` raises ``TypeError``).
     * **Autograd.** Inputs that require grad are traced as such (it is part of the
       signature) and the replay is ordinary aten ops, so autograd records through it:
       ``torch.autograd.grad`` of a compiled ``grad(f)`` equals the eager one (higher
       orders too with ``backend=None``; torch.compile backends support one backward).
+      A backend that fails to compile falls back to the plain replay with a warning.
     * Calls made inside a live transform (``vmap(compiled_fn)``), or with tensor
       subclasses / non-strided inputs, run eagerly (one-time warning).
     * ``dynamic=True`` is not supported (the graph bakes in the shapes).

@@ -297,12 +297,13 @@ def native_group_norm(op, args, kwargs, dims):
     x = materialize(x, dims[0], B)
     spatial = x.dim() - 3
     affine_batched = dims[1] is not None or dims[2] is not None
-    out, mean, rstd = op(x.flatten(0, 1), None if affine_batched else w, None if affine_batched else b,
-                         B * N, C, HxW, group, eps)
+    # (the kernel needs a contiguous input: a batch dim moved to the front may not be)
+    out, mean, rstd = op(x.flatten(0, 1).contiguous(), None if affine_batched else w,
+                         None if affine_batched else b, B * N, C, HxW, group, eps)
     out = out.reshape(x.shape)
     if affine_batched:
         out = _affine(out, _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
-    return (out, mean.reshape(B, N, -1), rstd.reshape(B, N, -1)), 0
+    return (out, mean.reshape(B, N, group), rstd.reshape(B, N, group)), 0
 
 
 @batch_rule(aten.native_group_norm_backward.default)
@@ -321,8 +322,8 @@ def native_group_norm_backward(op, args, kwargs, dims):
                 B * N, C, HxW, group, [True, False, False])[0].reshape(x.shape)
     red = [1] + list(range(3, x.dim()))  # per example: sum over N and spatial dims
     if mask[1] and w is not None:
-        g = (B, N, group, -1)
-        xhat = ((x.reshape(g) - mean.reshape(g)) * rstd.reshape(g)).reshape(x.shape)
+        g, gm = (B, N, group, (C // group) * HxW), (B, N, group, 1)  # (explicit: N may be 0)
+        xhat = ((x.reshape(g) - mean.reshape(gm)) * rstd.reshape(gm)).reshape(x.shape)
         gw = (go * xhat).sum(red)
     if mask[2]:
         gb = go.sum(red)
@@ -396,15 +397,6 @@ def _loop_weights(B, m, cma_n0):
     return w0, ws
 
 
-def _batched_below(t) -> bool:
-    """Whether ``t`` (a physical value inside a rule) is batched at another (lower) vmap level."""
-    while isinstance(t, _core.LevelTensor):
-        if t._interp.kind == "vmap" and not getattr(t, "_lazy", False):
-            return True
-        t = t._value
-    return False
-
-
 def _vmap_batch_sizes(t) -> dict:
     """{vmap interpreter: batch size} of the levels at which ``t`` is batched."""
     out = {}
@@ -425,7 +417,7 @@ def _cma_n0(running_mean):
 def _bn_shared_stats_update(op, args, dims, B):
     """Batch norm in training mode with running stats that are not batched (see above):
     the batched output, and the buffers updated as the per-example loop updates them."""
-    rpos, tpos, _ = _BN[op]
+    rpos = _BN[op][0]
     stats = [args[rpos], args[rpos + 1]]
     below = {}
     for i in range(3):
@@ -710,6 +702,15 @@ def _rows(t, d, B, C):
     return t.reshape(-1, C) if C is not None else t.reshape(-1)
 
 
+def _margin_shapes(x, d, B):
+    """(physical shape, number of classes C, physical shape of per-row losses) of a logical
+    ``(N, C)``, ``(C,)`` or ``()`` input (a 0-dim input is one row of one class)."""
+    shape = materialize(x, d, B).shape
+    if rank(x, d) == 0:
+        return shape, 1, shape
+    return shape, shape[-1], shape[:-1]
+
+
 def _reduce_rows(loss, B, reduction):
     """Per-row losses ``(B*N,)`` -> per-example losses for ``reduction``."""
     loss = loss.reshape(B, -1)
@@ -742,10 +743,10 @@ def multi_margin_loss(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     if dims[4] is not None:  # per-example class weights: no single kernel call takes them
         return _loop(op, args, dims, B)
-    shape = materialize(x, dims[0], B).shape
-    loss = op(_rows(x, dims[0], B, shape[-1]), _rows(target, dims[1], B, None), p, margin, weight, 0)
+    _, C, lead = _margin_shapes(x, dims[0], B)
+    loss = op(_rows(x, dims[0], B, C), _rows(target, dims[1], B, None), p, margin, weight, 0)
     loss = _reduce_rows(loss, B, reduction)
-    return (loss.reshape(shape[:-1]) if reduction == 0 else loss), 0
+    return (loss.reshape(lead) if reduction == 0 else loss), 0
 
 
 @batch_rule(aten.multi_margin_loss_backward.default)
@@ -755,28 +756,28 @@ def multi_margin_loss_backward(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     if dims[5] is not None:
         return _loop(op, args, dims, B)
-    xr = _rows(x, dims[1], B, x.shape[-1])
+    shape, C, _ = _margin_shapes(x, dims[1], B)
+    xr = _rows(x, dims[1], B, C)
     g = _row_grads(go, dims[0], B, xr.shape[0] // B, reduction)
     gi = op(g, xr, _rows(target, dims[2], B, None), p, margin, weight, 0)
-    return gi.reshape(materialize(x, dims[1], B).shape), 0
+    return gi.reshape(shape), 0
 
 
 @batch_rule(aten.multilabel_margin_loss_forward.default)
 def multilabel_margin_loss_forward(op, args, kwargs, dims):
     x, target, reduction = args
     B = batch_size_of(args, dims)
-    shape = materialize(x, dims[0], B).shape
-    loss, is_target = op(_rows(x, dims[0], B, shape[-1]), _rows(target, dims[1], B, shape[-1]), 0)
+    shape, C, lead = _margin_shapes(x, dims[0], B)
+    loss, is_target = op(_rows(x, dims[0], B, C), _rows(target, dims[1], B, C), 0)
     loss = _reduce_rows(loss, B, reduction)
-    return (loss.reshape(shape[:-1]) if reduction == 0 else loss, is_target.reshape(shape)), 0
+    return (loss.reshape(lead) if reduction == 0 else loss, is_target.reshape(shape)), 0
 
 
 @batch_rule(aten.multilabel_margin_loss_backward.default)
 def multilabel_margin_loss_backward(op, args, kwargs, dims):
     go, x, target, reduction, is_target = args
     B = batch_size_of(args, dims)
-    shape = materialize(x, dims[1], B).shape
-    C = shape[-1]
+    shape, C, _ = _margin_shapes(x, dims[1], B)
     xr = _rows(x, dims[1], B, C)
     g = _row_grads(go, dims[0], B, xr.shape[0] // B, reduction)
     gi = op(g, xr, _rows(target, dims[2], B, C), 0, _rows(is_target, dims[4], B, C))
@@ -953,19 +954,20 @@ def trilinear(op, args, kwargs, dims):
 
 
 def _ctc_fold(args, dims, B, lp_pos):
-    """Folded (log_probs, targets, input_lengths, target_lengths) and N; None if the lengths
-    differ between examples (then the examples' outputs differ in shape: loop)."""
+    """Folded (log_probs, targets, input_lengths, target_lengths) and N.
+
+    With per-example target lengths the kernel sizes log_alpha (N, T, 2*max_len+1) by the
+    longest target of the whole batch rather than of each example: log_alpha is only read
+    by the backward (which folds the same way), and the losses do not depend on it."""
     lp, tg, il, tl = args[lp_pos:lp_pos + 4]
     ld, td, ild, tld = dims[lp_pos:lp_pos + 4]
-    if tld is not None:
-        return None
     lp = materialize(lp, ld, B)  # (B, T, N, C)
     N = lp.shape[2]
     lp = lp.movedim(0, 1).flatten(1, 2)
     tg = materialize(tg, td, B).flatten(0, 1)  # (B, N, S) -> (B*N, S); (B, L) -> (B*L,)
     if isinstance(il, torch.Tensor):
         il = materialize(il, ild, B).reshape(-1)
-        tl = materialize(tl, None, B).reshape(-1)
+        tl = materialize(tl, tld, B).reshape(-1)
     else:
         il, tl = list(il) * B, list(tl) * B
     return lp, tg, il, tl, N
@@ -975,10 +977,7 @@ def _ctc_fold(args, dims, B, lp_pos):
 def ctc_loss(op, args, kwargs, dims):
     args, dims = _full_args(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
-    folded = _ctc_fold(args, dims, B, 0)
-    if folded is None or rank(args[0], dims[0]) != 3:
-        return _loop(op, args, dims, B)
-    lp, tg, il, tl, N = folded
+    lp, tg, il, tl, N = _ctc_fold(args, dims, B, 0)
     nll, alpha = op(lp, tg, il, tl, *args[4:])
     return (nll.reshape(B, N), alpha.reshape((B, N) + alpha.shape[1:])), 0
 
@@ -987,10 +986,7 @@ def ctc_loss(op, args, kwargs, dims):
 def ctc_loss_backward(op, args, kwargs, dims):
     args, dims = _full_args(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
-    folded = _ctc_fold(args, dims, B, 1)
-    if folded is None or rank(args[1], dims[1]) != 3:
-        return _loop(op, args, dims, B)
-    lp, tg, il, tl, N = folded
+    lp, tg, il, tl, N = _ctc_fold(args, dims, B, 1)
     grad, nll, alpha = (materialize(t, d, B).flatten(0, 1) for t, d in zip(
         (args[0], args[5], args[6]), (dims[0], dims[5], dims[6])))
     out = op(grad, lp, tg, il, tl, nll, alpha, *args[7:])
