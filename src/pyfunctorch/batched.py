@@ -65,9 +65,6 @@ class BatchedTensor(LevelTensor):
         r._interp = interp
         return r
 
-    def __init__(self, *args, **kwargs):
-        pass
-
     def _describe(self) -> str:
         return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
 

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _core
-from ._core import LevelTensor, WrapperInterpreter, peel, push_interpreter
+from ._core import Interpreter, LevelTensor, WrapperInterpreter, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .reverse import _check_diff_inputs, _split_aux
 
@@ -28,21 +28,8 @@ class JvpTensor(LevelTensor):
     """A tensor at one jvp level; its tangent lives on the wrapper as a forward-AD dual."""
 
     @staticmethod
-    def __new__(cls, value: torch.Tensor, interp: "JvpInterpreter"):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls,
-            value.shape,
-            strides=value.stride(),
-            storage_offset=value.storage_offset(),
-            dtype=value.dtype,
-            device=value.device,
-        )
-        r._value = value
-        r._interp = interp
-        return r
-
-    def __init__(self, *args, **kwargs):
-        pass
+    def __new__(cls, value: torch.Tensor, interp: Interpreter):
+        return LevelTensor._same_shape(cls, value, interp)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, peel, push_interpreter
+from ._core import Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -24,26 +24,8 @@ class GradTensor(LevelTensor):
     """A tensor differentiated at one grad/vjp level."""
 
     @staticmethod
-    def __new__(cls, value: torch.Tensor, interp: "GradInterpreter", requires_grad: bool = False):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls,
-            value.shape,
-            strides=value.stride(),
-            storage_offset=value.storage_offset(),
-            dtype=value.dtype,
-            device=value.device,
-            requires_grad=requires_grad,
-        ) if requires_grad else torch.Tensor._make_wrapper_subclass(
-            # fewer keyword arguments: this runs for every op's output (~1.5 us saved)
-            cls, value.shape, strides=value.stride(), storage_offset=value.storage_offset(),
-            dtype=value.dtype, device=value.device,
-        )
-        r._value = value
-        r._interp = interp
-        return r
-
-    def __init__(self, *args, **kwargs):
-        pass
+    def __new__(cls, value: torch.Tensor, interp: Interpreter, requires_grad: bool = False):
+        return LevelTensor._same_shape(cls, value, interp, requires_grad)
 
     def _describe(self) -> str:
         return f"GradTensor[grad level {self._interp.level}]"
