@@ -84,7 +84,8 @@ POINTWISE = [
     "float_power", "atan2", "arctan2", "hypot", "maximum", "minimum", "fmax", "fmin", "copysign", "xlogy",
     "special_xlog1py", "special_zeta", "logaddexp", "logaddexp2", "ldexp", "heaviside", "igamma", "igammac",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
-    "bitwise_or", "bitwise_xor", "where", "lerp", "addcmul", "addcdiv", "masked_fill", "gcd", "lcm",
+    "bitwise_or", "bitwise_xor", "where", "lerp", "addcmul", "addcdiv", "masked_fill", "gcd", "lcm", "complex",
+    "polar",
     # backward formulas of activations (reached from grad under vmap)
     "threshold_backward", "sigmoid_backward", "tanh_backward", "gelu_backward", "silu_backward",
     "elu_backward", "leaky_relu_backward", "hardtanh_backward", "hardsigmoid_backward",
@@ -139,3 +140,15 @@ def masked_fill_tensor(op, args, kwargs, dims):
         self_.copy_(out.expand_as(self_) if out.shape != self_.shape else out)
         return self_, 0
     return out, 0
+
+
+@batch_rule(aten.copy.default)
+def copy(op, args, kwargs, dims):
+    # functional copy: a fresh tensor of self's shape and dtype holding src
+    self_, src = args[0], args[1]
+    B = self_.shape[0] if dims[0] is not None else src.shape[0]
+    if dims[0] is None:
+        self_ = self_.unsqueeze(0).expand((B,) + self_.shape)
+    if dims[1] is not None:
+        src = pad_to_rank(src, 0, rank(self_, 0))
+    return op(self_, src, *args[2:], **kwargs), 0

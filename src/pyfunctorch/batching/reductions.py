@@ -192,3 +192,13 @@ def aminmax(op, args, kwargs, dims):
             mn, mx = mn.reshape(shape), mx.reshape(shape)
         return (mn, mx), 0
     return op(x, dim=physical_dim(d, r), keepdim=keepdim), 0
+
+
+
+@batch_rule(aten.median.default, aten.nanmedian.default)
+def median_all(op, args, kwargs, dims):
+    # the (lower) median of all elements of each example
+    x = args[0]
+    flat = x.reshape(x.shape[0], -1)
+    dim_op = aten.median.dim if op is aten.median.default else aten.nanmedian.dim
+    return dim_op(flat, 1)[0], 0
