@@ -113,6 +113,15 @@ def optional_impls(opts, tf_callable, pf_callable, args, jax_builder=None) -> li
             out.append(H.Impl(name, lambda: c2(*args)))
         except Exception as e:
             out.append(H.Impl(name, None, status=f"ERROR: {type(e).__name__}: {H._first_line(e, 100)}"))
+        if opts.compile:  # the traced graph compiled by Inductor, beside torch.compile(torch.func)
+            name = "pyfunctorch compiled (inductor)"
+            try:
+                c3 = pf.compile(pf_callable, backend="inductor")
+                t0 = time.perf_counter()
+                _with_timeout(lambda: c3(*args), opts.compile_timeout)
+                out.append(H.Impl(name, lambda: c3(*args), note=f"compiled in {time.perf_counter() - t0:.0f} s"))
+            except Exception as e:
+                out.append(H.Impl(name, None, status=f"skipped: {type(e).__name__}: {H._first_line(e, 100)}"))
     if HAVE_JAX and jax_builder is not None:
         try:
             fn, convert = jax_builder()
