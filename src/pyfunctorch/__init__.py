@@ -3,7 +3,7 @@
 ``vmap``, ``grad``, ``grad_and_value``, ``vjp``, ``jvp``, ``linearize``,
 ``jacrev``, ``jacfwd``, ``hessian``, ``functional_call`` and
 ``stack_module_state`` with torch.func's signatures, composable in any order and
-depth. Swap ``from torch.func import ...`` for ``from pyfunctorch import ...``.
+depth. Switching your torch.func imports to pyfunctorch gives the same results.
 """
 
 from ._core import EscapedTensorError
