@@ -194,21 +194,39 @@ def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
     _PATCHES.append((owner, attr, original, wrapper))
 
 
+# The patches are process-wide while *any* thread has a live transform: a count of the
+# outermost transform calls in flight (over all threads) decides when to install and
+# remove them, so one thread finishing never unpatches under another.
+_patch_lock = threading.Lock()
+_patch_users = 0
+_patch_saved: list = []
+
+
 def _install_patches() -> None:
-    saved = []
-    for owner, attr, _original, wrapper in _PATCHES:
-        saved.append(owner.__dict__.get(attr, _MISSING_ATTR) if isinstance(owner, type) else getattr(owner, attr))
-        setattr(owner, attr, wrapper)
-    _state.saved_attrs = saved
+    global _patch_users, _patch_saved
+    with _patch_lock:
+        _patch_users += 1
+        if _patch_users > 1:
+            return
+        saved = []
+        for owner, attr, _original, wrapper in _PATCHES:
+            saved.append(owner.__dict__.get(attr, _MISSING_ATTR) if isinstance(owner, type) else getattr(owner, attr))
+            setattr(owner, attr, wrapper)
+        _patch_saved = saved
 
 
 def _uninstall_patches() -> None:
-    for (owner, attr, _original, _wrapper), old in zip(_PATCHES, _state.saved_attrs):
-        if old is _MISSING_ATTR:
-            delattr(owner, attr)
-        else:
-            setattr(owner, attr, old)
-    _state.saved_attrs = []
+    global _patch_users, _patch_saved
+    with _patch_lock:
+        _patch_users -= 1
+        if _patch_users > 0:
+            return
+        for (owner, attr, _original, _wrapper), old in zip(_PATCHES, _patch_saved):
+            if old is _MISSING_ATTR:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, old)
+        _patch_saved = []
 
 
 @contextmanager
