@@ -49,3 +49,31 @@ def test_writing_a_derivative_into_an_outside_tensor_raises_before_writing():
         with pytest.raises(RuntimeError, match="came from outside"):
             transform(lambda xi: b.copy_(xi).sum(), torch.randn(3))
     assert torch.equal(b, torch.zeros(3))
+
+
+def test_transforms_in_several_threads_keep_torch_patched_only_while_needed():
+    import threading
+
+    import pyfunctorch._core as core
+
+    originals = (torch.randn, torch.zeros, torch.Tensor.detach)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(40):
+                x = torch.randn(4, 3)
+                out = pf.vmap(lambda a: a.sin() + torch.randn(()), randomness="different")(x)
+                assert out.shape == (4, 3)
+                torch.testing.assert_close(pf.grad(lambda a: a.exp().sum())(x), x.exp())
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (torch.randn, torch.zeros, torch.Tensor.detach) == originals
+    assert core._patch_users == 0
