@@ -77,3 +77,25 @@ def test_transforms_in_several_threads_keep_torch_patched_only_while_needed():
     assert errors == []
     assert (torch.randn, torch.zeros, torch.Tensor.detach) == originals
     assert core._patch_users == 0
+
+
+def test_autograd_function_closing_over_a_differentiated_tensor_raises():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(c):
+            return c * Scale.x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def f(x):
+        Scale.x = x  # read through a closure, not passed to apply(): the derivative would be lost
+        return Scale.apply(torch.ones(3)).sum()
+
+    with pytest.raises(RuntimeError, match="as an argument"):
+        pf.grad(f)(torch.randn(3))

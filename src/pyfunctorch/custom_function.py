@@ -204,7 +204,9 @@ def custom_function_call(cls, args: tuple, kwargs: dict):
         kwargs = {k: _core._resolve_dead(v) for k, v in kwargs.items()}
     top, _ = _core._find_top(args, kwargs or {})
     if top is None:
-        return _orig_apply(cls, *args, **kwargs)
+        out = _orig_apply(cls, *args, **kwargs)
+        _check_no_closure(cls, out)
+        return out
     if not new_style:
         raise _old_style_error(cls)
     if _has_tensor_kwargs(kwargs):
@@ -219,6 +221,18 @@ def custom_function_call(cls, args: tuple, kwargs: dict):
     if top.kind == "vmap":
         return _vmap_rule(top, cls, args, kwargs)
     raise NotImplementedError(f"pyfunctorch: autograd.Function under a {top.kind} level is not supported.")
+
+
+def _check_no_closure(cls, out) -> None:
+    """torch runs forward under no_grad: a forward that reads a differentiated tensor from a
+    closure (not an argument) would silently drop its derivative. Refuse instead."""
+    for o in _leaves(out if isinstance(out, (tuple, list)) else [out], []):
+        if isinstance(o, _core.LevelTensor) and o._interp.alive and o._interp.kind in ("grad", "jvp"):
+            raise RuntimeError(
+                f"pyfunctorch: {cls.__name__}.forward used a tensor that a {o._interp.kind} transform is "
+                "differentiating without receiving it as an argument (e.g. through a closure or a global). "
+                "Its derivative would be lost: pass that tensor to apply() as an argument."
+            )
 
 
 # -- grad and jvp levels: a bridge Function on the level's wrappers ---------------------
