@@ -384,6 +384,7 @@ def _metadata_query(func, args):
     return NotImplemented
 
 
+_COMPLEX = (torch.complex64, torch.complex128, torch.complex32)
 _IS_SAME_SIZE = aten.is_same_size.default
 _SAME_STORAGE_NUMEL = aten._has_same_storage_numel.default
 _METADATA_OPS = {_IS_SAME_SIZE, _SAME_STORAGE_NUMEL}
@@ -426,6 +427,13 @@ class LevelTensor(torch.Tensor):
             )
         r._value = value
         r._interp = interp
+        if value.dtype in _COMPLEX:
+            # lazy conj/neg views: forward AD compares a view's tangent layout (these bits
+            # included) with its primal's
+            if value.is_conj():
+                torch._C._set_conj(r, True)
+            if value.is_neg():
+                torch._C._set_neg(r, True)
         return r
 
     def __init__(self, *args, **kwargs):

@@ -63,6 +63,11 @@ class BatchedTensor(LevelTensor):
         r._value = value
         r._bdim = bdim
         r._interp = interp
+        if value.dtype in _core._COMPLEX:  # keep lazy conj/neg bits visible on the wrapper
+            if value.is_conj():
+                torch._C._set_conj(r, True)
+            if value.is_neg():
+                torch._C._set_neg(r, True)
         return r
 
     def _describe(self) -> str:
