@@ -529,18 +529,9 @@ def lift_mixed(args, kwargs):
     return new_args, new_kwargs
 
 
-def is_wrapper(x: Any) -> bool:
-    return isinstance(x, LevelTensor)
-
-
 def level_of(x: Any) -> int:
     """The level of ``x`` (0 for a plain tensor)."""
     return x._interp.level if isinstance(x, LevelTensor) else 0
-
-
-def top_interpreter() -> Interpreter | None:
-    st = _state.stack
-    return st[-1] if st else None
 
 
 # -- tensors created inside a transformed function ----------------------------------
