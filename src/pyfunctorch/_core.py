@@ -547,7 +547,7 @@ def _factory_entry(original, args, kwargs):
     # Only the user's own code: torch internals (decompositions, nn.functional) and
     # this library create scratch tensors that must stay plain.
     caller = sys._getframe(2).f_globals.get("__name__", "")
-    if caller.startswith(("torch", "pyfunctorch")):
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
         return out
     if out.layout != torch.strided or not out.is_contiguous():
         return out
