@@ -36,9 +36,7 @@ def lookup(op):
         aten_op = _aten_equivalent(op)
         if aten_op is not None:  # trap 6: torch._refs emit prims.* ops
             rule = _prims_rule(aten_op, lookup(aten_op))
-        if torch.Tag.pointwise in op.tags and not any(
-            a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments
-        ):
+        if torch.Tag.pointwise in op.tags and not _registry.is_out_overload(op):
             rule = pointwise.broadcasting_rule
         _TAG_CACHE[op] = rule
     return rule

@@ -55,6 +55,24 @@ def overloads(*packets, only: Sequence[str] | None = None):
     return out
 
 
+def is_out_overload(op) -> bool:
+    """Whether ``op`` writes into a keyword-only ``out=`` tensor (vmap handles those
+    generically: the functional overload, then a copy into ``out``)."""
+    return any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
+
+
+def non_out_overloads(*names: str) -> list:
+    """Every overload of the named aten packets except the ``out=`` ones (names this torch
+    lacks are skipped)."""
+    ops = []
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is None:
+            continue
+        ops.extend(op for op in (getattr(packet, ov) for ov in packet.overloads()) if not is_out_overload(op))
+    return ops
+
+
 # -- shared dimension bookkeeping (JAX's bdim_at_front / matchaxis) -----------------
 
 

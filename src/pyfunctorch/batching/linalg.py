@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank
+from ._registry import batch_rule, batch_size_of, materialize, non_out_overloads, pad_to_rank
 
 aten = torch.ops.aten
 
@@ -88,15 +88,7 @@ def batch_agnostic(op, args, kwargs, dims):
     return op(*args, **kwargs), 0
 
 
-for _name in _BATCH_AGNOSTIC:
-    _packet = getattr(aten, _name, None)
-    if _packet is None:
-        continue
-    for _ov in _packet.overloads():
-        _op = getattr(_packet, _ov)
-        if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in _op._schema.arguments):
-            continue
-        batch_rule(_op)(batch_agnostic)
+batch_rule(*non_out_overloads(*_BATCH_AGNOSTIC))(batch_agnostic)
 
 
 @batch_rule(aten._linalg_check_errors.default)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, overloads, pad_to_rank, rank
+from ._registry import batch_rule, non_out_overloads, overloads, pad_to_rank, rank
 
 aten = torch.ops.aten
 
@@ -94,22 +94,7 @@ POINTWISE = [
 ]
 
 
-def _pointwise_overloads():
-    ops = []
-    for name in POINTWISE:
-        for variant in (name, name + "_"):
-            packet = getattr(aten, variant, None)
-            if packet is None:
-                continue
-            for ov in packet.overloads():
-                op = getattr(packet, ov)
-                if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
-                    continue  # out= overloads: kwargs dispatch path
-                ops.append(op)
-    return ops
-
-
-batch_rule(*_pointwise_overloads())(broadcasting_rule)
+batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(broadcasting_rule)
 
 
 @batch_rule(*overloads(aten.copy_))
