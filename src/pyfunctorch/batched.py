@@ -264,7 +264,9 @@ class VmapInterpreter(Interpreter):
             return loop_fallback(self, func, args, kwargs)
         for v in kwargs.values():
             if _batched_here(v, self):
-                return loop_fallback(self, func, args, kwargs)
+                if not getattr(rule, "_pyf_batched_kwargs", False):
+                    return loop_fallback(self, func, args, kwargs)
+                return self._rule_with_batched_kwargs(func, rule, info, args, kwargs)
         uargs, dims = self._unwrap_args(args)
         if _core._state.jvp_depth:
             uargs, kwargs = _core.lift_mixed(uargs, kwargs)
@@ -342,6 +344,18 @@ class VmapInterpreter(Interpreter):
                 uargs.append(a)
                 dims.append(None)
         return uargs, dims, needs
+
+    def _rule_with_batched_kwargs(self, func, rule, info, args, kwargs):
+        uargs, dims = self._unwrap_args(args)
+        keys = list(kwargs)
+        ukw, kdims = self._unwrap_args([kwargs[k] for k in keys])
+        ukwargs = dict(zip(keys, ukw))
+        if _core._state.jvp_depth:
+            uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
+        out, out_dims = rule(func, uargs, ukwargs, dims, dict(zip(keys, kdims)))
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
+        return self._wrap(out, out_dims)
 
     def _unwrap_args(self, args):
         uargs = []

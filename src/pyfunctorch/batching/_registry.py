@@ -10,8 +10,15 @@ moved to the front* (so ``args[i].shape[0]`` is the batch size). ``dims``
 mirrors ``args``: ``0`` for a batched tensor, ``None`` for anything else (a
 tensor-list argument gets a list of ``0``/``None``). ``out_dims`` mirrors the
 output: the batch dimension of each tensor output, or ``None`` if it is not
-batched. Rules never see a batched tensor in ``kwargs`` (the dispatcher sends
-such calls to the loop fallback).
+batched.
+
+A tensor batched at this level in ``kwargs`` (keyword-only schema arguments such as
+``searchsorted(sorter=)`` or attention's ``attn_mask``) reaches only rules registered
+with ``@batch_rule(op, batched_kwargs=True)``; those are called as
+``rule(op, args, kwargs, dims, kwarg_dims)``, with such tensors unwrapped in ``kwargs``
+like ``args`` and ``kwarg_dims`` mapping each keyword to ``0`` or ``None``. Other rules
+never see a batched keyword argument: the dispatcher sends those calls to the loop
+fallback.
 
 Register with ``@batch_rule(aten.mm.default)`` (an ``OpOverload``) or with an
 ``OpOverloadPacket`` to cover every overload. ``grep -rn "aten.mm" batching/``
@@ -30,10 +37,15 @@ aten = torch.ops.aten
 BATCH_RULES: dict[Any, Callable] = {}
 
 
-def batch_rule(*ops) -> Callable[[Callable], Callable]:
-    """Register the decorated function as the batching rule of ``ops``."""
+def batch_rule(*ops, batched_kwargs: bool = False) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the batching rule of ``ops``.
+
+    ``batched_kwargs=True``: the rule also takes batched keyword arguments (it is called
+    with a fifth argument, ``kwarg_dims``; see the module docstring)."""
 
     def register(fn: Callable) -> Callable:
+        if batched_kwargs:
+            fn._pyf_batched_kwargs = True
         for op in ops:
             if isinstance(op, torch._ops.OpOverloadPacket):
                 for name in op.overloads():
