@@ -854,3 +854,88 @@ def test_autograd_function_db_against_torch_func(op, case):
             continue
         got = _run_db_case(pf, op, case, args, sample.kwargs, tpos)
         assert_close(got, expected)
+
+
+# -- a backward formula that cannot be batched runs once per example -------------------------
+
+
+class ScratchScale(torch.autograd.Function):
+    """x * w whose backward writes the (batched) grad_output in place into a scratch tensor it
+    computed from the unbatched ``w``: under vmap(grad) that write cannot be batched."""
+
+    @staticmethod
+    def forward(x, w):
+        return x * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.note = "kept"
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        assert ctx.note == "kept"
+        gx = w.clone()
+        gx.mul_(g)
+        return gx, None
+
+
+def test_backward_writing_batched_grads_into_scratch_runs_per_example():
+    w = torch.randn(4, dtype=DT)
+    X = torch.randn(3, 4, dtype=DT)
+
+    def f(x):
+        return (ScratchScale.apply(x, w) ** 2).sum()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = pf.vmap(pf.grad(f))(X)
+    assert any("once per example" in str(c.message) for c in caught)
+    expected = torch.stack([_loop_grad(f, x) for x in X])
+    assert_close(got, expected)
+    assert_close(got, 2 * X * w * w)  # closed form
+
+
+def _loop_grad(f, x):
+    x = x.clone().requires_grad_()
+    return torch.autograd.grad(f(x), x)[0]
+
+
+def test_torch_library_op_backward_runs_per_example_under_vmap_grad():
+    """torch's own custom op (linear_cross_entropy, reduction='none') does the same in its
+    backward; torch.func raises here."""
+    N, C, V = 4, 5, 7
+    m = torch.nn.LinearCrossEntropyLoss(C, V, bias=True, reduction="none",
+                                        options=torch.nn.LinearCrossEntropyOptions(), dtype=DT)
+    target = torch.randint(0, V, (N,))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    X = torch.randn(3, N, C, dtype=DT)
+
+    def loss(p, x):
+        return (pf.functional_call(m, p, (x, target)) ** 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp, gx = pf.vmap(pf.grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, X)
+    for i in range(3):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        x = X[i].clone().requires_grad_()
+        out = (torch.func.functional_call(m, p, (x, target)) ** 2).sum()
+        ref = torch.autograd.grad(out, [*p.values(), x])
+        for k, r in zip(p, ref):
+            assert_close(gp[k][i], r)
+        assert_close(gx[i], ref[-1])
+
+
+def test_backward_that_cannot_batch_under_create_graph_raises_clearly():
+    """Under a higher grad level the formula's ops are recorded (create_graph): its wrappers
+    cannot be dropped for a per-example re-run, so a write error stands (no silent answer;
+    here the outer grad level refuses first: the write would lose a derivative)."""
+    w = torch.tensor(1.5, dtype=DT)
+
+    def f(x):
+        return ScratchScale.apply(x, w) ** 3
+
+    with pytest.raises(RuntimeError, match="in-place|not batched"):
+        pf.vmap(pf.grad(pf.grad(f)))(torch.randn(3, dtype=DT))
