@@ -939,3 +939,45 @@ def test_backward_that_cannot_batch_under_create_graph_raises_clearly():
 
     with pytest.raises(RuntimeError, match="in-place|not batched"):
         pf.vmap(pf.grad(pf.grad(f)))(torch.randn(3, dtype=DT))
+
+
+# -- torch.library custom ops with their own register_vmap rule ------------------------------
+
+_VMAP_CALLS: list = []
+
+
+@torch.library.custom_op("pyf_test::np_mul", mutates_args=())
+def np_mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x.numpy() * y.numpy())
+
+
+@np_mul.register_vmap
+def _np_mul_vmap(info, in_dims, x, y):
+    _VMAP_CALLS.append((info.batch_size, info.randomness, tuple(in_dims)))
+    x_bdim, y_bdim = in_dims
+    x = x.movedim(x_bdim, -1) if x_bdim is not None else x.unsqueeze(-1)
+    y = y.movedim(y_bdim, -1) if y_bdim is not None else y.unsqueeze(-1)
+    return np_mul(x, y).movedim(-1, 0), 0
+
+
+@pytest.mark.parametrize("in_dims,xs,ys", [((0, 0), (3, 4), (3, 4)), ((1, None), (4, 3), (4,)),
+                                           ((None, 0), (4,), (3, 4))], ids=str)
+def test_custom_op_register_vmap_rule_is_used(in_dims, xs, ys):
+    x = torch.randn(xs, dtype=DT)
+    y = torch.randn(ys, dtype=DT)
+    _VMAP_CALLS.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.batched.PerformanceWarning)  # no loop fallback
+        got = pf.vmap(np_mul, in_dims=in_dims)(x, y)
+    assert _VMAP_CALLS == [(3, "error", in_dims)]
+    assert_close(got, loop_vmap(np_mul, in_dims)(x, y))
+    assert_close(got, tf.vmap(np_mul, in_dims=in_dims)(x, y))
+
+
+def test_custom_op_register_vmap_nested():
+    x = torch.randn(2, 3, 4, dtype=DT)
+    y = torch.randn(4, dtype=DT)
+    _VMAP_CALLS.clear()
+    got = pf.vmap(pf.vmap(np_mul, in_dims=(0, None)), in_dims=(0, None))(x, y)
+    assert len(_VMAP_CALLS) == 2  # one call per level, no per-example loop
+    assert_close(got, x * y)

@@ -121,6 +121,7 @@ FALLBACK_COUNTS: dict = {}
 
 _RANKED_FORMATS = (torch.channels_last, torch.channels_last_3d)
 _RULE, _RANDOM, _DATA_DEPENDENT, _METADATA = "rule", "random", "data-dependent", "metadata"
+_CUSTOM_VMAP = "custom-op vmap"  # a torch.library custom op with a register_vmap rule
 
 
 class _OpInfo:
@@ -142,6 +143,8 @@ def _op_info(func) -> _OpInfo:
         info = _OpInfo(_METADATA, None, None)
     elif func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
         info = _OpInfo(_DATA_DEPENDENT, None, None)
+    elif func not in BATCH_RULES and _custom_op_vmap_fn(func) is not None:
+        info = _OpInfo(_CUSTOM_VMAP, None, aliased)
     elif torch.Tag.nondeterministic_seeded in func.tags and func not in BATCH_RULES:
         # (an explicit rule handles its own randomness, e.g. attention with dropout_p=0)
         info = _OpInfo(_RANDOM, None, aliased, func)
@@ -156,6 +159,57 @@ def _op_info(func) -> _OpInfo:
 
 
 _INFO_OPS: list = []
+
+
+def _custom_op_vmap_fn(func):
+    """The function a torch.library custom op registered with ``register_vmap`` (or None)."""
+    if getattr(func, "namespace", "aten") in ("aten", "prims"):
+        return None
+    try:
+        from torch._library.custom_ops import _maybe_get_opdef
+
+        opdef = _maybe_get_opdef(func)
+    except Exception:  # pragma: no cover - torch without torch.library custom ops
+        return None
+    return getattr(opdef, "_vmap_fn", None) if opdef is not None else None
+
+
+def _custom_op_vmap(interp, func, args, kwargs):
+    """A custom op's own vmap rule, called as torch.func calls it: ``fn(info, in_dims, *args,
+    **kwargs)`` on the physical values (batch dims at 0) with this level lowered, returning
+    ``(outputs, out_dims)``."""
+    from .custom_function import VmapInfo, _lowered, _wrap_batched_outputs
+
+    if any(_batched_here(v, interp) for v in kwargs.values()):
+        return loop_fallback(interp, func, args, kwargs)
+    def physical(a):  # batch dims stay where they are, as torch.func passes them
+        if isinstance(a, BatchedTensor) and a._interp is interp:
+            return a._value, a._bdim
+        if isinstance(a, (list, tuple)) and any(isinstance(b, BatchedTensor) for b in a):
+            pairs = [physical(b) for b in a]
+            return type(a)(v for v, _ in pairs), [d for _, d in pairs]
+        return a, None
+
+    pairs = [physical(a) for a in args]
+    uargs, dims = [v for v, _ in pairs], [d for _, d in pairs]
+    with _lowered(interp.level):
+        res = _custom_op_vmap_fn(func)(VmapInfo(interp.batch_size, interp.randomness), tuple(dims), *uargs, **kwargs)
+    if not (isinstance(res, tuple) and len(res) == 2):
+        raise RuntimeError(
+            f"pyfunctorch.vmap: the register_vmap function of {func} must return a pair (outputs, out_dims); "
+            f"it returned {type(res).__name__}."
+        )
+    outputs, out_dims = res
+    if isinstance(outputs, list):
+        outputs = tuple(outputs)
+    return _wrap_batched_outputs(interp, _CustomOpName(func), outputs, out_dims, uargs, args)
+
+
+class _CustomOpName:
+    """Names the op in the messages of custom_function._wrap_batched_outputs."""
+
+    def __init__(self, func):
+        self.__name__ = str(func)
 
 
 def _is_random(func) -> bool:
@@ -249,6 +303,10 @@ class VmapInterpreter(Interpreter):
                 raise _data_dependent(self, "`.item()`/bool()")
             if kind is _RANDOM:
                 return _random_op(self, func, args, kwargs)
+            if kind is _CUSTOM_VMAP:
+                if info.aliased is not None:  # a mutating custom op: per example
+                    return loop_fallback(self, func, args, kwargs)
+                return _custom_op_vmap(self, func, args, kwargs)
         rule = info.rule
         if rule is None:
             decomp = _decomposition(func)
