@@ -202,3 +202,41 @@ def median_all(op, args, kwargs, dims):
     flat = x.reshape(x.shape[0], -1)
     dim_op = aten.median.dim if op is aten.median.default else aten.nanmedian.dim
     return dim_op(flat, 1)[0], 0
+
+
+# -- segment_reduce -------------------------------------------------------------------------
+# Per example, ``lengths``/``offsets`` have the shape of ``data`` up to ``axis`` plus one dim of
+# segments: they carry the leading dims of ``data``, so a batch dim in front of both is just one
+# more leading dim (the segments of example b index example b's data only).
+
+
+def _segment_axis(kwargs, r):
+    axis = kwargs.get("axis", 0)
+    return physical_dim(axis, r)
+
+
+@batch_rule(aten.segment_reduce.default, batched_kwargs=True)
+def segment_reduce(op, args, kwargs, dims, kwarg_dims=None):
+    kwarg_dims = kwarg_dims or {}
+    data, reduce = args[0], args[1]
+    tensors = {k: kwargs[k] for k in ("lengths", "indices", "offsets") if kwargs.get(k) is not None}
+    B = batch_size_of([data, *tensors.values()], [dims[0], *(kwarg_dims.get(k) for k in tensors)])
+    r = rank(data, dims[0])
+    kwargs = dict(kwargs, axis=_segment_axis(kwargs, r))
+    for k, t in tensors.items():
+        kwargs[k] = materialize(t, kwarg_dims.get(k), B).contiguous()  # (the kernel reads raw memory)
+    return op(materialize(data, dims[0], B).contiguous(), reduce, **kwargs), 0
+
+
+@batch_rule(aten._segment_reduce_backward.default, batched_kwargs=True)
+def segment_reduce_backward(op, args, kwargs, dims, kwarg_dims=None):
+    # (grad, output, data, reduce): grad/output have the reduced shape, data the input's
+    kwarg_dims = kwarg_dims or {}
+    tensors = {k: kwargs[k] for k in ("lengths", "offsets") if kwargs.get(k) is not None}
+    B = batch_size_of([*args[:3], *tensors.values()], [*dims[:3], *(kwarg_dims.get(k) for k in tensors)])
+    r = rank(args[2], dims[2])
+    kwargs = dict(kwargs, axis=_segment_axis(kwargs, r))
+    for k, t in tensors.items():
+        kwargs[k] = materialize(t, kwarg_dims.get(k), B).contiguous()
+    grad, output, data = (materialize(t, d, B).contiguous() for t, d in zip(args[:3], dims[:3]))
+    return op(grad, output, data, *args[3:], **kwargs), 0
