@@ -250,17 +250,31 @@ def _out_leaves(out):
     return [out]
 
 
+def _user_callable(op):
+    """How user code calls the op: ``torch.NAME`` looked up at call time. (An OpInfo holds
+    the function object from import time; pyfunctorch replaces a few torch entry points
+    while a transform is live -- factories, random functions, tensor_split -- and user code,
+    which looks ``torch.NAME`` up when it runs, sees those.)"""
+    fn = getattr(op, "op", None)
+    name = getattr(fn, "__name__", None)
+    if name and getattr(torch, name, None) is fn:
+        return lambda *a, **k: getattr(torch, name)(*a, **k)
+    return op
+
+
 def _make_fn(op, leaves, spec, tpos):
     """f(*tensor_leaves) -> tuple of the op's tensor outputs; the op's non-tensor outputs
     go to ``f.py_out`` (the last call's)."""
     from torch.utils import _pytree as pytree
+
+    call = _user_callable(op)
 
     def f(*ts):
         ls = list(leaves)
         for p, t in zip(tpos, ts):
             ls[p] = t
         inp, args, kwargs = pytree.tree_unflatten(ls, spec)
-        out = op(inp, *args, **kwargs)
+        out = call(inp, *args, **kwargs)
         outs = _out_leaves(out)
         f.py_out = [o for o in outs if not isinstance(o, torch.Tensor)]
         return tuple(o for o in outs if isinstance(o, torch.Tensor))

@@ -99,3 +99,68 @@ def test_autograd_function_closing_over_a_differentiated_tensor_raises():
 
     with pytest.raises(RuntimeError, match="as an argument"):
         pf.grad(f)(torch.randn(3))
+
+
+@pytest.mark.parametrize("as_method", [False, True])
+def test_tensor_split_with_batched_tensor_sections_is_ragged_per_example(as_method):
+    """torch's C++ composite reads the sections tensor's data (a wrapper has none: torch
+    crashed). Each example now splits at its own indices; the parts are ragged."""
+    import warnings
+
+    x = torch.randn(2, 5, 3)
+    idx = torch.tensor([[1, 2, 3], [3, 3, 3]])
+
+    def f(a, i):
+        return a.tensor_split(i, dim=0) if as_method else torch.tensor_split(a, i, dim=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts = pf.vmap(f)(x, idx)
+    loop = [torch.tensor_split(a, i, dim=0) for a, i in zip(x, idx)]
+    assert len(parts) == 4
+    for k, part in enumerate(parts):
+        pieces = part.unbind() if part.is_nested else part.unbind(0)
+        for b in range(2):
+            assert torch.equal(pieces[b], loop[b][k])
+
+
+def test_tensor_split_with_unbatched_sections_tensor_inside_vmap():
+    x = torch.randn(3, 6)
+    got = pf.vmap(lambda a: torch.tensor_split(a, torch.tensor([2, 4])))(x)
+    for g, e in zip(got, torch.tensor_split(x, torch.tensor([2, 4]), dim=1)):
+        assert torch.equal(g, e)
+
+
+def test_item_and_tolist_on_tensors_created_inside_vmap():
+    """Constants made inside the function have one value for every example: .item(),
+    .tolist(), float() and bool() on them need no per-example re-run (and no warning)."""
+    import warnings
+
+    def f(x):
+        c, s = torch.tensor([2.0, 4.0]), torch.tensor(3.0)
+        return x * s.item() + c.tolist()[1] + float(s) + (1 if bool(s > 2) else 0)
+
+    X = torch.randn(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = pf.vmap(f)(X)
+        got2 = pf.vmap(pf.vmap(f))(X.reshape(3, 2, 1))
+    assert torch.allclose(got, torch.stack([f(x) for x in X]))
+    assert torch.allclose(got2, X.reshape(3, 2, 1) * 3 + 8)
+
+
+def test_item_in_the_per_example_rerun_on_a_tensor_made_inside():
+    """The per-example re-run gives tensors made inside the function a size-1 level; an
+    .item() on one that was written with example data must answer, not raise again."""
+    import warnings
+
+    def f(x):
+        acc = torch.zeros(())
+        acc += x.sum()
+        return x * acc.item()
+
+    X = torch.randn(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = pf.vmap(f)(X)
+    assert torch.allclose(got, torch.stack([f(x) for x in X]))

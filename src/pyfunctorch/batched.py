@@ -74,6 +74,8 @@ class BatchedTensor(LevelTensor):
         return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
 
     def _tolist(self):
+        if self._lazy or self._interp.batch_size == 1:  # one value for every example
+            return self._value.select(self._bdim, 0).tolist()
         raise _data_dependent(self._interp, "tolist")
 
     def __getitem__(self, idx):
@@ -300,6 +302,8 @@ class VmapInterpreter(Interpreter):
             if kind is _METADATA:
                 return _core._metadata_query(func, args)
             if kind is _DATA_DEPENDENT:
+                if self.batch_size == 1:  # (the per-example re-run's level): one value
+                    return func(*_slice_example(tuple(args), self, 0), **kwargs)
                 raise _data_dependent(self, "`.item()`/bool()")
             if kind is _RANDOM:
                 return _random_op(self, func, args, kwargs)
@@ -777,6 +781,32 @@ for _fn_name in ("normal_", "uniform_", "random_", "exponential_", "cauchy_", "l
     _core.patch_while_active(torch.Tensor, _fn_name, _random_entry_point)
 
 
+
+# -- tensor_split with tensor sections: a C++ composite that reads the tensor's data --------
+
+
+def _tensor_split_entry(original, args, kwargs):
+    """``tensor_split(x, sections_tensor)`` reads the tensor's data in C++ (a wrapper has
+    none: torch crashes). Read it in Python first, where a batched tensor raises the
+    per-example signal (each example splits at its own indices: ragged outputs)."""
+    args = list(args)
+    key = next((k for k in ("tensor_indices_or_sections", "indices", "sections") if k in kwargs), None)
+    sec = kwargs[key] if key is not None else (args[1] if len(args) > 1 else None)
+    if not isinstance(sec, LevelTensor):
+        return original(*args, **kwargs)
+    value = sec.tolist()  # a batched tensor: data-dependent -> per-example re-run
+    if key is not None:
+        kwargs = dict(kwargs)
+        del kwargs[key]
+        kwargs["sections" if sec.dim() == 0 else "indices"] = value
+    else:
+        args[1] = value
+    return original(*args, **kwargs)
+
+
+_core.patch_while_active(torch, "tensor_split", _tensor_split_entry)
+_core.patch_while_active(torch.Tensor, "tensor_split", _tensor_split_entry)
+
 # -- the public transform ---------------------------------------------------------------
 
 
@@ -1043,6 +1073,12 @@ def _combine_examples(vals, d, func):
 
 def _ragged(vals):
     """A torch.nested tensor whose i-th component is the i-th example's output."""
+    if any(v.is_nested for v in vals):
+        raise DataDependentError(
+            "vmap: the examples' outputs are themselves ragged (nested) tensors of different shapes: a vmap "
+            "over a vmap whose results are ragged would need a tensor ragged in two dims, which torch.nested "
+            "does not have. Batch the inner call over the outer examples with a for-loop instead."
+        )
     ranks = {v.dim() for v in vals}
     if len(ranks) != 1:
         raise DataDependentError("vmap: the examples' outputs have different numbers of dims; cannot batch them.")
