@@ -981,3 +981,23 @@ def test_custom_op_register_vmap_nested():
     got = pf.vmap(pf.vmap(np_mul, in_dims=(0, None)), in_dims=(0, None))(x, y)
     assert len(_VMAP_CALLS) == 2  # one call per level, no per-example loop
     assert_close(got, x * y)
+
+
+def test_custom_op_backward_runs_per_example_under_vmap_of_vjp_fn():
+    """The forward ran under vjp with no vmap live; the backward later runs under vmap with
+    a batch of cotangents (jacrev-style) and needs the same per-example re-run."""
+    N, C, V = 4, 5, 7
+    m = torch.nn.LinearCrossEntropyLoss(C, V, bias=True, reduction="none",
+                                        options=torch.nn.LinearCrossEntropyOptions(), dtype=DT)
+    target = torch.randint(0, V, (N,))
+    x = torch.randn(N, C, dtype=DT)
+    cots = torch.randn(3, N, dtype=DT)
+    _, vjp_fn = pf.vjp(lambda x: m(x, target), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (got,) = pf.vmap(vjp_fn)(cots)
+    xr = x.clone().requires_grad_()
+    out = m(xr, target)
+    for i in range(3):
+        (ref,) = torch.autograd.grad(out, xr, cots[i], retain_graph=True)
+        assert_close(got[i], ref)

@@ -939,7 +939,9 @@ def _apply_entry(cls, args, kwargs):
             kwargs = {k: _core._resolve_dead(v) for k, v in kwargs.items()}
         return _orig_apply_fn(cls, *args, **kwargs)
     if _is_torch_internal_old_style(cls):
-        if "apply" not in cls.__dict__ and _top_vmap(_leaves(list(args), [])) is not None:
+        if cls.__module__ == "torch._library.autograd" and "apply" not in cls.__dict__:
+            # a torch.library custom op's autograd kernel: its backward may later run under
+            # a vmap (vmap(grad), or vmap over a vjp_fn) and need the per-example re-run
             cls = _per_example_backward_class(cls)
         return _orig_apply_fn(cls, *args, **kwargs)
     return custom_function_call(cls, args, kwargs)
