@@ -23,7 +23,8 @@ SERVED_ORDER = ("rule", "pointwise-tag", "decomposition", "loop")
 def served_by(op) -> str:
     """How vmap serves the aten ``OpOverload`` ``op``: ``'random'`` (the randomness
     path), ``'rule'`` (an explicit entry in ``BATCH_RULES``), ``'pointwise-tag'``
-    (the broadcasting rule for ops tagged pointwise), ``'decomposition'``
+    (the broadcasting rule for ops tagged pointwise; a custom op's own ``register_vmap``
+    rule counts as ``'rule'``), ``'decomposition'``
     (``torch._decomp``, whose sub-ops are served in turn) or ``'loop'`` (the
     per-example loop fallback).
 
@@ -32,8 +33,8 @@ def served_by(op) -> str:
     """
     if torch.Tag.nondeterministic_seeded in op.tags:
         return "random"
-    if op in BATCH_RULES:
-        return "rule"
+    if op in BATCH_RULES or batched._custom_op_vmap_fn(op) is not None:
+        return "rule"  # (a torch.library custom op's own register_vmap rule counts as one)
     if lookup(op) is not None:
         return "pointwise-tag"
     if batched._decomposition(op) is not None:
