@@ -468,11 +468,21 @@ def _scalar_values(v, like):
     return torch.tensor(v, device=like.device)
 
 
-@batch_rule(aten.searchsorted.Tensor, aten.searchsorted.Scalar)
-def searchsorted(op, args, kwargs, dims):
+@batch_rule(aten.searchsorted.Tensor, aten.searchsorted.Scalar, batched_kwargs=True)
+def searchsorted(op, args, kwargs, dims, kwarg_dims=None):
     seq, values = args
-    B = batch_size_of(args, dims)
     kwargs = dict(kwargs)
+    dims = list(dims)
+    if kwarg_dims and kwarg_dims.get("sorter") is not None:
+        # a per-example sorter: searching seq with sorter is searching seq.gather(-1, sorter)
+        # (the result indexes the sorted order either way)
+        sorter = kwargs.pop("sorter")
+        seq = materialize(seq, dims[0], sorter.shape[0])
+        if sorter.shape != seq.shape:
+            raise RuntimeError("torch.searchsorted(): boundary and sorter must have the same size, but got "
+                               f"boundary tensor {list(seq.shape[1:])} and got sorter tensor {list(sorter.shape[1:])}")
+        seq, dims[0] = seq.gather(-1, sorter), 0
+    B = batch_size_of([seq, values], dims)
     seq_rank = rank(seq, dims[0])
     if dims[0] is None:  # only the values are batched (contiguous: avoids torch's copy warning)
         return op(seq, values.contiguous(), **kwargs), 0
@@ -498,6 +508,30 @@ def bucketize(op, args, kwargs, dims):
         values, vd = _scalar_values(values, boundaries), None
     # bucketize(v, b, right=r) is searchsorted(b, v, right=r)
     return _searchsorted_batched_seq(boundaries, values, vd, B, kwargs), 0
+
+
+@batch_rule(aten.nonzero_static.default)
+def nonzero_static(op, args, kwargs, dims):
+    # Per example: the indices of the first `size` nonzero elements (row-major), padded with
+    # fill_value. Element j of example b is its nonzero number rank = (nonzeros before j): it
+    # goes to row `rank` when rank < size (the others to a dump row), then rows unravel.
+    x = args[0]
+    size, fill = kwargs["size"], kwargs.get("fill_value", -1)
+    B, shape = x.shape[0], tuple(x.shape[1:])
+    nz = (x != 0).reshape(B, -1)
+    n = nz.shape[1]
+    rank_ = nz.long().cumsum(1) - 1
+    slot = torch.where(nz & (rank_ < size), rank_, size)
+    flat = torch.arange(n, device=x.device).expand(B, n)
+    found = torch.full((B, size + 1), -1, dtype=torch.int64, device=x.device).scatter(1, slot, flat)[:, :size]
+    coords = []
+    stride = 1
+    for s in reversed(shape):
+        s = max(s, 1)  # (a size-0 dim: no element, every row is fill)
+        coords.append(found // stride % s)
+        stride *= s
+    out = torch.stack(coords[::-1], dim=2) if coords else found.new_zeros((B, size, 0))
+    return torch.where((found >= 0).unsqueeze(2), out, torch.full((), fill, dtype=torch.int64, device=x.device)), 0
 
 
 # -- histc / histogram / histogramdd ----------------------------------------------------
