@@ -153,22 +153,30 @@ QUICK_OPS = [
 ]  # fmt: skip
 
 
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise SystemExit(f"--dtype: {name!r} is not a torch dtype")
+    return dt
+
+
 def op_key(op) -> str:
     return op.name + ("." + op.variant_test_name if op.variant_test_name else "")
 
 
-def load_ops(names=None):
-    """float32-on-CPU OpInfos (those named in ``names``, by key or base name, if given)."""
+def load_ops(names=None, dtype=torch.float32):
+    """OpInfos that support ``dtype`` on CPU (those named in ``names``, by key or base
+    name, if given)."""
     from torch.testing._internal.common_methods_invocations import op_db
 
-    ops = [o for o in op_db if torch.float32 in o.supported_dtypes("cpu")]
+    ops = [o for o in op_db if dtype in o.supported_dtypes("cpu")]
     if names is not None:
         want = set(names)
         ops = [o for o in ops if op_key(o) in want or o.name in want]
         found = {op_key(o) for o in ops} | {o.name for o in ops}
         missing = want - found
         if missing:
-            raise SystemExit(f"unknown op(s) (no float32 CPU OpInfo): {', '.join(sorted(missing))}")
+            raise SystemExit(f"unknown op(s) (no {dtype} CPU OpInfo): {', '.join(sorted(missing))}")
     return ops
 
 
@@ -623,7 +631,8 @@ def _is_random_sample(op, leaves, spec, tpos):
     return False
 
 
-def run_op(op, max_samples=SAMPLES_PER_OP, kinds=IN_DIMS_KINDS, nested=True, budget=OP_BUDGET, log=None):
+def run_op(op, max_samples=SAMPLES_PER_OP, kinds=IN_DIMS_KINDS, nested=True, budget=OP_BUDGET, log=None,
+           dtype=torch.float32):
     """Run every case of one OpInfo. Returns a JSON-able dict."""
     from pyfunctorch import _coverage
 
@@ -638,7 +647,7 @@ def run_op(op, max_samples=SAMPLES_PER_OP, kinds=IN_DIMS_KINDS, nested=True, bud
     torch.manual_seed(seed)
     notes = Counter()
     try:
-        samples, sample_err = _pick_samples(op, torch.float32, max_samples)
+        samples, sample_err = _pick_samples(op, dtype, max_samples)
     except Exception as e:  # noqa: BLE001
         res["skip"] = f"sample_inputs raises: {type(e).__name__}: {_first_line(e)}"
         return res
@@ -1043,7 +1052,7 @@ def summarise_ad(results, out=print, top=30):
 def worker(args):
     torch.set_num_threads(1)
     names = args.ops.split(",") if args.ops else None
-    ops = load_ops(names)
+    ops = load_ops(names, _dtype(args.dtype))
     ops = [o for i, o in enumerate(ops) if i % args.nworkers == args.worker]
     path = Path(args.results_file)
     done, started = set(), set()
@@ -1070,7 +1079,7 @@ def worker(args):
                 if args.ad:
                     r = run_op_ad(op)
                 else:
-                    r = run_op(op, max_samples=args.samples, log=log, kinds=args.kinds)
+                    r = run_op(op, max_samples=args.samples, log=log, kinds=args.kinds, dtype=_dtype(args.dtype))
             except Exception as e:  # noqa: BLE001  (a bug of this harness)
                 r = {"op": key, "cases": [], "skip": f"harness error: {type(e).__name__}: {_first_line(e)}"}
             fh.write(json.dumps(r) + "\n")
@@ -1102,6 +1111,9 @@ def main(argv=None):
     ap.add_argument("--ops", help="comma-separated OpInfo names (name or name.variant)")
     ap.add_argument("--quick", action="store_true", help=f"the representative slice ({len(QUICK_OPS)} ops, 3 samples)")
     ap.add_argument("--ad", action="store_true", help="AD coverage (vjp, vmap(vjp_fn), jvp) instead of vmap")
+    ap.add_argument("--dtype", default="float32",
+                    help="the dtype of the sample inputs of the vmap sweep (default float32; e.g. complex64, int64); "
+                         "a full sweep in another dtype writes docs/coverage_DTYPE.md")
     ap.add_argument("--samples", type=int, default=None, help=f"sample inputs per op (default {SAMPLES_PER_OP})")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--resume", action="store_true", help="keep the results of an interrupted run")
@@ -1130,7 +1142,9 @@ def main(argv=None):
         return 0
 
     full = not args.ops
-    tag = "ad" if args.ad else "vmap"
+    if args.ad and args.dtype != "float32":
+        ap.error("--dtype applies to the vmap sweep (the AD sweep runs in float64)")
+    tag = "ad" if args.ad else "vmap" + ("" if args.dtype == "float32" else "-" + args.dtype)
     if not full:
         tag += "-" + ("quick" if args.quick else f"{zlib.crc32(args.ops.encode()):08x}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -1145,11 +1159,12 @@ def main(argv=None):
         base += ["--ops", args.ops]
     if args.ad:
         base.append("--ad")
+    base += ["--dtype", args.dtype]
     if args.verbose:
         base.append("-v")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if args.ops:
-        load_ops(args.ops.split(","))  # unknown names: fail here, not in the workers
+        load_ops(args.ops.split(","), _dtype(args.dtype))  # unknown names: fail here, not in the workers
 
     def size(i):
         return files[i].stat().st_size if files[i].exists() else 0
@@ -1184,6 +1199,18 @@ def main(argv=None):
             (DOCS / "coverage_ad.md").write_text(
                 "# AD coverage over the OpInfo database\n\nGenerated by `python scripts/coverage.py --ad`.\n\n```\n"
                 + "\n".join(lines) + "\n```\n")
+    elif args.dtype != "float32":
+        lines = []
+        summarise(results, out=lines.append, top=1000)
+        print("\n".join(lines))
+        if args.write_docs or (full and not args.no_docs):
+            path = DOCS / f"coverage_{args.dtype}.md"
+            path.write_text(
+                f"# vmap coverage over the OpInfo database in {args.dtype}\n\n"
+                f"Generated by `python scripts/coverage.py --dtype {args.dtype}` (do not edit by hand): the "
+                f"float32 sweep of docs/coverage.md, run on every OpInfo that supports {args.dtype} on CPU, "
+                f"with sample inputs of that dtype. torch {torch.__version__}.\n\n```\n" + "\n".join(lines) + "\n```\n")
+            print(f"wrote {path}")
     else:
         sums = summarise(results)
         if args.write_docs or (full and not args.no_docs):
