@@ -816,6 +816,49 @@ def cdist_backward(op, args, kwargs, dims):
     return out.reshape(tuple(lead) + out.shape[-2:]), 0
 
 
+def _check_pdist(x, p):
+    if x.dim() != 3:
+        raise RuntimeError(f"pdist only supports 2D tensors, got: {x.dim() - 1}D")
+    if p < 0:
+        raise RuntimeError("pdist only supports non-negative p values")
+
+
+@batch_rule(aten._pdist_forward.default)
+def pdist_forward(op, args, kwargs, dims):
+    # the pairs i < j of each example's cdist, row-major (the order pdist lists them in);
+    # compute_mode 2: the direct formula, never the matmul shortcut for p=2
+    x = args[0]
+    p = args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+    _check_pdist(x, p)
+    n = x.shape[1]
+    i, j = torch.triu_indices(n, n, 1, device=x.device)
+    return aten._cdist_forward.default(x, x, p, 2)[:, i, j], 0
+
+
+@batch_rule(aten._pdist_backward.default)
+def pdist_backward(op, args, kwargs, dims):
+    # pdist(x)[k] = cdist(x, x)[i_k, j_k]: x gets the gradient of both of its roles, which is
+    # cdist's backward (w.r.t. x1) of the symmetric grad G + G^T over the symmetric distances
+    grad, x, p, dist = args
+    B = batch_size_of(args, dims)
+    grad, x, dist = (materialize(t, d, B) for t, d in zip((grad, x, dist), (dims[0], dims[1], dims[3])))
+    _check_pdist(x, p)
+    n = x.shape[1]
+    i, j = torch.triu_indices(n, n, 1, device=x.device)
+    g = _sym_from_pairs(grad, n, i, j)
+    d = _sym_from_pairs(dist, n, i, j)
+    return aten._cdist_backward.default(g, x.contiguous(), x.contiguous(), p, d), 0
+
+
+def _sym_from_pairs(v, n, i, j):
+    """``(B, n(n-1)/2)`` values of the pairs i < j -> the symmetric ``(B, n, n)`` matrix (zero
+    diagonal)."""
+    B = v.shape[0]
+    flat = v.new_zeros((B, n * n))
+    idx = torch.cat([i * n + j, j * n + i]).expand(B, -1)
+    return flat.scatter(1, idx, torch.cat([v, v], 1)).reshape(B, n, n)
+
+
 def _fold_mask(kwargs, B):
     # the mask broadcasts against one example's (N, H, L, S); after folding N becomes B*N
     m = kwargs.get("attn_mask")
