@@ -859,11 +859,21 @@ def _sym_from_pairs(v, n, i, j):
     return flat.scatter(1, idx, torch.cat([v, v], 1)).reshape(B, n, n)
 
 
-def _fold_mask(kwargs, B):
-    # the mask broadcasts against one example's (N, H, L, S); after folding N becomes B*N
+def _fold_mask(kwargs, B, N, kwarg_dims=None):
+    """attn_mask for the folded call. Per example it is (L, S) or broadcasts against
+    (N, H, L, S) as a 4-d tensor; after folding, N becomes B*N. A batched mask (B, *mask)
+    gives every example its own."""
     m = kwargs.get("attn_mask")
-    if m is not None and m.dim() == 4 and m.shape[0] != 1:
-        kwargs = dict(kwargs, attn_mask=m.unsqueeze(0).expand((B,) + m.shape).flatten(0, 1))
+    if m is None:
+        return kwargs
+    if kwarg_dims and kwarg_dims.get("attn_mask") is not None:
+        if m.dim() == 3:  # (B, L, S)
+            m = m[:, None, None]
+        if m.dim() == 5:
+            m = m.expand((B, N) + m.shape[2:]).flatten(0, 1)
+        return dict(kwargs, attn_mask=m)  # (anything else: let the kernel raise its error)
+    if m.dim() == 4 and m.shape[0] != 1:
+        return dict(kwargs, attn_mask=m.unsqueeze(0).expand((B,) + m.shape).flatten(0, 1))
     return kwargs
 
 
@@ -884,21 +894,28 @@ def _check_attention_dropout(dropout_p):
         )
 
 
-@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default)
-def sdpa_flash_cpu(op, args, kwargs, dims):
+def _attention_batch(args, dims, kwargs, kwarg_dims, n):
+    """Batch size and per-example N of an attention call whose first ``n`` args are tensors."""
+    B = batch_size_of([*args[:n], kwargs.get("attn_mask")], [*dims[:n], (kwarg_dims or {}).get("attn_mask")])
+    q, d = args[0], dims[0]
+    return B, q.shape[1] if d is not None else q.shape[0]
+
+
+@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu.default, batched_kwargs=True)
+def sdpa_flash_cpu(op, args, kwargs, dims, kwarg_dims=None):
     # the kernel takes (N, H, L, E): the batch joins N
     _check_attention_dropout(args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0))
-    B = batch_size_of(args, dims)
+    B, N = _attention_batch(args, dims, kwargs, kwarg_dims, 3)
     q, k, v = (materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:3], dims[:3]))
-    out, lse = op(q, k, v, *args[3:], **_fold_mask(kwargs, B))
+    out, lse = op(q, k, v, *args[3:], **_fold_mask(kwargs, B, N, kwarg_dims))
     return (out.reshape((B, -1) + out.shape[1:]), lse.reshape((B, -1) + lse.shape[1:])), 0
 
 
-@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
-def sdpa_flash_cpu_backward(op, args, kwargs, dims):
-    B = batch_size_of(args, dims)
+@batch_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default, batched_kwargs=True)
+def sdpa_flash_cpu_backward(op, args, kwargs, dims, kwarg_dims=None):
+    B, N = _attention_batch(args, dims, kwargs, kwarg_dims, 6)
     ts = [materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:6], dims[:6])]
-    grads = op(*ts, *args[6:], **_fold_mask(kwargs, B))
+    grads = op(*ts, *args[6:], **_fold_mask(kwargs, B, N, kwarg_dims))
     return tuple(g.reshape((B, -1) + g.shape[1:]) for g in grads), 0
 
 
