@@ -1,10 +1,19 @@
-"""Matrix products: mm, bmm, mv, dot and their add* forms, via broadcasting matmul."""
+"""Matrix products (mm, bmm, mv, dot and their add* forms, via broadcasting matmul) and
+linear algebra that batches over leading dims (svd, solve, lstsq, pinv, ldl_solve ...)."""
 
 from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, batch_size_of, materialize, non_out_overloads, pad_to_rank
+from .. import _core
+from ._registry import (
+    batch_rule,
+    batch_size_of,
+    materialize,
+    non_out_overloads,
+    pad_to_rank,
+    rank,
+)
 
 aten = torch.ops.aten
 
@@ -76,7 +85,7 @@ _BATCH_AGNOSTIC = [
     "linalg_cholesky_ex", "linalg_qr", "linalg_lu_factor_ex", "linalg_lu", "linalg_matrix_exp", "cholesky",
     "cholesky_inverse", "cholesky_solve", "triangular_solve", "linalg_solve_triangular", "linalg_lu_solve",
     "lu_unpack", "_linalg_solve_ex", "linalg_householder_product", "linalg_ldl_factor_ex",
-    "geqrf", "ormqr", "linalg_pinv", "_linalg_eigvals", "linalg_matrix_power", "inverse", "logdet", "det",
+    "geqrf", "ormqr", "_linalg_eigvals", "linalg_matrix_power", "inverse", "logdet", "det",
     "slogdet", "linalg_tensorinv", "matrix_power", "linalg_vander",
 ]
 
@@ -96,3 +105,233 @@ def check_errors(op, args, kwargs, dims):
     info, api_name = args[0], args[1]
     op(info, api_name, is_matrix=False)  # raises with the same message for any failing example
     return None, None
+
+
+# -- helpers for the solvers below -------------------------------------------------------------
+
+
+def _per_example_signal(op, msg):
+    """Ask the vmap level running this rule to re-run the function once per example (as it
+    does for ``.item()``); a rule is not told its level, so find the nearest
+    ``VmapInterpreter.dispatch``/``process`` frame."""
+    import sys
+
+    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
+
+    f = sys._getframe(1)
+    while f is not None:
+        interp = f.f_locals.get("self")
+        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
+            return _PerExampleSignal(interp, msg)
+        f = f.f_back
+    return DataDependentError(msg)
+
+
+def _loop(op, args, dims, kwargs, B):
+    """``op`` once per example, stacked: for the rare inputs where one batched call cannot
+    give the per-example results (and to raise torch's own error for bad per-example shapes)."""
+    outs = []
+    for i in range(B):
+        outs.append(op(*[a.select(0, i) if d is not None else a for a, d in zip(args, dims)], **kwargs))
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    cols = list(zip(*outs))
+    if any(len({tuple(t.shape) for t in col}) > 1 for col in cols):
+        shapes = sorted({tuple(tuple(t.shape) for t in o) for o in outs})[:3]
+        raise _per_example_signal(op, f"vmap: {op} returned tensors of different shapes for different examples "
+                                      f"({shapes}...); a batched tensor needs one shape.")
+    return tuple(torch.stack(col) for col in cols), 0
+
+
+def _fold_rhs(b, vector):
+    """A batched right-hand side ``(B, *, m, k)`` (``(B, *, m)`` if ``vector``) as the
+    columns of one unbatched ``(*, m, k*B)`` (``(*, m, B)``): one solve with a shared matrix."""
+    b = b.movedim(0, -1)
+    return b if vector else b.flatten(-2)
+
+
+def _unfold_rhs(x, vector, k, B):
+    """Inverse of :func:`_fold_rhs` on a result ``(*, n, k*B)``: ``(B, *, n, k)``."""
+    if vector:
+        return x.movedim(-1, 0)
+    return x.unflatten(-1, (k, B)).movedim(-1, 0)
+
+
+# -- lstsq ---------------------------------------------------------------------------------------
+# torch.linalg.lstsq(A, b, rcond, driver) returns (solution, residuals, rank, singular_values),
+# and which of the last three are real results or empty (0,) placeholders depends on the call:
+#   rank             every driver but 'gels';
+#   singular_values  'gelsd' and 'gelss';
+#   residuals        m > n and driver != 'gelsy', and for 'gelsd'/'gelss' only if *every*
+#                    matrix of the call has full rank n.
+# A placeholder is (0,) whatever the batch, so stacking per-example placeholders gives (B, 0):
+# it is returned unbatched. The residuals condition looks at the whole call: one batched call
+# over examples of which only some have full rank returns no residuals, while the examples
+# alone would return residuals for some and none for others. Those per-example results differ
+# in shape, so that case is handed back to vmap's per-example re-run (like a boolean mask).
+# ``b`` is a vector (B has one dim less than A) or a matrix per example; moving the batch dim
+# to the front of both keeps that distinction and aligns their batch dims.
+
+
+def _lstsq_driver(A, kwargs):
+    return kwargs.get("driver") or ("gelsy" if A.device.type == "cpu" else "gels")
+
+
+@batch_rule(aten.linalg_lstsq.default)
+def lstsq(op, args, kwargs, dims):
+    A, b = args[0], args[1]
+    da, db = dims[0], dims[1]
+    B = batch_size_of(args, dims)
+    ra, rb = rank(A, da), rank(b, db)
+    if ra < 2 or ra - rb not in (0, 1):
+        return _loop(op, args, dims, kwargs, B)  # torch's own error for these shapes
+    vector = ra - rb == 1
+    if da is None:
+        # A shared by every example: the examples' right-hand sides become the columns of one
+        # right-hand side, so A is factorized once. rank and singular values are A's alone, and
+        # the residuals condition is the same for every example.
+        k = 1 if vector else b.shape[-1]
+        sol, res, rk, sv = op(A, _fold_rhs(b, vector), *args[2:], **kwargs)
+        res_dim = None
+        if tuple(res.shape) == tuple(sol.shape[:-2]) + sol.shape[-1:]:  # computed: (*, k*B), else a placeholder
+            res, res_dim = (res.movedim(-1, 0).unsqueeze(-1) if vector else res.unflatten(-1, (k, B)).movedim(-1, 0)), 0
+        return (_unfold_rhs(sol, vector, k, B), res, rk, sv), (0, res_dim, None, None)
+    b = materialize(b, db, B)
+    sol, res, rk, sv = op(A, b, *args[2:], **kwargs)
+    driver = _lstsq_driver(A, kwargs)
+    m, n = A.shape[-2], A.shape[-1]
+    example_res = tuple(sol.shape[1:-1]) + (1,) if vector else tuple(sol.shape[1:-2]) + (b.shape[-1],)  # if computed
+    if tuple(res.shape) == (B,) + example_res:
+        res_dim = 0
+    else:
+        res_dim = None
+        if m > n and driver in ("gelsd", "gelss") and example_res != (0,) and bool((rk.reshape(B, -1) == n).all(1).any()):
+            # only some examples have full rank: alone, they would return residuals and the
+            # others would not (different shapes)
+            raise _per_example_signal(op, f"vmap: {op} (driver={driver!r}) returns residuals for the examples whose "
+                                          "matrices have full rank and none for the others; a batched tensor needs "
+                                          "one shape.")
+    rk_dim = 0 if driver != "gels" else None
+    sv_dim = 0 if driver in ("gelsd", "gelss") else None
+    return (sol, res, rk, sv), (0, res_dim, rk_dim, sv_dim)
+
+
+# -- ldl_solve -----------------------------------------------------------------------------------
+# linalg_ldl_solve(LD, pivots, B): LD (*, n, n) and pivots (*, n) must have the same batch dims,
+# B (*', n, k) broadcasts against them. With the batch dim moved to the front the batch dims of
+# an unbatched operand no longer line up from the right, so every operand is padded to the
+# common batch rank. And torch's kernel reads out of bounds (crashes) when B's batch is larger
+# than LD's (it loops over the broadcast batch but indexes LD unbroadcast): LD and pivots are
+# expanded to the full broadcast batch first.
+
+
+def _expand_factor(LD, piv, batch):
+    batch = torch.broadcast_shapes(tuple(LD.shape[:-2]), tuple(batch))
+    if tuple(LD.shape[:-2]) != batch:
+        LD = LD.expand(batch + LD.shape[-2:])
+        piv = piv.expand(batch + piv.shape[-1:])
+    return LD, piv
+
+
+@batch_rule(aten.linalg_ldl_solve.default)
+def ldl_solve(op, args, kwargs, dims):
+    LD, piv, rhs = args
+    dl, dp, dr = dims
+    B = batch_size_of(args, dims)
+    rl, rp, rr = rank(LD, dl), rank(piv, dp), rank(rhs, dr)
+    if rl < 2 or rr < 2 or rp != rl - 1 or LD.shape[(dl is not None):-1] != piv.shape[(dp is not None):]:
+        return _loop(op, args, dims, kwargs, B)  # torch's own error for these shapes
+    if dl is None and dp is None:
+        # one factorization shared by every example: the examples' right-hand sides become
+        # the columns of one right-hand side
+        k = rhs.shape[-1]
+        rf = _fold_rhs(rhs, False)
+        LD, piv = _expand_factor(LD, piv, rf.shape[:-2])
+        return _unfold_rhs(op(LD, piv, rf, **kwargs), False, k, B), 0
+    r = max(rl, rr)
+    LD = pad_to_rank(materialize(LD, dl, B), 0, r)
+    piv = pad_to_rank(materialize(piv, dp, B), 0, r - 1)
+    if dr is not None:
+        rhs = pad_to_rank(rhs, 0, r)
+    LD, piv = _expand_factor(LD, piv, rhs.shape[:-2])
+    return op(LD, piv, rhs, **kwargs), 0
+
+
+# -- pinv with tensor tolerances -----------------------------------------------------------------
+# linalg_pinv.atol_rtol_tensor(A, *, atol, rtol, hermitian): the tolerances (keyword arguments,
+# possibly batched) broadcast against A's batch dims *and can add batch dims of their own*: the
+# result is broadcast(A.shape[:-2], atol.shape, rtol.shape) + (n, m). A is padded to the largest
+# batch rank so that the batch dim in front lines up. An empty A short-circuits in torch (the
+# tolerances are not used): nothing to pad then.
+
+
+@batch_rule(aten.linalg_pinv.atol_rtol_tensor, batched_kwargs=True)
+def pinv(op, args, kwargs, dims, kwarg_dims=None):
+    kwarg_dims = kwarg_dims or {}
+    A, dA = args[0], dims[0]
+    tols = {k: (kwargs.get(k), kwarg_dims.get(k)) for k in ("atol", "rtol")}
+    B = batch_size_of([A] + [t for t, _ in tols.values()], [dA] + [d for _, d in tols.values()])
+    if dA is None:
+        A = materialize(A, dA, B).contiguous()
+    if A.numel():
+        r = max([A.dim() - 3] + [rank(t, d) for t, d in tols.values() if t is not None])
+        A = pad_to_rank(A, 0, r + 2)
+        kwargs = dict(kwargs)
+        for k, (t, d) in tols.items():
+            if d is not None:
+                kwargs[k] = pad_to_rank(t, 0, r)
+    return op(A, *args[1:], **kwargs), 0
+
+
+# -- matrix_rank with an unbatched matrix and batched tolerances ---------------------------------
+# Every linalg_matrix_rank overload is CompositeImplicit C++: it never reaches a vmap level, so no
+# rule can take it. When the matrix is a plain tensor but atol/rtol/tol are batched, that C++
+# allocates the result from the plain matrix and, as the matrix is no tensor subclass, fills it
+# with ``sum(S > tol, -1, out=result)``: batched values written into an unbatched tensor
+# (BatchedWriteError; torch.func fails there too). While a transform is live,
+# ``torch.linalg.matrix_rank`` takes that case here and computes the same thing out of place.
+# (Only calls made through the ``torch.linalg.matrix_rank`` attribute are seen: a reference
+# taken before the transform started, such as an OpInfo's ``op``, bypasses the patch.)
+
+
+def _matrix_rank(A, atol, rtol, hermitian):
+    """``torch.linalg.matrix_rank`` as torch's ``matrix_rank_impl`` computes it, out of place."""
+    if hermitian:
+        S = torch.linalg.eigvalsh(A).abs()
+        max_S = S.amax(-1, keepdim=True)
+    else:
+        S = torch.linalg.svdvals(A)
+        max_S = S.narrow(-1, 0, 1)
+    opts = {"dtype": torch.float64, "device": A.device}
+    if rtol is None:
+        eps = torch.finfo(A.real.dtype if A.is_complex() else A.dtype).eps
+        rtol = torch.full((), eps * max(A.shape[-1], A.shape[-2]), **opts)
+        if atol is not None:
+            rtol = torch.where(atol > 0, torch.zeros((), **opts), rtol)
+    if atol is None:
+        atol = torch.zeros((), **opts)
+    tol = torch.maximum(atol.unsqueeze(-1), rtol.unsqueeze(-1) * max_S)
+    return (S > tol).sum(-1)
+
+
+def _matrix_rank_entry(original, args, kwargs):
+    A = args[0] if args else None
+    names = ("tol", "hermitian") if len(args) > 1 or "tol" in kwargs else ()
+    params = dict(zip(names, args[1:]))
+    if set(params) & set(kwargs):
+        return original(*args, **kwargs)
+    params.update(kwargs)
+    tols = [params.get(k) for k in ("atol", "rtol", "tol")]
+    if (not isinstance(A, torch.Tensor) or isinstance(A, _core.LevelTensor) or A.numel() == 0
+            or len(args) > 1 + len(names) or set(params) - {"atol", "rtol", "tol", "hermitian"}
+            or not any(isinstance(t, _core.LevelTensor) for t in tols)
+            or any(not isinstance(t, torch.Tensor) or t.is_complex() for t in tols if t is not None) or A.dim() < 2):
+        return original(*args, **kwargs)  # (also raises torch's own errors)
+    if "tol" in params:  # the (A, tol, hermitian) form: atol=tol, rtol=0
+        atol, rtol = params["tol"], torch.zeros((), dtype=torch.float64, device=A.device)
+    else:
+        atol, rtol = params.get("atol"), params.get("rtol")
+    return _matrix_rank(A, atol, rtol, params.get("hermitian", False))
+
+
+_core.patch_while_active(torch.linalg, "matrix_rank", _matrix_rank_entry)
