@@ -616,6 +616,33 @@ def embedding_dense_backward(op, args, kwargs, dims):
     return out.reshape(B, num_weights, -1), 0
 
 
+@batch_rule(aten.embedding_renorm_.default)
+def embedding_renorm_(op, args, kwargs, dims):
+    # Per example: each row of the table that the indices name (negative ones wrap) is scaled
+    # by max_norm / (norm + 1e-7) if its norm exceeds max_norm. Gather the named rows, scale them
+    # as the kernel does (the scale in double, applied in the table's dtype), scatter them back
+    # (a row named twice gets the same value twice).
+    w, idx, max_norm, norm_type = args
+    if dims[0] is None:  # per-example indices would renorm one shared table differently
+        from .indexing import _inplace_error
+
+        raise _inplace_error(op)
+    if w.dim() != 3:
+        raise RuntimeError(f"embedding_renorm_: Expected 2-dimensional tensor, but got {w.dim() - 1}-dimensional tensor "
+                           "for argument #1 'self'")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError("embedding_renorm_: Expected tensor for argument #2 'indices' to have one of the following "
+                           f"scalar types: Long, Int; but got {idx.dtype} instead")
+    B, V, D = w.shape
+    idx = materialize(idx, dims[1], B).reshape(B, -1).long()
+    idx = torch.where(idx < 0, idx + V, idx).unsqueeze(-1).expand(B, idx.shape[1], D)
+    rows = w.gather(1, idx)
+    norm = torch.linalg.vector_norm(rows, norm_type, dim=-1, keepdim=True).double()
+    scale = torch.where(norm > max_norm, max_norm / (norm + 1e-7), torch.ones((), dtype=norm.dtype, device=norm.device))
+    w.scatter_(1, idx, rows * scale.to(w.dtype))
+    return args[0], 0
+
+
 # -- nll_loss ----------------------------------------------------------------------------------
 # Computed on the physical tensors with gather/scatter: per-example reductions ('mean' divides
 # by each example's own total weight) and batched class weights come out directly.
