@@ -264,9 +264,14 @@ def _user_callable(op):
     while a transform is live -- factories, random functions, tensor_split -- and user code,
     which looks ``torch.NAME`` up when it runs, sees those.)"""
     fn = getattr(op, "op", None)
-    name = getattr(fn, "__name__", None)
-    if name and getattr(torch, name, None) is fn:
-        return lambda *a, **k: getattr(torch, name)(*a, **k)
+    for path in (op.name, getattr(fn, "__name__", None) or ""):
+        owner, _, attr = ("torch." + path).rpartition(".")
+        try:
+            mod = eval(owner, {"torch": torch})  # noqa: S307 (a dotted name of torch's)
+        except Exception:  # noqa: BLE001
+            continue
+        if attr and getattr(mod, attr, None) is fn:
+            return lambda *a, **k: getattr(mod, attr)(*a, **k)
     return op
 
 

@@ -36,10 +36,16 @@ def lookup(op):
         aten_op = _aten_equivalent(op)
         if aten_op is not None:  # trap 6: torch._refs emit prims.* ops
             rule = _prims_rule(aten_op, lookup(aten_op))
-        if torch.Tag.pointwise in op.tags and not _registry.is_out_overload(op):
+        # (aten.equal is tagged pointwise but returns one Python bool: not elementwise)
+        if torch.Tag.pointwise in op.tags and not _registry.is_out_overload(op) and _returns_tensors(op):
             rule = pointwise.broadcasting_rule
         _TAG_CACHE[op] = rule
     return rule
+
+
+def _returns_tensors(op) -> bool:
+    rets = op._schema.returns
+    return bool(rets) and all(isinstance(r.type, torch.TensorType) for r in rets)
 
 
 def _aten_equivalent(op):
