@@ -381,6 +381,7 @@ def _run_loop(f, phys, leaf_dims, sizes):
     """The reference: f on every example, stacked. Raises _LoopError if an example raises
     or its Python outputs differ; returns ('ragged', shapes) if output shapes differ."""
     outs = []
+    pys = []
     py = None
     for index in _multi_indices(sizes):
         ex = [_example(x, dims, index) for x, dims in zip(phys, leaf_dims)]
@@ -391,10 +392,14 @@ def _run_loop(f, phys, leaf_dims, sizes):
         except Exception as e:  # noqa: BLE001
             raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
         outs.append(o)
+        pys.append(f.py_out)
         if py is None:
             py = f.py_out
-        elif not _py_equal(py, f.py_out):
-            return "pyvalues", "the op returns Python values that differ between examples"
+    if any(not _py_equal(py, p) for p in pys):
+        # vmap's answer: the per-example Python values stacked into tensors (after the outputs)
+        if any(len(p) != len(py) or not all(isinstance(v, (bool, int, float, complex)) for v in p) for p in pys):
+            raise _LoopError("the op returns per-example Python values that are not numbers: not compared")
+        return "pyvalues", [o + tuple(torch.as_tensor(v) for v in p) for o, p in zip(outs, pys)]
     if any(x.layout != torch.strided for o in outs for x in o):
         raise _LoopError("non-strided (sparse) output: not compared")
     shapes = {tuple(tuple(x.shape) for x in o) for o in outs}
@@ -475,16 +480,29 @@ def run_case(op, sample, leaves, spec, tpos, kind, seed, key):
         except _LoopError as e:
             loop_err = loop_err or str(e)
             continue
-        if res == "pyvalues":  # Python outputs that differ between examples
-            case.update(status="fail", mode=mode, etype="DataDependentValue", err=val)
+        if res == "pyvalues":
+            # Python outputs (bool, number) that differ between examples: a function returning
+            # them from vmap gets them stacked into a tensor (per-example re-run), as the loop
+            case.update(mode=mode, pyvalues=True)
+
+            def g(*ts):
+                outs = f(*ts)
+                return outs + tuple(f.py_out)
+
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    _vmapped(pyfunctorch, f, leaf_dims, sizes)(*phys_now())
+                    actual = _vmapped(pyfunctorch, g, leaf_dims, sizes)(*phys_now())
+                _compare(actual, _stack_nested(val, sizes), atol, rtol)
             except CaseTimeout:
                 raise
+            except AssertionError as e:
+                case.update(status="fail", etype="Mismatch", err="per-example Python values: " + _first_line(e))
+                return case
             except Exception as e:  # noqa: BLE001
-                case.update(status="error", etype=type(e).__name__, err=_first_line(e))
+                case.update(status="error", etype=type(e).__name__, err="per-example Python values: " + _first_line(e))
+                return case
+            case["status"] = "pass"
             return case
         if res == "ragged":
             # the examples' outputs differ in shape: vmap must raise or return nested
