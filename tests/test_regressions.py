@@ -164,3 +164,14 @@ def test_item_in_the_per_example_rerun_on_a_tensor_made_inside():
         warnings.simplefilter("ignore")
         got = pf.vmap(f)(X)
     assert torch.allclose(got, torch.stack([f(x) for x in X]))
+
+
+def test_view_as_complex_is_a_batched_view():
+    x = torch.randn(3, 4, 2)
+    with _no_fallback():
+        got = pf.vmap(torch.view_as_complex)(x)
+        moved = pf.vmap(torch.view_as_complex, in_dims=1)(x.transpose(0, 1).contiguous())
+    assert torch.equal(got, torch.view_as_complex(x)) and torch.equal(moved, torch.view_as_complex(x))
+    base = x.clone()
+    pf.vmap(lambda a: torch.view_as_complex(a).mul_(2))(base)  # a view: the write reaches the input
+    assert torch.equal(base, 2 * x)
