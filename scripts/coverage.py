@@ -897,7 +897,9 @@ def read_failures(path=DOCS / "coverage_failures.txt"):
 
 
 def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
-    """vjp vs torch.autograd.grad, vmap(vjp_fn) vs a loop, jvp vs forward_ad (float64)."""
+    """vjp vs torch.autograd.grad, vmap(vjp_fn) vs a loop, jvp vs forward_ad, vmap(jvp) over a
+    batch of tangents vs forward_ad per tangent, and vmap(vjp) over a batch of primals (per-example
+    gradients) vs a loop of torch.autograd.grad (float64)."""
     import pyfunctorch
     from torch.autograd import forward_ad as fwAD
     from torch.utils import _pytree as pytree
@@ -1018,6 +1020,51 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
                 _compare(tuple(tout), ref_t, 1e-7, 1e-7)
 
             _ad_case(res, si, "jvp", jvp_case)
+
+            # vmap over jvp with a batch of tangents (jacfwd's path) vs forward AD per tangent
+            def vmap_jvp_case():
+                g5 = torch.Generator().manual_seed(seed + 400 + si)
+                btans = tuple(torch.randn((BATCH,) + x.shape, generator=g5, dtype=x.dtype) for x in primals)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = pyfunctorch.vmap(lambda *t: pyfunctorch.jvp(fd, tuple(primals), t)[1])(*btans)
+                want = []
+                for b in range(BATCH):
+                    with fwAD.dual_level():
+                        ref = fd(*[fwAD.make_dual(x, t[b]) for x, t in zip(primals, btans)])
+                        want.append(tuple(torch.zeros_like(o) if fwAD.unpack_dual(o).tangent is None
+                                          else fwAD.unpack_dual(o).tangent.clone() for o in ref))
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), 1e-7, 1e-7)
+
+            _ad_case(res, si, "vmap(jvp)", vmap_jvp_case)
+
+        # per-example gradients: vmap over vjp with a batch of *primals* (and cotangents) vs a
+        # loop of torch.autograd.grad -- the per-sample-gradient path, op by op
+        if vjp_fn is not None:
+            def vmap_over_vjp_case():
+                g4 = torch.Generator().manual_seed(seed + 300 + si)
+                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g4, dtype=x.dtype))
+                                               for _ in range(BATCH - 1)]) for x in primals)
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g4, dtype=c.dtype) for c in cts_d)
+                want = []
+                for b in range(BATCH):
+                    xs = [x[b].clone().requires_grad_() for x in bxs]
+                    try:
+                        outs = fd(*xs)
+                        gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
+                    except Exception as e:  # noqa: BLE001
+                        raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
+                    want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
+
+                def per_example(xs, cs):
+                    return pyfunctorch.vjp(fd, *xs)[1](cs)
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = pyfunctorch.vmap(per_example)(bxs, bcts)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), 1e-7, 1e-7)
+
+            _ad_case(res, si, "vmap(vjp)", vmap_over_vjp_case)
     res["time"] = round(time.time() - t0, 2)
     return res
 
@@ -1033,6 +1080,8 @@ def _ad_case(res, si, kind, fn):
         case.update(status="timeout", etype="Timeout", err=str(e))
     except AssertionError as e:
         case.update(status="fail", etype="Mismatch", err=_first_line(e) + " " + _mismatch_detail(e))
+    except _LoopError as e:
+        case.update(status="skip", reason=f"the loop raises: {e}")
     except Exception as e:  # noqa: BLE001
         case.update(status="error", etype=type(e).__name__, err=_first_line(e))
     res["cases"].append(case)
@@ -1045,7 +1094,8 @@ def summarise_ad(results, out=print, top=30):
     for r in results:
         for x in r["cases"]:
             by_kind.setdefault(x["in_dims"], Counter())[x["status"]] += 1
-    out("AD coverage (float64; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad):")
+    out("AD coverage (float64; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad, "
+        "vmap(jvp) over tangents vs forward_ad, vmap(vjp) over primals (per-example grads) vs loop):")
     for k, c in sorted(by_kind.items()):
         n = sum(c[s] for s in ("pass",) + FAILING)
         out(f"  {k:14s} {c['pass']}/{n} agree ({100 * c['pass'] / max(n, 1):.1f}%); skipped {c['skip']}")
