@@ -896,7 +896,7 @@ def read_failures(path=DOCS / "coverage_failures.txt"):
 # -- AD coverage ---------------------------------------------------------------------------------
 
 
-def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
+def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
     """vjp vs torch.autograd.grad, vmap(vjp_fn) vs a loop, jvp vs forward_ad, vmap(jvp) over a
     batch of tangents vs forward_ad per tangent, and vmap(vjp) over a batch of primals (per-example
     gradients) vs a loop of torch.autograd.grad (float64)."""
@@ -909,8 +909,10 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
     reason = static_skip_reason(key, op.name)
     if reason is None and not op.supports_autograd:
         reason = "no autograd support"
-    if reason is None and torch.float64 not in op.supported_dtypes("cpu"):
-        reason = "no float64"
+    if reason is None and dtype not in op.supported_dtypes("cpu"):
+        reason = f"no {dtype}"
+    if reason is None and dtype.is_complex and not getattr(op, "supports_complex_autograd", lambda _d: True)("cpu"):
+        reason = "no complex autograd"
     if reason is not None:
         res["skip"] = reason
         return res
@@ -918,7 +920,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
     seed = zlib.crc32(key.encode()) % 100_000
     torch.manual_seed(seed)
     try:
-        it = iter(op.sample_inputs("cpu", torch.float64, requires_grad=True))
+        it = iter(op.sample_inputs("cpu", dtype, requires_grad=True))
     except Exception as e:  # noqa: BLE001
         res["skip"] = f"sample_inputs raises: {type(e).__name__}"
         return res
@@ -932,7 +934,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET):
         if time.time() - t0 > budget:
             break
         leaves, spec, tpos = _flatten_sample(sample)
-        dpos = [p for p in tpos if leaves[p].requires_grad and leaves[p].is_floating_point()
+        dpos = [p for p in tpos if leaves[p].requires_grad and (leaves[p].is_floating_point() or leaves[p].is_complex())
                 and leaves[p].layout == torch.strided]
         if not dpos or _sample_numel(leaves, tpos) > MAX_NUMEL or any(leaves[p].layout != torch.strided for p in tpos):
             continue
@@ -1091,13 +1093,13 @@ def _ad_case(res, si, kind, fn):
     return out if case["status"] == "pass" else None
 
 
-def summarise_ad(results, out=print, top=30):
+def summarise_ad(results, out=print, top=30, dtype="float64"):
     sums = [op_summary(r) for r in sorted(results, key=lambda r: r["op"])]
     by_kind = {}
     for r in results:
         for x in r["cases"]:
             by_kind.setdefault(x["in_dims"], Counter())[x["status"]] += 1
-    out("AD coverage (float64; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad, "
+    out(f"AD coverage ({dtype}; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad, "
         "vmap(jvp) over tangents vs forward_ad, vmap(vjp) over primals (per-example grads) vs loop):")
     for k, c in sorted(by_kind.items()):
         n = sum(c[s] for s in ("pass",) + FAILING)
@@ -1153,7 +1155,7 @@ def worker(args):
             log = (lambda s: print(s, flush=True)) if args.verbose else None
             try:
                 if args.ad:
-                    r = run_op_ad(op)
+                    r = run_op_ad(op, dtype=_dtype(args.dtype))
                 else:
                     r = run_op(op, max_samples=args.samples, log=log, kinds=args.kinds, dtype=_dtype(args.dtype))
             except Exception as e:  # noqa: BLE001  (a bug of this harness)
@@ -1188,8 +1190,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"the representative slice ({len(QUICK_OPS)} ops, 3 samples)")
     ap.add_argument("--ad", action="store_true", help="AD coverage (vjp, vmap(vjp_fn), jvp) instead of vmap")
     ap.add_argument("--dtype", default="float32",
-                    help="the dtype of the sample inputs of the vmap sweep (default float32; e.g. complex64, int64); "
-                         "a full sweep in another dtype writes docs/coverage_DTYPE.md")
+                    help="the dtype of the sample inputs (vmap sweep: default float32, e.g. complex64, int64; "
+                         "--ad: float64 (default) or complex128); a full sweep in another dtype writes "
+                         "docs/coverage_DTYPE.md (docs/coverage_ad_complex128.md)")
     ap.add_argument("--samples", type=int, default=None, help=f"sample inputs per op (default {SAMPLES_PER_OP})")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--resume", action="store_true", help="keep the results of an interrupted run")
@@ -1218,9 +1221,12 @@ def main(argv=None):
         return 0
 
     full = not args.ops
-    if args.ad and args.dtype != "float32":
-        ap.error("--dtype applies to the vmap sweep (the AD sweep runs in float64)")
-    tag = "ad" if args.ad else "vmap" + ("" if args.dtype == "float32" else "-" + args.dtype)
+    if args.ad and args.dtype == "float32":
+        args.dtype = "float64"  # the AD sweep's default
+    if args.ad and args.dtype not in ("float64", "complex128"):
+        ap.error("--ad runs in float64 (default) or complex128")
+    default = "float64" if args.ad else "float32"
+    tag = ("ad" if args.ad else "vmap") + ("" if args.dtype == default else "-" + args.dtype)
     if not full:
         tag += "-" + ("quick" if args.quick else f"{zlib.crc32(args.ops.encode()):08x}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -1268,12 +1274,14 @@ def main(argv=None):
     results = read_results(files)
     print(f"\n=== {'AD' if args.ad else 'vmap'} coverage: {len(results)} OpInfos in {time.time() - t0:.0f}s ===")
     if args.ad:
-        sums = summarise_ad(results)
+        sums = summarise_ad(results, dtype=args.dtype)
         if args.write_docs or (full and not args.no_docs):
             lines = []
-            summarise_ad(results, out=lines.append, top=1000)
-            (DOCS / "coverage_ad.md").write_text(
-                "# AD coverage over the OpInfo database\n\nGenerated by `python scripts/coverage.py --ad`.\n\n```\n"
+            summarise_ad(results, out=lines.append, top=1000, dtype=args.dtype)
+            cx = args.dtype != "float64"
+            (DOCS / ("coverage_ad_complex128.md" if cx else "coverage_ad.md")).write_text(
+                f"# AD coverage over the OpInfo database{' in complex128' if cx else ''}\n\nGenerated by "
+                f"`python scripts/coverage.py --ad{' --dtype complex128' if cx else ''}`.\n\n```\n"
                 + "\n".join(lines) + "\n```\n")
     elif args.dtype != "float32":
         lines = []
