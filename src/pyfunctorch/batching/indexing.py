@@ -658,10 +658,17 @@ def _histogram(x, edges, weight, density, algorithm):
 
 
 def _hist_weight(weight, wd, B, M, logical_shape):
+    """The weights as ``(B, M)``. histogramdd wants the input's shape less its last dim (a 0-d
+    weight counts as ``(1,)``); histogram (``logical_shape=None``) only as many elements."""
     if weight is None:
         return None
     ws = tuple(weight.shape[wd is not None:])
-    if (ws or (1,)) != tuple(logical_shape):
+    if logical_shape is None:
+        if math.prod(ws) != M:
+            raise RuntimeError("torch.histogramdd: if weight tensor is provided it should have the same shape as the "
+                               f"input tensor excluding its innermost dimension, but got input with {M} elements "
+                               f"and weight with shape {list(ws)}")
+    elif (ws or (1,)) != tuple(logical_shape):
         raise RuntimeError("torch.histogramdd: if weight tensor is provided it should have the same shape as the "
                            f"input tensor excluding its innermost dimension, but got weight with shape {list(ws)}")
     return materialize(weight, wd, B).reshape(B, M)
@@ -698,9 +705,8 @@ def histogram(op, args, kwargs, dims, kwarg_dims=None):
     x, bins = args[0], args[1]
     weight, density = kwargs.get("weight"), kwargs.get("density", False)
     B = batch_size_of([x, bins, weight], [dims[0], dims[1], kwarg_dims.get("weight")])
-    logical = tuple(x.shape[dims[0] is not None:])
     xm = materialize(x, dims[0], B).reshape(B, -1, 1)
-    w = _hist_weight(weight, kwarg_dims.get("weight"), B, xm.shape[1], logical or (1,))
+    w = _hist_weight(weight, kwarg_dims.get("weight"), B, xm.shape[1], None)
     if op is aten.histogram.bin_ct:
         _check_hist_input(x, [bins])
         edges = _bin_edges(xm, [bins], kwargs.get("range"))

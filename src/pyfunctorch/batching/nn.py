@@ -667,6 +667,12 @@ def _loop_tuple(op, args, dims, B):
     return tuple(torch.stack(col) for col in zip(*outs)), 0
 
 
+def _bag_fast_path(dtype, row_stride, pad, psw_stride):
+    """Whether the CPU kernel takes its 'sum' fast path (which leaves offset2bag empty)."""
+    return (dtype in (torch.float32, torch.float16, torch.bfloat16) and row_stride == 1 and pad < 0
+            and (psw_stride is None or psw_stride == 1))
+
+
 @batch_rule(aten._embedding_bag_forward_only.default, aten._embedding_bag.default)
 def embedding_bag(op, args, kwargs, dims):
     args, dims = _full_args(op, args, kwargs, dims)
@@ -696,10 +702,8 @@ def embedding_bag(op, args, kwargs, dims):
             # the kernel's paths disagree on where the last bag ends then: run it per example
             return _loop_tuple(op, args, dims, B)
     # the per-example 'sum' fast path (it decides the shape of offset2bag)
-    w_stride = w.stride(2) if wd is not None else w.stride(1)
-    p_stride = None if psw is None else (psw.stride(1) if pd is not None else psw.stride(0))
-    fast = (w.dtype in (torch.float32, torch.float16, torch.bfloat16) and w_stride == 1 and pad < 0
-            and (p_stride is None or p_stride == 1))
+    fast = _bag_fast_path(w.dtype, w.stride(2) if wd is not None else w.stride(1), pad,
+                          None if psw is None else (psw.stride(1) if pd is not None else psw.stride(0)))
     ar = torch.arange(B, device=idx.device, dtype=itype).reshape(B, 1)
     if wd is not None:
         if _plain(idx) and idx.numel() and bool(((idx < 0) | (idx >= V)).any()):
@@ -711,16 +715,17 @@ def embedding_bag(op, args, kwargs, dims):
     else:
         table, flat_idx, rows = w, idx, V
     pad_f = pad
+    psw_f = None if psw is None else materialize(psw, pd, B).reshape(-1)
     if pad >= 0 and wd is not None:  # each example's padding row -> one shared zero row
         table = torch.cat([table, table.new_zeros((1, D))])
         flat_idx = torch.where(idx == pad, torch.full((), rows, dtype=itype, device=idx.device), flat_idx)
         pad_f = rows
-    elif pad < 0 and mode == 0 and not fast:
+    elif mode == 0 and not fast and _bag_fast_path(table.dtype, table.stride(1), pad_f,
+                                                     None if psw_f is None else psw_f.stride(0)):
         # keep the folded call off the fast path too (offset2bag): a padding row nobody names
         table = torch.cat([table, table.new_zeros((1, D))])
         pad_f = rows
     flat_off = (off[:, :nb] + ar * L).reshape(-1)
-    psw_f = None if psw is None else materialize(psw, pd, B).reshape(-1)
     out, o2b, bag_size, max_idx = op(table, flat_idx.reshape(-1), flat_off, sgbf, mode, sparse, psw_f, False, pad_f)
     out = out.reshape(B, nb, D)
     if mode == 0 and fast:
