@@ -175,3 +175,19 @@ def test_view_as_complex_is_a_batched_view():
     base = x.clone()
     pf.vmap(lambda a: torch.view_as_complex(a).mul_(2))(base)  # a view: the write reaches the input
     assert torch.equal(base, 2 * x)
+
+
+def test_embedding_with_per_example_tables_refuses_an_out_of_range_index():
+    """The batched lookup shifts each example's indices into one table of B*V rows: an
+    out-of-range index must raise as in the loop, not read another example's row."""
+    W = torch.randn(3, 5, 2)
+    idx = torch.tensor([[0, 4], [1, 5], [2, 3]])  # 5 is out of range for a 5-row table
+    with pytest.raises(IndexError, match="out of range"):
+        torch.nn.functional.embedding(idx[1], W[1])
+    with pytest.raises(IndexError, match="out of range"):
+        pf.vmap(torch.nn.functional.embedding)(idx, W)
+    with pytest.raises(IndexError, match="out of range"):
+        pf.vmap(torch.nn.functional.embedding)(idx - 1, W)  # -1 too
+    ok = idx.clamp(max=4)
+    assert torch.equal(pf.vmap(torch.nn.functional.embedding)(ok, W),
+                       torch.stack([torch.nn.functional.embedding(i, w) for i, w in zip(ok, W)]))

@@ -594,10 +594,13 @@ def embedding(op, args, kwargs, dims):
     w, idx = args[0], args[1]
     if dims[0] is None:
         return op(*args, **kwargs), 0  # a plain lookup of batched indices
-    # per-example tables: one table of B*V rows, example b's indices shifted by b*V
+    # per-example tables: one table of B*V rows, example b's indices shifted by b*V. An index
+    # outside [0, V) would land in another example's rows: send it past the end so that the
+    # kernel raises its own "index out of range" (no data-dependent check needed)
     B, V = w.shape[0], w.shape[1]
     idx = materialize(idx, dims[1], B)
-    return op(w.flatten(0, 1), idx + _offsets(B, V, idx, idx.dim()), *args[2:], **kwargs), 0
+    shifted = torch.where((idx < 0) | (idx >= V), B * V, idx + _offsets(B, V, idx, idx.dim()))
+    return op(w.flatten(0, 1), shifted, *args[2:], **kwargs), 0
 
 
 @batch_rule(aten.embedding_dense_backward.default)
