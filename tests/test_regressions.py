@@ -191,3 +191,13 @@ def test_embedding_with_per_example_tables_refuses_an_out_of_range_index():
     ok = idx.clamp(max=4)
     assert torch.equal(pf.vmap(torch.nn.functional.embedding)(ok, W),
                        torch.stack([torch.nn.functional.embedding(i, w) for i, w in zip(ok, W)]))
+
+
+def test_vector_norm_of_0dim_complex_examples_is_real():
+    """A 0-dim complex example's norm is real (dtype= names the input's computation dtype)."""
+    X = torch.randn(3, dtype=torch.complex64)
+    for ord_ in (2, 0, float("inf")):
+        got = pf.vmap(lambda x: torch.linalg.vector_norm(x, ord_, dim=0, keepdim=True, dtype=torch.complex64))(X)
+        want = torch.stack([torch.linalg.vector_norm(x, ord_, dim=0, keepdim=True, dtype=torch.complex64) for x in X])
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.allclose(got, want)

@@ -150,9 +150,8 @@ def vector_norm(op, args, kwargs, dims):
     keepdim = args[3] if len(args) > 3 else kwargs.pop("keepdim", False)
     r = rank(x, 0)
     pd, _ = _shift(d, r, True)
-    if r == 0:
-        pd = []
-        return x.abs() if ord_ != 0 else (x != 0).to(x.dtype), 0
+    if r == 0:  # (a 0-dim example: the norm of its one element, keepdim or not; dtype= applies)
+        return op(x.unsqueeze(1), ord_, [1], False, **kwargs), 0
     return op(x, ord_, pd, keepdim, **kwargs), 0
 
 
