@@ -348,3 +348,15 @@ def test_sdpa_batched_mask(mshape, boolean):
         check(g, (0, 0, 0, 0), q, k, v, m, atol=1e-4, rtol=1e-4)
         check(g, (None, None, None, 0), q[0], k[0], v[0], m, atol=1e-4, rtol=1e-4)
     check_nested(f, *(t.expand(2, *t.shape) for t in (q, k, v)), m.expand(2, *m.shape))
+
+
+# -- hash_tensor (a reduction over dim; [] means every dim) --------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(torch, "hash_tensor"), reason="torch without hash_tensor")
+@pytest.mark.parametrize("kw", [{}, {"dim": 1}, {"dim": [0, 1], "keepdim": True}, {"dim": -1, "keepdim": True}], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_hash_tensor(kw, dtype):
+    x = (torch.randn(B, 4, 5) * 100).to(dtype)
+    check(lambda t: torch.hash_tensor(t, **kw), 0, x, exact=True)
+    check(lambda t: torch.hash_tensor(t, **kw), 2, x.movedim(0, 2).contiguous(), exact=True)

@@ -84,6 +84,10 @@ for _op in [
             aten.glu.default, aten.kthvalue.default, aten.mode.default, aten.median.dim, aten.nanmedian.dim,
             aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default)))
 
+# torch 2.5+: hash_tensor(self, dim=[] (all dims), *, keepdim, mode), a reduction over dim
+if hasattr(aten, "hash_tensor"):
+    batch_rule(aten.hash_tensor.default)(dim_rule(1))
+
 # the dim comes after one tensor argument that has the same logical shape
 for _op in [aten._softmax_backward_data.default, aten._log_softmax_backward_data.default]:
     batch_rule(_op)(dim_rule(2, none_means_all=False))
