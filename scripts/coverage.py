@@ -854,7 +854,14 @@ def write_docs(results, sums, meta):
                  "`vmap(vmap(op))` case per op. *served* is the slowest path any aten op took: "
                  "`rule` < `pointwise-tag` < `decomposition` < `loop` (the per-example fallback). "
                  "Skipped cases are not pyfunctorch's failures (the loop itself raises, random "
-                 "ops, no batched form ...). Reproduce one op with "
+                 "ops, no batched form ...). Ops whose examples return different Python values "
+                 "(`item`, `allclose`, `equal`) are compared as vmap returns them: stacked into a "
+                 "tensor. Ops whose examples' outputs differ in shape (`nonzero`, `unique`, "
+                 "`masked_select`, ...) get a `ragged` case, compared with the nested tensor vmap "
+                 "returns; those ops and the Python-valued ones stay on the per-example loop by "
+                 "nature. The same sweep in other dtypes: `--dtype complex64` "
+                 "([coverage_complex64.md](coverage_complex64.md)), `--dtype int64` "
+                 "([coverage_int64.md](coverage_int64.md)). Reproduce one op with "
                  "`python scripts/coverage.py --ops NAME -v`; every case's record (status, exception "
                  "type and first line) is in `build/opdb_coverage/vmap.*.jsonl` after a run.")
     lines.append("")
