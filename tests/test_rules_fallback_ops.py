@@ -360,3 +360,20 @@ def test_hash_tensor(kw, dtype):
     x = (torch.randn(B, 4, 5) * 100).to(dtype)
     check(lambda t: torch.hash_tensor(t, **kw), 0, x, exact=True)
     check(lambda t: torch.hash_tensor(t, **kw), 2, x.movedim(0, 2).contiguous(), exact=True)
+
+
+def test_embedding_bag_out_of_range_index_raises_under_nested_vmap():
+    """Per-example tables folded into one: an out-of-range index (here batched at the outer
+    level, where the inner rule cannot read it) must raise, not read another example's row."""
+    W = torch.randn(3, 5, 4)
+    IDX = torch.tensor([[0, 2, 4, 1], [0, 2, 5, 1]])
+    off = torch.tensor([0, 2])
+
+    def f(i):
+        return pf.vmap(lambda w: F.embedding_bag(i, w, off))(W)
+
+    with pytest.raises((RuntimeError, IndexError)):
+        pf.vmap(f)(IDX)
+    ok = IDX.clamp(max=4)
+    want = torch.stack([torch.stack([F.embedding_bag(i, w, off) for w in W]) for i in ok])
+    same(pf.vmap(f)(ok), want)

@@ -728,6 +728,11 @@ def embedding_bag(op, args, kwargs, dims):
         # keep the folded call off the fast path too (offset2bag): a padding row nobody names
         table = torch.cat([table, table.new_zeros((1, D))])
         pad_f = rows
+    if wd is not None and not _plain(idx):
+        # (under an outer vmap the check above cannot read the indices: an out-of-range one
+        # would name another example's row, so send it past the table's end, where the
+        # kernel raises)
+        flat_idx = torch.where((idx < 0) | (idx >= V), table.shape[0], flat_idx)
     flat_off = (off[:, :nb] + ar * L).reshape(-1)
     out, o2b, bag_size, max_idx = op(table, flat_idx.reshape(-1), flat_off, sgbf, mode, sparse, psw_f, False, pad_f)
     out = out.reshape(B, nb, D)
