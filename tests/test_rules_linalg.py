@@ -1,5 +1,7 @@
 """Batching rules for the linear-algebra solvers in batching/linalg.py: lstsq, ldl_solve,
-pinv with tensor tolerances, and matrix_rank with an unbatched matrix but batched tolerances.
+pinv with tensor tolerances, and matrix_rank with an unbatched matrix but batched tolerances;
+complex inputs (conjugate views inside a rule), the add* products in integer, bool and
+low-precision dtypes, and linalg_cross.
 
 Oracle: the per-example Python loop (``loop_vmap``). Every check also asserts that the op
 ran through its rule, never through the per-example loop fallback.
@@ -307,3 +309,155 @@ def test_matrix_rank_batched_tolerances():
     check(lambda x, a: torch.linalg.matrix_rank(x, atol=a), (0, 0), torch.randn(B, 2, 5, 5, dtype=DT), tol)
     check(lambda x, a: torch.linalg.matrix_rank(x, atol=a), (None, 0), torch.randn(0, 5, 5, dtype=DT), tol)
     check_nested(lambda x, a: torch.linalg.matrix_rank(x, atol=a), (None, 0), (None, 0), x, torch.rand(B, 2, dtype=DT) * 3)
+
+
+# -- complex inputs: conjugate views inside a rule -------------------------------------------------
+# A rule run straight from __torch_dispatch__ sees torch's dispatch-time exclude set, without the
+# Conjugate/Negative fallbacks: ops that do not read the conj bit themselves (mul, add) computed
+# with unconjugated values (linalg_pinv scales Vh.mH; addmm adds a bias M.conj()).
+
+
+@pytest.mark.parametrize("dt", [torch.complex64, torch.complex128])
+def test_complex_pinv(dt):
+    x = torch.randn(B, 5, 4, dtype=dt)
+    check(torch.linalg.pinv, 0, x)  # no keyword: vmap's fast path
+    check(torch.linalg.pinv, -1, x.movedim(0, -1))
+    check(lambda x: torch.linalg.pinv(x.conj()), 0, x)
+    check(lambda x: torch.linalg.pinv(x.mH), 0, x)
+    check(lambda x: torch.linalg.pinv(x, rtol=0.2), 0, x)
+    check(lambda x, a: torch.linalg.pinv(x, atol=a), (0, 0), x, torch.rand(B, dtype=torch.float64))
+    h = x[:, :4] @ x[:, :4].mH
+    check(lambda x: torch.linalg.pinv(x, hermitian=True), 0, h)
+    check(torch.pinverse, 0, x)
+    check_nested(torch.linalg.pinv, 0, 0, torch.randn(2, B, 3, 4, dtype=dt))
+    # the singular OpInfo variant: a rank-deficient product
+    u, v = torch.randn(B, 6, 2, dtype=dt), torch.randn(B, 5, 2, dtype=dt)
+    check(lambda u, v: torch.linalg.pinv(u @ v.mT), (0, 0), u, v)
+    check(lambda u, v: torch.linalg.pinv(u @ v.mT), (None, 0), u[0], v)
+
+
+def test_complex_conj_bias_and_operands():
+    c = torch.complex128
+    M, a, b = (torch.randn(B, 3, 3, dtype=c) for _ in range(3))
+    v = torch.randn(B, 3, dtype=c)
+    check(lambda M, a, b: torch.addmm(M.conj(), a, b), (0, 0, 0), M, a, b)
+    check(lambda M, a, b: torch.addmm(M.conj(), a.mH, b), (0, None, None), M, a[0], b[0])
+    check(lambda M, a, b: torch.addmm(M, a.conj(), b.mH, alpha=2j, beta=0.5), (None, 0, 0), M[0], a, b)
+    check(lambda M, a, b: torch.baddbmm(M.conj(), a.conj(), b), (0, 0, 0), M.unsqueeze(1), a.unsqueeze(1), b.unsqueeze(1))
+    check(lambda M, a, b: torch.addbmm(M.conj(), a, b), (0, 0, None), M, a.unsqueeze(1).expand(B, 2, 3, 3), b[:2])
+    check(lambda M, a, v: torch.addmv(M.conj(), a.conj(), v), (0, 0, 0), M[:, 0], a, v)
+    check(lambda M, u, w: torch.addr(M.conj(), u.conj(), w, alpha=1j), (0, 0, 0), M, v, v.flip(0))
+    check(lambda u, w: torch.vdot(u.conj(), w), (0, 0), v, v.flip(0))
+    check(lambda a, b: torch.mm(a.conj(), b), (None, 0), a[0], b)
+
+
+@pytest.mark.parametrize("hermitian", [False, True])
+def test_complex_ldl_solve(hermitian):
+    """Complex LDL: hermitian=True factors A = L D L^H (conjugate transpose), hermitian=False a
+    complex *symmetric* A = L D L^T (plain transpose); the flag is passed through per call."""
+    c = torch.complex128
+
+    def f(LD, piv, rhs):
+        return torch.linalg.ldl_solve(LD, piv, rhs, hermitian=hermitian)
+
+    a = torch.randn(B, 4, 4, dtype=c)
+    A = a @ a.mH + 4 * torch.eye(4) if hermitian else a + a.mT
+    LD, piv = torch.linalg.ldl_factor(A, hermitian=hermitian)
+    rhs = torch.randn(B, 4, 2, dtype=c)
+    check(f, (0, 0, 0), LD, piv, rhs)
+    check(f, (0, 0, None), LD, piv, rhs[0])
+    check(f, (None, None, 0), LD[0], piv[0], rhs)  # one factorization: columns of one solve
+    check(f, (0, None, 0), LD, piv[0], rhs)
+    check(f, (-1, -1, 1), LD.movedim(0, -1), piv.movedim(0, -1), rhs.movedim(0, 1))
+    check(lambda LD, piv, rhs: f(LD, piv, rhs.conj()), (0, 0, 0), LD, piv, rhs)
+    # the solution solves A x = rhs per example
+    with no_fallback():
+        x = pf.vmap(f)(LD, piv, rhs)
+    assert_close(A @ x, rhs)
+
+
+# -- integer and bool inputs: alpha / beta as the kernels read them --------------------------------
+# For integral dtypes addmm & co. convert alpha/beta with Scalar::to<int64_t>: a float truncates
+# toward zero (beta=0.2 drops the bias, alpha=2.6 scales by 2), and the result stays integral.
+
+_INT_ADD_OPS = {
+    "addmm": (lambda M, a, b, **k: torch.addmm(M, a, b, **k), (3, 4), (3, 5), (5, 4)),
+    "addmv": (lambda M, a, b, **k: torch.addmv(M, a, b, **k), (3,), (3, 5), (5,)),
+    "addbmm": (lambda M, a, b, **k: torch.addbmm(M, a, b, **k), (3, 4), (2, 3, 5), (2, 5, 4)),
+    "baddbmm": (lambda M, a, b, **k: torch.baddbmm(M, a, b, **k), (2, 3, 4), (2, 3, 5), (2, 5, 4)),
+    "addr": (lambda M, a, b, **k: torch.addr(M, a, b, **k), (3, 4), (3,), (4,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INT_ADD_OPS))
+@pytest.mark.parametrize("dt", [torch.int64, torch.int8])
+def test_integer_add_products(name, dt):
+    op, *shapes = _INT_ADD_OPS[name]
+    M, a, b = (torch.randint(-4, 5, (B,) + s, dtype=dt) for s in shapes)
+    coeffs = [{}, {"beta": 2, "alpha": -3}, {"beta": 0, "alpha": 1}]
+    if name != "addr":  # addr refuses float coefficients for integral results
+        coeffs += [{"beta": 0.2, "alpha": 0.6}, {"beta": 1.7, "alpha": -2.6}]
+    for kw in coeffs:
+        f = lambda M, a, b, kw=kw: op(M, a, b, **kw)
+        for in_dims in [(0, 0, 0), (0, None, None), (None, 0, None), (None, None, 0), (-1, 0, None)]:
+            args = [x.movedim(0, -1) if d == -1 else (x[0] if d is None else x) for x, d in zip((M, a, b), in_dims)]
+            check(f, in_dims, *args)
+    # a 0-dim bias broadcasts
+    check(lambda M, a, b: op(M, a, b, beta=3, alpha=0.9 if name != "addr" else 1), (0, 0, 0), M[:, 0].flatten()[:B], a, b)
+
+
+def test_integer_add_products_dtype_and_errors():
+    i = torch.randint(-4, 5, (B, 3, 3))
+    out = pf.vmap(lambda M, a, b: torch.addmm(M, a, b, beta=0.2, alpha=0.6))(i, i, i)
+    assert out.dtype == torch.int64 and not out.any()  # both coefficients truncate to 0
+    with pytest.raises(RuntimeError, match="must not be a floating point number"):
+        pf.vmap(lambda M, u, w: torch.addr(M, u, w, beta=0.5))(i, i[:, 0], i[:, 1])
+    with pytest.raises(RuntimeError, match="Boolean alpha only supported for Boolean results"):
+        pf.vmap(lambda M, u, w: torch.addr(M, u, w, alpha=True))(i, i[:, 0], i[:, 1])
+    with pytest.raises(RuntimeError, match="without overflow"):
+        pf.vmap(lambda M, a, b: torch.addmm(M, a, b, alpha=1j))(i, i, i)
+    with pytest.raises(RuntimeError, match="without overflow"):
+        pf.vmap(lambda M, a, b: torch.addmm(M, a, b, beta=1j))(i.double(), i.double(), i.double())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        pf.vmap(lambda M, a, b: torch.addmm(M, a, b))(i, i.float(), i.float())
+    check(lambda M, a, b: torch.addmm(M, a, b, alpha=2 + 0j), (0, 0, 0), i, i, i)  # imaginary part 0: fine
+    # addr promotes its operands, a 0-dim unbatched bias included
+    f = lambda M, u, w: torch.addr(M, u, w)
+    check(f, (None, 0, 0), torch.tensor(1.5, dtype=torch.float64), torch.randn(B, 3), torch.randn(B, 4))
+    check(f, (0, 0, None), i[:, :, 0].float(), i[:, 0], torch.randn(3, dtype=torch.float64))
+
+
+def test_bool_addr():
+    M, u, w = torch.rand(B, 3, 4) > 0.5, torch.rand(B, 3) > 0.5, torch.rand(B, 4) > 0.5
+    for kw in [{}, {"beta": 0}, {"alpha": 0}, {"beta": 2, "alpha": 3}, {"beta": False, "alpha": True}]:
+        f = lambda M, u, w, kw=kw: torch.addr(M, u, w, **kw)
+        check(f, (0, 0, 0), M, u, w)
+        check(f, (None, 0, 0), M[0], u, w)
+        check(f, (0, None, None), M, u[0], w[0])
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_add_products_round_once(dt):
+    """addmm/baddbmm accumulate in float32 and round once: the rule gives torch's bits."""
+    M, a, b = (torch.randn(B, *s, dtype=dt) for s in [(2, 6, 7), (2, 6, 8), (2, 8, 7)])
+    f = lambda M, a, b: torch.baddbmm(M, a, b, beta=0.3, alpha=0.7)
+    with no_fallback():
+        assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
+    g = lambda M, a, b: torch.addmm(M, a, b, beta=0.3, alpha=0.7)
+    with no_fallback():
+        assert torch.equal(pf.vmap(g, in_dims=(0, None, 0))(M[:, 0], a[0, 0], b[:, 0]),
+                           loop_vmap(g, (0, None, 0))(M[:, 0], a[0, 0], b[:, 0]))
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.complex64, torch.bfloat16])
+def test_linalg_cross(dt):
+    """linalg_cross through its kernel (the decomposition rounds each product in bfloat16)."""
+    x, y = torch.randn(B, 4, 3, dtype=dt), torch.randn(B, 4, 3, dtype=dt)
+    f = lambda x, y: torch.linalg.cross(x, y)
+    for in_dims, args in [((0, 0), (x, y)), ((None, 0), (x[0], y)), ((0, None), (x, y[0, :1])), ((1, 0), (x.movedim(0, 1), y))]:
+        with no_fallback():
+            assert torch.equal(pf.vmap(f, in_dims=in_dims)(*args), loop_vmap(f, in_dims)(*args))
+    check(lambda x, y: torch.linalg.cross(x, y, dim=0), (1, 1), x.mT.movedim(0, 1), y.mT.movedim(0, 1))
+    check(lambda x, y: torch.cross(x, y, dim=-1), (0, None), x, y[0])
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        pf.vmap(f)(x, y[:, 0])

@@ -1,7 +1,10 @@
-"""Matrix products (mm, bmm, mv, dot and their add* forms, via broadcasting matmul) and
-linear algebra that batches over leading dims (svd, solve, lstsq, pinv, ldl_solve ...)."""
+"""Matrix products (mm, bmm, mv, dot and their add* forms, via broadcasting matmul), linalg_cross,
+and linear algebra that batches over leading dims (svd, solve, lstsq, pinv, ldl_solve ...)."""
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -16,6 +19,48 @@ from ._registry import (
 )
 
 aten = torch.ops.aten
+
+# -- conjugate / negative views inside a rule ----------------------------------------------------
+# A rule called straight from ``__torch_dispatch__`` (vmap's fast path at the outermost level)
+# runs with torch's dispatch-time exclude set, which drops every key above Python, and with it
+# Conjugate and Negative: the fallbacks that materialize a lazy ``conj()``/``_neg_view`` before
+# an op that does not read those bits itself. Inside the rule, ``x.conj() * y``, ``x.mH + y``
+# then compute with ``x`` unconjugated (matmul-family kernels read the bit themselves and are
+# right). Composite ops do that internally (linalg_pinv scales ``Vh.mH``), and a rule's own
+# arithmetic meets conj views that the conj-aware ops (addmm, baddbmm ...) pass through (a bias
+# ``M.conj()``). ``_value_keys`` runs a rule with those keys enabled again when it sees complex
+# (or negative-view) tensors.
+
+_K = torch._C.DispatchKey
+_VALUE_KEYS = (_K.Conjugate, _K.Negative, _K.ZeroTensor)
+
+
+def _needs_value_keys(xs) -> bool:
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            if x.is_complex() or x.is_neg():
+                return True
+        elif isinstance(x, (list, tuple)) and _needs_value_keys(x):
+            return True
+    return False
+
+
+def _value_keys(rule):
+    """Run ``rule`` with the Conjugate/Negative/ZeroTensor fallbacks on (see above). (mm, mv and
+    dot need not: they hand conj views only to matmul-family kernels, which read the bit.)"""
+
+    @functools.wraps(rule)
+    def wrapped(op, args, kwargs, dims, *rest):
+        if not torch._C._dispatch_tls_is_dispatch_key_excluded(_K.Conjugate) or not (
+                _needs_value_keys(args) or (kwargs and _needs_value_keys(kwargs.values()))):
+            return rule(op, args, kwargs, dims, *rest)
+        exclude = torch._C._dispatch_tls_local_exclude_set()
+        for k in _VALUE_KEYS:
+            exclude = exclude.remove(k)
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+            return rule(op, args, kwargs, dims, *rest)
+
+    return wrapped
 
 
 @batch_rule(aten.mm.default, aten.bmm.default)
@@ -58,22 +103,82 @@ def _add_scaled(prod, bias, bias_dim, beta, alpha, out_rank):
     return prod + bias
 
 
+_C_TYPE = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+           torch.bfloat16: "c10::BFloat16", torch.int64: "int64_t", torch.int32: "int", torch.int16: "int16_t",
+           torch.int8: "int8_t", torch.uint8: "uint8_t", torch.bool: "bool"}
+
+
+def _coeff(v, name, dtype, op):
+    """``alpha``/``beta`` as the kernel computing in ``dtype`` reads them (``Scalar::to<T>``):
+    integral types truncate a float toward zero (``addmm(int, beta=0.2)`` ignores the bias),
+    bool reads any number as true/false, a complex with an imaginary part does not convert to
+    a real type. ``addr`` refuses floats for integral results and bools for non-bool results."""
+    if (type(v) is int and dtype is not torch.bool) or (type(v) is float and dtype.is_floating_point):
+        return v
+    integral = not (dtype.is_floating_point or dtype.is_complex)
+    if op is aten.addr.default:
+        if isinstance(v, bool) and dtype is not torch.bool:
+            raise RuntimeError(f"Boolean {name} only supported for Boolean results.")
+        if integral and not isinstance(v, int):
+            raise RuntimeError(f"For integral input tensors, argument {name} must not be a floating point number.")
+    if isinstance(v, complex) and not dtype.is_complex:
+        if v.imag != 0:
+            raise RuntimeError(f"value cannot be converted to type {_C_TYPE.get(dtype, dtype)} without overflow")
+        v = v.real
+    if dtype is torch.bool:
+        return bool(v)
+    if integral and not isinstance(v, int):
+        if not math.isfinite(v):
+            raise RuntimeError(f"value cannot be converted to type {_C_TYPE.get(dtype, dtype)} without overflow")
+        return int(v)  # toward zero, as static_cast
+    return v
+
+
 @batch_rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default, aten.addbmm.default, aten.addr.default)
+@_value_keys
 def addmm(op, args, kwargs, dims):
     bias, a, b = args[:3]
-    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
-    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    if op is aten.addr.default:  # promotes its operands (as 2-D tensors: a 0-dim bias counts too)
+        dtype = torch.promote_types(bias.dtype, torch.promote_types(a.dtype, b.dtype))
+    elif bias.dtype == a.dtype == b.dtype:
+        dtype = a.dtype
+    else:  # torch's own error
+        return _loop(op, args, dims, kwargs, batch_size_of(args, dims))
+    beta = _coeff(kwargs.get("beta", args[3] if len(args) > 3 else 1), "beta", dtype, op)
+    alpha = _coeff(kwargs.get("alpha", args[4] if len(args) > 4 else 1), "alpha", dtype, op)
+    if dtype in (torch.float16, torch.bfloat16) and op is not aten.addr.default:
+        # torch's kernels accumulate in float32 and round alpha * (a @ b) + beta * bias once
+        # (addmm, baddbmm exactly; addmv, addbmm to a rounding): so does the rule
+        bias, a, b = bias.float(), a.float(), b.float()
     if op is aten.addmv.default:
         prod, out_rank = torch.matmul(a, b.unsqueeze(-1)).squeeze(-1), 1
-    elif op is aten.addr.default:
-        prod, out_rank = a.unsqueeze(-1) * b.unsqueeze(-2), 2
+    elif op is aten.addr.default:  # (alpha * a) * b as the kernel computes it
+        prod, out_rank = (a * alpha if alpha != 1 else a).unsqueeze(-1) * b.unsqueeze(-2), 2
+        alpha = 1
     elif op is aten.addbmm.default:
         prod, out_rank = torch.matmul(a, b).sum(-3), 2
     else:
         prod, out_rank = torch.matmul(a, b), (2 if op is aten.addmm.default else 3)
     if dims[1] is None and dims[2] is None:
         prod = prod.unsqueeze(0).expand((bias.shape[0],) + prod.shape)
-    return _add_scaled(prod, bias, dims[0], beta, alpha, out_rank), 0
+    out = _add_scaled(prod, bias, dims[0], beta, alpha, out_rank)
+    return (out if out.dtype == dtype else out.to(dtype)), 0
+
+
+@batch_rule(aten.linalg_cross.default)
+def linalg_cross(op, args, kwargs, dims):
+    # elementwise over every dim but ``dim``, broadcasting: an unbatched operand gets a size-1
+    # batch dim (the ranks must match), ``dim`` counts from the end or moves past the batch dim.
+    # (The kernel itself, not the decomposition: that one rounds after each product in
+    # bfloat16/float16 where the kernel rounds once.)
+    a, b = args
+    r = rank(a, dims[0])
+    d = kwargs.get("dim", -1)
+    if r != rank(b, dims[1]) or not -r <= d < r:
+        return _loop(op, args, dims, kwargs, batch_size_of(args, dims))  # torch's own error
+    a = a if dims[0] is not None else a.unsqueeze(0)
+    b = b if dims[1] is not None else b.unsqueeze(0)
+    return op(a, b, dim=d if d < 0 else d + 1), 0
 
 
 # -- linear algebra that already treats leading dims as a batch -----------------------------
@@ -90,6 +195,7 @@ _BATCH_AGNOSTIC = [
 ]
 
 
+@_value_keys
 def batch_agnostic(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     # contiguous: some kernels (matrix_exp) view their input assuming a dense batch
@@ -178,6 +284,7 @@ def _lstsq_driver(A, kwargs):
 
 
 @batch_rule(aten.linalg_lstsq.default)
+@_value_keys
 def lstsq(op, args, kwargs, dims):
     A, b = args[0], args[1]
     da, db = dims[0], dims[1]
@@ -234,6 +341,7 @@ def _expand_factor(LD, piv, batch):
 
 
 @batch_rule(aten.linalg_ldl_solve.default)
+@_value_keys
 def ldl_solve(op, args, kwargs, dims):
     LD, piv, rhs = args
     dl, dp, dr = dims
@@ -266,6 +374,7 @@ def ldl_solve(op, args, kwargs, dims):
 
 
 @batch_rule(aten.linalg_pinv.atol_rtol_tensor, batched_kwargs=True)
+@_value_keys
 def pinv(op, args, kwargs, dims, kwarg_dims=None):
     kwarg_dims = kwarg_dims or {}
     A, dA = args[0], dims[0]
