@@ -201,3 +201,25 @@ def test_vector_norm_of_0dim_complex_examples_is_real():
         want = torch.stack([torch.linalg.vector_norm(x, ord_, dim=0, keepdim=True, dtype=torch.complex64) for x in X])
         assert got.dtype == want.dtype == torch.float32
         assert torch.allclose(got, want)
+
+
+def test_conj_and_neg_views_in_a_rules_own_arithmetic():
+    """vmap's outermost level calls rules straight from __torch_dispatch__, whose exclude set
+    switches off the Conjugate/Negative fallbacks: a rule's own mul/add on a lazy conj() or
+    neg view then used the unconjugated values (silently wrong). Complex and neg-view
+    arguments take the guarded path."""
+    import warnings
+
+    x = torch.randn(3, 4, dtype=torch.complex64)
+    M, a, b = (torch.randn(3, 4, 5, dtype=torch.complex64), torch.randn(3, 4, 6, dtype=torch.complex64),
+               torch.randn(3, 6, 5, dtype=torch.complex64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = pf.vmap(lambda x: x.conj() * x + x.conj().imag)(x)
+        got_mm = pf.vmap(lambda M, a, b: torch.addmm(M.conj(), a, b))(M, a, b)
+        got_pinv = pf.vmap(torch.linalg.pinv)(M)
+        neg = pf.vmap(torch._neg_view)(x)
+    assert torch.allclose(got, torch.stack([v.conj() * v + v.conj().imag for v in x]), atol=1e-6)
+    assert torch.allclose(got_mm, torch.stack([torch.addmm(m.conj(), p, q) for m, p, q in zip(M, a, b)]), atol=1e-5)
+    assert torch.allclose(got_pinv, torch.stack([torch.linalg.pinv(m) for m in M]), atol=1e-5)
+    assert neg.is_neg() and torch.equal(neg.resolve_neg(), -x)

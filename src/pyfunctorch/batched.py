@@ -381,7 +381,10 @@ class VmapInterpreter(Interpreter):
         return lazify(out)
 
     def _unwrap_args_checked(self, args):
-        """``_unwrap_args`` plus whether any tensor requires grad (then autograd must run)."""
+        """``_unwrap_args`` plus whether the fast path (no key guard) must not be taken: a
+        tensor requires grad (autograd must run), or is complex or a negative view (the
+        Conjugate/Negative fallbacks, off in __torch_dispatch__'s exclude set, must run for
+        a rule's own arithmetic on conj/neg views)."""
         uargs = []
         dims = []
         needs = False
@@ -390,11 +393,11 @@ class VmapInterpreter(Interpreter):
                 v = a._value
                 if a._bdim != 0:
                     v = v.movedim(a._bdim, 0)
-                needs = needs or v.requires_grad or a._lazy
+                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg()
                 uargs.append(v)
                 dims.append(0)
             elif isinstance(a, torch.Tensor):
-                needs = needs or a.requires_grad or isinstance(a, LevelTensor)
+                needs = needs or a.requires_grad or isinstance(a, LevelTensor) or a.is_complex() or a.is_neg()
                 uargs.append(a)
                 dims.append(None)
             elif isinstance(a, (list, tuple)) and a and any(isinstance(b, torch.Tensor) for b in a):

@@ -3,7 +3,6 @@ and linear algebra that batches over leading dims (svd, solve, lstsq, pinv, ldl_
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,49 +18,6 @@ from ._registry import (
 )
 
 aten = torch.ops.aten
-
-# -- conjugate / negative views inside a rule ----------------------------------------------------
-# A rule called straight from ``__torch_dispatch__`` (vmap's fast path at the outermost level)
-# runs with torch's dispatch-time exclude set, which drops every key above Python, and with it
-# Conjugate and Negative: the fallbacks that materialize a lazy ``conj()``/``_neg_view`` before
-# an op that does not read those bits itself. Inside the rule, ``x.conj() * y``, ``x.mH + y``
-# then compute with ``x`` unconjugated (matmul-family kernels read the bit themselves and are
-# right). Composite ops do that internally (linalg_pinv scales ``Vh.mH``), and a rule's own
-# arithmetic meets conj views that the conj-aware ops (addmm, baddbmm ...) pass through (a bias
-# ``M.conj()``). ``_value_keys`` runs a rule with those keys enabled again when it sees complex
-# (or negative-view) tensors.
-
-_K = torch._C.DispatchKey
-_VALUE_KEYS = (_K.Conjugate, _K.Negative, _K.ZeroTensor)
-
-
-def _needs_value_keys(xs) -> bool:
-    for x in xs:
-        if isinstance(x, torch.Tensor):
-            if x.is_complex() or x.is_neg():
-                return True
-        elif isinstance(x, (list, tuple)) and _needs_value_keys(x):
-            return True
-    return False
-
-
-def _value_keys(rule):
-    """Run ``rule`` with the Conjugate/Negative/ZeroTensor fallbacks on (see above). (mm, mv and
-    dot need not: they hand conj views only to matmul-family kernels, which read the bit.)"""
-
-    @functools.wraps(rule)
-    def wrapped(op, args, kwargs, dims, *rest):
-        if not torch._C._dispatch_tls_is_dispatch_key_excluded(_K.Conjugate) or not (
-                _needs_value_keys(args) or (kwargs and _needs_value_keys(kwargs.values()))):
-            return rule(op, args, kwargs, dims, *rest)
-        exclude = torch._C._dispatch_tls_local_exclude_set()
-        for k in _VALUE_KEYS:
-            exclude = exclude.remove(k)
-        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-            return rule(op, args, kwargs, dims, *rest)
-
-    return wrapped
-
 
 @batch_rule(aten.mm.default, aten.bmm.default)
 def mm(op, args, kwargs, dims):
@@ -135,7 +91,6 @@ def _coeff(v, name, dtype, op):
 
 
 @batch_rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default, aten.addbmm.default, aten.addr.default)
-@_value_keys
 def addmm(op, args, kwargs, dims):
     bias, a, b = args[:3]
     if op is aten.addr.default:  # promotes its operands (as 2-D tensors: a 0-dim bias counts too)
@@ -195,7 +150,6 @@ _BATCH_AGNOSTIC = [
 ]
 
 
-@_value_keys
 def batch_agnostic(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     # contiguous: some kernels (matrix_exp) view their input assuming a dense batch
@@ -284,7 +238,6 @@ def _lstsq_driver(A, kwargs):
 
 
 @batch_rule(aten.linalg_lstsq.default)
-@_value_keys
 def lstsq(op, args, kwargs, dims):
     A, b = args[0], args[1]
     da, db = dims[0], dims[1]
@@ -341,7 +294,6 @@ def _expand_factor(LD, piv, batch):
 
 
 @batch_rule(aten.linalg_ldl_solve.default)
-@_value_keys
 def ldl_solve(op, args, kwargs, dims):
     LD, piv, rhs = args
     dl, dp, dr = dims
@@ -374,7 +326,6 @@ def ldl_solve(op, args, kwargs, dims):
 
 
 @batch_rule(aten.linalg_pinv.atol_rtol_tensor, batched_kwargs=True)
-@_value_keys
 def pinv(op, args, kwargs, dims, kwarg_dims=None):
     kwarg_dims = kwarg_dims or {}
     A, dA = args[0], dims[0]
