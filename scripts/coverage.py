@@ -466,7 +466,8 @@ def run_case(op, sample, leaves, spec, tpos, kind, seed, key):
     # 1. the reference; try less varied batches if the loop cannot run a varied one
     expected = None
     loop_err = None
-    for mode in ("ragged",) if kind == "ragged" else ("vary", "vary-float", "repeat"):
+    modes = ("vary-float", "repeat") if key in FIXED_INT_INPUTS else ("vary", "vary-float", "repeat")
+    for mode in ("ragged",) if kind == "ragged" else modes:
         def phys_now():
             return [
                 _physical(leaves[p], dims, sizes, mode, seed + 7 * j) if any(x is not None for x in dims) else leaves[p].clone()
@@ -633,7 +634,8 @@ def _sample_numel(leaves, tpos):
 
 
 def _is_random_sample(op, leaves, spec, tpos):
-    """True if two runs of the op with different seeds differ (a random op)."""
+    """True if two runs of the op with different seeds differ (a random op). Within the dtype's
+    default tolerance: LAPACK (lstsq's gelsy) may differ in the last bits from run to run."""
     f = _make_fn(op, leaves, spec, tpos)
     outs = []
     for s in (1, 2):
@@ -646,12 +648,17 @@ def _is_random_sample(op, leaves, spec, tpos):
         if x.shape != y.shape:
             return True
         try:
-            torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True, check_layout=False)
+            torch.testing.assert_close(x, y, equal_nan=True, check_layout=False)
         except AssertionError:
             return True
         except Exception:  # noqa: BLE001
             return False
     return False
+
+
+#: ops whose integer inputs must keep their values in every example: permuting LDL pivots makes
+#: them invalid (2x2 blocks at the edges), and LAPACK then reads out of bounds
+FIXED_INT_INPUTS = {"linalg.ldl_solve"}
 
 
 def run_op(op, max_samples=SAMPLES_PER_OP, kinds=IN_DIMS_KINDS, nested=True, budget=OP_BUDGET, log=None,
