@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("pyfunctorch_opdb_coverage", ROOT / "scripts" / "coverage.py")
@@ -116,3 +117,62 @@ def test_vmap_opinfo_full(name):
         pytest.xfail(known)
     bad = [c for c in r["cases"] if c["status"] in cov.FAILING]
     assert not bad, f"{name} (not in docs/coverage_failures.txt) fails:\n{_describe(bad)}"
+
+
+# -- other dtypes (complex and integer rules) ------------------------------------------------------
+
+DTYPE_SLICE = {
+    "complex64": ["mul", "abs", "sum", "mm", "addmm", "linalg.pinv", "linalg.vector_norm", "fft.fft",
+                  "view_as_real", "masked.normalize", "linalg.svd"],
+    "int64": ["add", "sum", "cumsum", "index_select", "addmv", "addbmm", "baddbmm", "equal", "gather",
+              "bitwise_and", "remainder"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,name", [(d, n) for d, ns in DTYPE_SLICE.items() for n in ns],
+                         ids=[f"{d}-{n}" for d, ns in DTYPE_SLICE.items() for n in ns])
+def test_vmap_opinfo_dtype_slice(dtype, name):
+    dt = cov._dtype(dtype)
+    ops = {cov.op_key(o): o for o in cov.load_ops([name], dt)}
+    r = cov.run_op(ops[name], max_samples=SLICE_SAMPLES, kinds=("all0", "all-1", "first"), nested=True, dtype=dt)
+    ran = [c for c in r["cases"] if c["status"] != "skip"]
+    assert ran, f"{dtype} {name}: every case was skipped:\n{_describe(r['cases'])}"
+    bad = [c for c in ran if c["status"] != "pass"]
+    assert not bad, f"{dtype} {name}: vmap disagrees with the per-example loop:\n{_describe(bad)}"
+
+
+# -- AD: vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp) against torch.autograd / forward AD ------------
+
+AD_SLICE = [
+    "sin", "mul", "mm", "addmm", "sum", "cumsum", "linalg.svd", "linalg.pinv", "nn.functional.conv2d",
+    "nn.functional.layer_norm", "nn.functional.cross_entropy", "index_put", "gather", "fft.fft",
+    "nn.functional.linear_cross_entropy.chunked_none",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
+@pytest.mark.parametrize("name", AD_SLICE)
+def test_ad_opinfo_slice(name, dtype):
+    dt = cov._dtype(dtype)
+    ops = {cov.op_key(o): o for o in cov.load_ops([name], torch.float32)}
+    r = cov.run_op_ad(ops[name], max_samples=2, dtype=dt)
+    if r["skip"] is not None:
+        assert dtype == "complex128", r["skip"]  # (some ops have no complex autograd)
+        pytest.skip(r["skip"])
+    ran = [c for c in r["cases"] if c["status"] != "skip"]
+    if dtype == "float64":
+        kinds = {c["in_dims"] for c in ran}
+        assert {"vjp", "vmap(vjp_fn)", "vmap(vjp)"} <= kinds, kinds
+    bad = [c for c in ran if c["status"] != "pass"]
+    assert not bad, f"{name} {dtype}: AD disagrees with torch.autograd / forward AD:\n{_describe(bad)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_ad_opinfo_full(name):
+    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp) and vmap(vjp) agree (float64)."""
+    r = cov.run_op_ad(OPS[name])
+    if r["skip"] is not None:
+        pytest.skip(r["skip"])
+    bad = [c for c in r["cases"] if c["status"] in cov.FAILING]
+    assert not bad, f"{name}:\n{_describe(bad)}"
