@@ -555,11 +555,15 @@ def _check_hist_input(x, bins):
 
 def _check_data_range(lo, hi, message):
     """Raise as the kernel does when an example's data range (``(B, N)`` doubles) is not finite.
-    Checked only where the values are plain tensors: at an outer vmap level reading them would
-    make that level run the function once per example."""
-    if isinstance(lo, _core.LevelTensor) or lo.numel() == 0:
+    Values batched at an outer vmap level are not read in Python (that level would re-run the
+    function per example): an assert on the tensor checks them, with a shorter message."""
+    if lo.numel() == 0:
         return
     bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if isinstance(lo, _core.LevelTensor) or isinstance(hi, _core.LevelTensor):
+        torch._assert_async(~bad.any(), "the range [min, max] of an example's data is not finite (it holds inf "
+                                        "or nan): pass range= or remove the non-finite values")
+        return
     if bool(bad.any()):
         b, d = (int(i) for i in bad.nonzero()[0])
         raise RuntimeError(message(d, float(lo[b, d]), float(hi[b, d])))

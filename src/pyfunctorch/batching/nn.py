@@ -704,6 +704,14 @@ def embedding_bag(op, args, kwargs, dims):
         if ilo and bool((last != L).any()):
             # the kernel's paths disagree on where the last bag ends then: run it per example
             return _loop_tuple(op, args, dims, B)
+    elif n_off:  # offsets batched at an outer level: check them without reading them in Python
+        first, last = off[:, 0], off[:, -1]
+        torch._assert_async((first == 0).all(), "embedding_bag: offsets[0] has to be 0, i.e., the first sequence in "
+                                                "the mini-batch has to start from position 0")
+        torch._assert_async((last <= L).all(), f"embedding_bag: offsets[-1] can not be greater than input's length {L}")
+        if ilo:
+            torch._assert_async((last == L).all(), "embedding_bag under nested vmap: include_last_offset=True needs "
+                                                   f"offsets[-1] == len(input) ({L}) in every example")
     # the per-example 'sum' fast path (it decides the shape of offset2bag)
     fast = _bag_fast_path(w.dtype, w.stride(2) if wd is not None else w.stride(1), pad,
                           None if psw is None else (psw.stride(1) if pd is not None else psw.stride(0)))

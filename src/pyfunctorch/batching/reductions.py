@@ -243,3 +243,15 @@ def segment_reduce_backward(op, args, kwargs, dims, kwarg_dims=None):
         kwargs[k] = materialize(t, kwarg_dims.get(k), B).contiguous()
     grad, output, data = (materialize(t, d, B).contiguous() for t, d in zip(args[:3], dims[:3]))
     return op(grad, output, data, *args[3:], **kwargs), 0
+
+
+# -- asserts on tensor values (no Python read of the data) ------------------------------------------
+
+
+@batch_rule(aten._assert_async.default, aten._assert_async.msg)
+def assert_async(op, args, kwargs, dims):
+    # every example's condition must hold: one assert on all of them. (Rules use this to check
+    # data they must not read in Python: at an inner vmap level their values may be batched at
+    # an outer level, and a Python read would make that level re-run the function per example.)
+    cond = args[0]
+    return op((cond != 0).all(), *args[1:], **kwargs), None
