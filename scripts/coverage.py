@@ -1118,9 +1118,12 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
     for k, c in sorted(by_kind.items()):
         n = sum(c[s] for s in ("pass",) + FAILING)
         out(f"  {k:14s} {c['pass']}/{n} agree ({100 * c['pass'] / max(n, 1):.1f}%); skipped {c['skip']}")
-    tested = [s for s in sums if s["n_run"]]
+    crashed = [s for s in sums if s["verdict"] == "crash"]
+    tested = [s for s in sums if s["n_run"]] + crashed
     ok = [s for s in tested if s["verdict"] == "pass"]
     out(f"  ops fully agreeing: {len(ok)}/{len(tested)} ({100 * len(ok) / max(len(tested), 1):.1f}%)")
+    if crashed:
+        out(f"  ops that crashed the process: {len(crashed)} ({', '.join(s['op'] for s in crashed)})")
     groups = Counter()
     ex = {}
     for r in results:

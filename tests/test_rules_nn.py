@@ -812,3 +812,16 @@ def test_fractional_max_pool(dim):
         check_vmap(lambda x, s: f(x[0], s), args, in_dims, func_oracle=False)  # no N dim
         if in_dims[0] == 0:
             per_sample_grads(lambda x, s: f(x, s).pow(2).sum(), args, in_dims)
+
+
+def test_adaptive_max_pool3d_backward_with_unbatched_indices_does_not_crash():
+    """vmap over a vjp_fn: the saved input and indices are unbatched, and torch's
+    adaptive_max_pool3d_backward reads expanded (stride-0) copies of them out of bounds."""
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    out, vjp_fn = pf.vjp(lambda t: torch.nn.functional.adaptive_max_pool3d(t, 2), x)
+    cts = torch.randn(3, *out.shape, dtype=torch.float64)
+    (got,) = pf.vmap(vjp_fn)(cts)
+    xr = x.clone().requires_grad_()
+    o = torch.nn.functional.adaptive_max_pool3d(xr, 2)
+    want = torch.stack([torch.autograd.grad(o, xr, c, retain_graph=True)[0] for c in cts])
+    assert torch.allclose(got, want)

@@ -63,6 +63,10 @@ def _input_size_pos(op):
     return None
 
 
+def _takes_indices(op) -> bool:
+    return any(a.name == "indices" for a in op._schema.arguments)
+
+
 def fold_into_n(core: int):
     """Rule factory for ops on ``(N, C, *spatial)`` tensors that work on each ``(n, c)`` plane
     independently; ``core`` is the rank without N (C + spatial dims).
@@ -77,8 +81,13 @@ def fold_into_n(core: int):
         first = args[tpos[0]]
         has_n = rank(first, dims[tpos[0]]) > core
         new = list(args)
+        # (torch's adaptive_max_pool3d_backward reads an expanded, stride-0 input or indices
+        # out of bounds and crashes: backward kernels that take indices get real copies)
+        dense = _takes_indices(op)
         for i in tpos:
             t = materialize(args[i], dims[i], B)
+            if dense and dims[i] is None:
+                t = t.contiguous()
             new[i] = t.flatten(0, 1) if has_n else t
         size_pos = _input_size_pos(op)
         if size_pos is not None and has_n:
