@@ -6,6 +6,7 @@ loop, torch.autograd or finite differences), never with pyfunctorch itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -83,6 +84,21 @@ def assert_close(actual, expected, *, rtol=None, atol=None, msg=None):
             )
         else:
             assert a == e, msg or f"{a!r} != {e!r}"
+
+
+@contextlib.contextmanager
+def no_fallback(allow=()):
+    """Assert that no op ran through vmap's per-example loop fallback in the block. The
+    fallback warns only once per op per session, so its counters are watched too.
+    ``allow``: ops that may still use it (outside the scope of the test)."""
+    from pyfunctorch import batched
+
+    before = dict(batched.FALLBACK_COUNTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if allow else "error", pyfunctorch.PerformanceWarning)
+        yield
+    new = {str(k): v for k, v in batched.FALLBACK_COUNTS.items() if before.get(k, 0) != v and k not in allow}
+    assert not new, f"ops ran through the loop fallback: {new}"
 
 
 def loop_vmap(f, in_dims=0, out_dims=0):

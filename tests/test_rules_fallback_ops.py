@@ -8,8 +8,6 @@ through the loop fallback."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import pytest
 import torch
@@ -18,21 +16,12 @@ import torch.nn.functional as F
 import pyfunctorch as pf
 from pyfunctorch import batched
 
-from conftest import loop_vmap
+from conftest import loop_vmap, no_fallback
 
 aten = torch.ops.aten
 B = 3
 
 
-@contextlib.contextmanager
-def no_fallback():
-    """The loop fallback warns only once per op per session: watch its counters too."""
-    before = dict(batched.FALLBACK_COUNTS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pf.PerformanceWarning)
-        yield
-    new = {str(k): v for k, v in batched.FALLBACK_COUNTS.items() if before.get(k, 0) != v}
-    assert not new, f"ops ran through the loop fallback: {new}"
 
 
 def same(got, want, exact=False, atol=None, rtol=None):

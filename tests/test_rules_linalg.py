@@ -9,15 +9,12 @@ ran through its rule, never through the per-example loop fallback.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import pytest
 import torch
-from conftest import assert_close, loop_vmap
+from conftest import assert_close, loop_vmap, no_fallback
 
 import pyfunctorch as pf
-from pyfunctorch import batched
 from pyfunctorch.batched import DataDependentError
 
 DT = torch.float64
@@ -25,15 +22,6 @@ B = 3
 DRIVERS = ["gels", "gelsy", "gelsd", "gelss"]
 
 
-@contextlib.contextmanager
-def no_fallback():
-    """The loop fallback warns only once per op per session, so also watch its counters."""
-    before = dict(batched.FALLBACK_COUNTS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pf.PerformanceWarning)
-        yield
-    new = {str(k): v for k, v in batched.FALLBACK_COUNTS.items() if before.get(k, 0) != v}
-    assert not new, f"ops ran through the loop fallback: {new}"
 
 
 def check(f, in_dims, *args):

@@ -8,8 +8,6 @@ per-example loop fallback.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import pytest
 import torch
@@ -17,25 +15,14 @@ import torch.func as tf
 import torch.nn.functional as F
 
 import pyfunctorch as pf
-from pyfunctorch import batched
 
-from conftest import assert_close, loop_vmap
+from conftest import assert_close, loop_vmap, no_fallback
 
 DT = torch.float64
 aten = torch.ops.aten
 B = 3
 
 
-@contextlib.contextmanager
-def no_fallback(allow=()):
-    """The loop fallback warns only once per op per session, so also watch its counters.
-    ``allow``: ops (outside this file's scope) that may still use it."""
-    before = dict(batched.FALLBACK_COUNTS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if allow else "error", pf.PerformanceWarning)
-        yield
-    new = {str(k): v for k, v in batched.FALLBACK_COUNTS.items() if before.get(k, 0) != v and k not in allow}
-    assert not new, f"ops ran through the loop fallback: {new}"
 
 
 def check_vmap(f, args, in_dims=0, *, func_oracle=True, atol=None, rtol=None):

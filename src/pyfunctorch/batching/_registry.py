@@ -143,3 +143,22 @@ def move_bdim(x: torch.Tensor, d, to: int = 0) -> torch.Tensor:
     if d is None or d == to:
         return x
     return x.movedim(d, to)
+
+
+def per_example_signal(msg: str) -> Exception:
+    """An exception asking the vmap level that runs the calling rule to re-run the function
+    once per example (as ``.item()`` on a batched tensor does), e.g. when the examples'
+    results differ in shape. A rule is not told its level: the nearest
+    ``VmapInterpreter.dispatch``/``process`` frame is that level (a rare path, so the frame
+    walk costs nothing on the hot one). Raise what it returns."""
+    import sys
+
+    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
+
+    f = sys._getframe(1)
+    while f is not None:
+        interp = f.f_locals.get("self")
+        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
+            return _PerExampleSignal(interp, msg)
+        f = f.f_back
+    return DataDependentError(msg)

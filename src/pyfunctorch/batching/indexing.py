@@ -20,7 +20,7 @@ import math
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, physical_dim, rank
+from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -58,22 +58,10 @@ def _is_inplace(op) -> bool:
 
 
 def _data_dependent(op):
-    """The per-example results of ``op`` differ in shape: ask the vmap level that is running
-    this rule to re-run the function once per example (as it does for ``.item()``)."""
-    import sys
-
-    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
-
-    msg = (f"vmap: {op} gives results of different shapes for different examples (a batched boolean "
-           "mask selects a different number of elements per example); a batched tensor needs one shape.")
-    # A rule is not told its level: find the nearest VmapInterpreter.dispatch/process frame.
-    f = sys._getframe(1)
-    while f is not None:
-        interp = f.f_locals.get("self")
-        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
-            return _PerExampleSignal(interp, msg)
-        f = f.f_back
-    return DataDependentError(msg)
+    """The per-example results of ``op`` differ in shape: the function runs once per example."""
+    return per_example_signal(
+        f"vmap: {op} gives results of different shapes for different examples (a batched boolean "
+        "mask selects a different number of elements per example); a batched tensor needs one shape.")
 
 
 def _dim_index(index: torch.Tensor, d: int, shape) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ._registry import (
     batch_size_of,
     materialize,
     non_out_overloads,
+    per_example_signal,
     pad_to_rank,
     rank,
 )
@@ -171,20 +172,7 @@ def check_errors(op, args, kwargs, dims):
 
 
 def _per_example_signal(op, msg):
-    """Ask the vmap level running this rule to re-run the function once per example (as it
-    does for ``.item()``); a rule is not told its level, so find the nearest
-    ``VmapInterpreter.dispatch``/``process`` frame."""
-    import sys
-
-    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
-
-    f = sys._getframe(1)
-    while f is not None:
-        interp = f.f_locals.get("self")
-        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
-            return _PerExampleSignal(interp, msg)
-        f = f.f_back
-    return DataDependentError(msg)
+    return per_example_signal(msg)
 
 
 def _loop(op, args, dims, kwargs, B):
