@@ -1103,6 +1103,10 @@ def _unwrap_out(interp, o, d, func):
     if not isinstance(o, torch.Tensor):
         if d is None:
             return o
+        if isinstance(o, (bool, int, float, complex)):
+            # one Python number for every example: the loop's stack of it (as the per-example
+            # path stacks numbers that differ between examples)
+            return interp.unwrap_value(torch.as_tensor(o), 0).contiguous()
         raise ValueError(
             f"vmap({_name(func)}): the function returned a {type(o).__name__} where out_dims is {d}; "
             "only tensors can carry a batch dim. Return tensors, or set that out_dim to None."
