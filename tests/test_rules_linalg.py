@@ -437,6 +437,20 @@ def test_low_precision_add_products_round_once(dt):
                            loop_vmap(g, (0, None, 0))(M[:, 0], a[0, 0], b[:, 0]))
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_addbmm_and_addr_round_as_the_kernels(dt):
+    """addbmm's kernel is one addmm_ per inner batch (the running sum rounded each time);
+    addr's rounds alpha and beta to the dtype, then each product and the sum."""
+    M, a, b = (torch.randn(B, *s, dtype=dt) for s in [(6, 7), (4, 6, 8), (4, 8, 7)])
+    f = lambda M, a, b: torch.addbmm(M, a, b, beta=0.3, alpha=0.7)
+    u, w = torch.randn(B, 6, dtype=dt), torch.randn(B, 7, dtype=dt)
+    g = lambda M, u, w: torch.addr(M, u, w, beta=0.2, alpha=0.6)
+    with no_fallback():
+        assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
+        assert torch.equal(pf.vmap(f, in_dims=(None, 0, 0))(M[0], a, b), loop_vmap(f, (None, 0, 0))(M[0], a, b))
+        assert torch.equal(pf.vmap(g)(M, u, w), loop_vmap(g)(M, u, w))
+
+
 @pytest.mark.parametrize("dt", [torch.float64, torch.complex64, torch.bfloat16])
 def test_linalg_cross(dt):
     """linalg_cross through its kernel (the decomposition rounds each product in bfloat16)."""

@@ -109,8 +109,17 @@ def addmm(op, args, kwargs, dims):
     if op is aten.addmv.default:
         prod, out_rank = torch.matmul(a, b.unsqueeze(-1)).squeeze(-1), 1
     elif op is aten.addr.default:  # (alpha * a) * b as the kernel computes it
+        if dtype in (torch.float16, torch.bfloat16):  # the kernel rounds alpha, beta to the dtype
+            alpha, beta = (float(torch.tensor(c, dtype=dtype)) if isinstance(c, float) else c for c in (alpha, beta))
         prod, out_rank = (a * alpha if alpha != 1 else a).unsqueeze(-1) * b.unsqueeze(-2), 2
         alpha = 1
+    elif op is aten.addbmm.default and dtype in (torch.float16, torch.bfloat16) and a.shape[-3] > 0:
+        # the kernel is one addmm_ per inner batch, rounding the running sum each time
+        prods = torch.matmul(a, b)
+        out = _add_scaled(prods.select(-3, 0), bias, dims[0], beta, alpha, 2).to(dtype)
+        for k in range(1, prods.shape[-3]):
+            out = (out.float() + alpha * prods.select(-3, k)).to(dtype)
+        return out, 0
     elif op is aten.addbmm.default:
         prod, out_rank = torch.matmul(a, b).sum(-3), 2
     else:
