@@ -873,7 +873,8 @@ def write_docs(results, sums, meta):
                  "returns; those ops and the Python-valued ones stay on the per-example loop by "
                  "nature. The same sweep in other dtypes: `--dtype complex64` "
                  "([coverage_complex64.md](coverage_complex64.md)), `--dtype int64` "
-                 "([coverage_int64.md](coverage_int64.md)). Reproduce one op with "
+                 "([coverage_int64.md](coverage_int64.md)), `--dtype bfloat16` "
+                 "([coverage_bfloat16.md](coverage_bfloat16.md)). Reproduce one op with "
                  "`python scripts/coverage.py --ops NAME -v`; every case's record (status, exception "
                  "type and first line) is in `build/opdb_coverage/vmap.*.jsonl` after a run.")
     lines.append("")
