@@ -178,12 +178,13 @@ def _custom_op_vmap_fn(func):
 
 def _custom_op_vmap(interp, func, args, kwargs):
     """A custom op's own vmap rule, called as torch.func calls it: ``fn(info, in_dims, *args,
-    **kwargs)`` on the physical values (batch dims at 0) with this level lowered, returning
-    ``(outputs, out_dims)``."""
+    **kwargs)`` on the physical values (each batch dim where it is, named by ``in_dims``) with
+    this level lowered, returning ``(outputs, out_dims)``."""
     from .custom_function import VmapInfo, _lowered, _wrap_batched_outputs
 
     if any(_batched_here(v, interp) for v in kwargs.values()):
         return loop_fallback(interp, func, args, kwargs)
+
     def physical(a):  # batch dims stay where they are, as torch.func passes them
         if isinstance(a, BatchedTensor) and a._interp is interp:
             return a._value, a._bdim
