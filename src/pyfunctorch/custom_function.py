@@ -26,6 +26,11 @@ While a level is processed, the interpreters of that level and above are taken o
 the stack (functorch's ``interpreter.lower()``), so tensors the Function creates
 (``torch.zeros`` ...) and random calls belong to the levels below only.
 
+A backward formula that writes the batched grad_output in place into scratch it made
+from unbatched values (``BatchedWriteError``) is re-run once per example
+(:func:`call_backward`): for the user's Functions, and for the autograd kernels of
+``torch.library`` custom ops (their ``register_autograd`` formulas).
+
 Old-style Functions (``forward(ctx, ...)`` without ``setup_context``) raise a clear
 error when they meet a transformed tensor, as in torch.func. Old-style Functions
 defined inside torch itself (torch.library's autograd kernels, which run *inside* an
