@@ -812,3 +812,18 @@ def test_adaptive_max_pool3d_backward_with_unbatched_indices_does_not_crash():
     o = torch.nn.functional.adaptive_max_pool3d(xr, 2)
     want = torch.stack([torch.autograd.grad(o, xr, c, retain_graph=True)[0] for c in cts])
     assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_norms_with_per_example_affine_round_once(dt):
+    """layer_norm / group_norm kernels apply weight and bias in float32 and round once: with
+    per-example (batched) parameters the rule does the same, bit for bit."""
+    x = torch.randn(3, 4, 6, 5).to(dt)
+    w, b = torch.randn(3, 5).to(dt), torch.randn(3, 5).to(dt)
+    f = lambda x, w, b: torch.nn.functional.layer_norm(x, (5,), w, b)
+    with no_fallback():
+        assert torch.equal(pf.vmap(f)(x, w, b), loop_vmap(f)(x, w, b))
+    wg, bg = torch.randn(3, 6).to(dt), torch.randn(3, 6).to(dt)
+    g = lambda x, w, b: torch.nn.functional.group_norm(x, 3, w, b)
+    with no_fallback():
+        assert torch.equal(pf.vmap(g)(x, wg, bg), loop_vmap(g)(x, wg, bg))

@@ -244,6 +244,13 @@ def convolution_backward(op, args, kwargs, dims):
 # -- layer norm / group norm ---------------------------------------------------------------
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float(t):
+    return None if t is None else t.float()
+
+
 def _affine(out, w, b):
     """``out * w + b``, the parameters already shaped to broadcast against ``out``."""
     if w is not None:
@@ -270,9 +277,13 @@ def native_layer_norm(op, args, kwargs, dims):
     x = materialize(x, dims[0], B)
     if dims[2] is None and dims[3] is None:
         return op(x, ns, w, b, eps), 0  # normalized over trailing dims: the batch rides along
-    out, mean, rstd = op(x, ns, None, None, eps)
     r = rank(x, 0)  # batched parameters (B, *ns) broadcast once padded to the input's rank
-    return (_affine(out, pad_to_rank(w, dims[2], r), pad_to_rank(b, dims[3], r)), mean, rstd), 0
+    w, b = pad_to_rank(w, dims[2], r), pad_to_rank(b, dims[3], r)
+    if x.dtype in _HALF:  # the kernel applies the affine part in float32 and rounds once
+        out, mean, rstd = op(x.float(), ns, None, None, eps)
+        return (_affine(out, _float(w), _float(b)).to(x.dtype), mean.to(x.dtype), rstd.to(x.dtype)), 0
+    out, mean, rstd = op(x, ns, None, None, eps)
+    return (_affine(out, w, b), mean, rstd), 0
 
 
 @batch_rule(aten.native_layer_norm_backward.default)
@@ -307,11 +318,15 @@ def native_group_norm(op, args, kwargs, dims):
     spatial = x.dim() - 3
     affine_batched = dims[1] is not None or dims[2] is not None
     # (the kernel needs a contiguous input: a batch dim moved to the front may not be)
-    out, mean, rstd = op(x.flatten(0, 1).contiguous(), None if affine_batched else w,
+    half = affine_batched and x.dtype in _HALF  # (the kernel's affine part: float32, rounded once)
+    out, mean, rstd = op((x.float() if half else x).flatten(0, 1).contiguous(), None if affine_batched else w,
                          None if affine_batched else b, B * N, C, HxW, group, eps)
     out = out.reshape(x.shape)
     if affine_batched:
-        out = _affine(out, _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial))
+        pw, pb = _per_channel(w, dims[1], spatial), _per_channel(b, dims[2], spatial)
+        out = _affine(out, _float(pw), _float(pb)).to(x.dtype) if half else _affine(out, pw, pb)
+    if half:
+        mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
     return (out, mean.reshape(B, N, group), rstd.reshape(B, N, group)), 0
 
 
