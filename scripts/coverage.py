@@ -789,6 +789,18 @@ def _group_message(msg: str) -> str:
     return m[:140]
 
 
+def _failure_groups(results, key):
+    """Failing cases counted by ``key(case)``, and the ops that have each."""
+    groups, ops = Counter(), {}
+    for r in results:
+        for x in r["cases"]:
+            if x["status"] in FAILING:
+                g = key(x)
+                groups[g] += 1
+                ops.setdefault(g, set()).add(r["op"])
+    return groups, ops
+
+
 def summarise(results, out=print, top=30):
     results = sorted(results, key=lambda r: r["op"])
     sums = [op_summary(r) for r in results]
@@ -819,14 +831,7 @@ def summarise(results, out=print, top=30):
     out(f"ops served without the loop fallback: {len(no_loop)}/{len(tested)} ({100 * len(no_loop) / max(len(tested), 1):.1f}%)")
     served = Counter(s["served"] or "no aten op reached vmap" for s in tested)
     out("slowest path taken per tested op: " + ", ".join(f"{k}: {v}" for k, v in served.most_common()))
-    groups = Counter()
-    examples = {}
-    for r in results:
-        for x in r["cases"]:
-            if x["status"] in FAILING:
-                g = f"{x.get('etype', '')}: {_group_message(x.get('err', ''))}"
-                groups[g] += 1
-                examples.setdefault(g, set()).add(r["op"])
+    groups, examples = _failure_groups(results, lambda x: f"{x.get('etype', '')}: {_group_message(x.get('err', ''))}")
     if groups:
         out("top failure causes (cases, ops):")
         for g, n in groups.most_common(15):
@@ -1130,14 +1135,8 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
     out(f"  ops fully agreeing: {len(ok)}/{len(tested)} ({100 * len(ok) / max(len(tested), 1):.1f}%)")
     if crashed:
         out(f"  ops that crashed the process: {len(crashed)} ({', '.join(s['op'] for s in crashed)})")
-    groups = Counter()
-    ex = {}
-    for r in results:
-        for x in r["cases"]:
-            if x["status"] in FAILING:
-                g = f"{x['in_dims']} {x.get('etype', '')}: {_group_message(x.get('err', ''))}"
-                groups[g] += 1
-                ex.setdefault(g, set()).add(r["op"])
+    groups, ex = _failure_groups(
+        results, lambda x: f"{x['in_dims']} {x.get('etype', '')}: {_group_message(x.get('err', ''))}")
     for g, n in groups.most_common(12):
         out(f"  {n:5d} cases  {g}   e.g. {', '.join(sorted(ex[g])[:4])}")
     failing = [s for s in tested if s["verdict"] == "fail"]

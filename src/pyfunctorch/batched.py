@@ -177,42 +177,15 @@ def _custom_op_vmap_fn(func):
 
 
 def _custom_op_vmap(interp, func, args, kwargs):
-    """A custom op's own vmap rule, called as torch.func calls it: ``fn(info, in_dims, *args,
-    **kwargs)`` on the physical values (each batch dim where it is, named by ``in_dims``) with
-    this level lowered, returning ``(outputs, out_dims)``."""
-    from .custom_function import VmapInfo, _lowered, _wrap_batched_outputs
+    """A custom op's own ``register_vmap`` rule, called as torch.func calls it (the protocol of
+    an autograd.Function's vmap staticmethod: physical values, each batch dim where it is)."""
+    from .custom_function import _unwrap_batched, run_vmap_rule
 
     if any(_batched_here(v, interp) for v in kwargs.values()):
         return loop_fallback(interp, func, args, kwargs)
-
-    def physical(a):  # batch dims stay where they are, as torch.func passes them
-        if isinstance(a, BatchedTensor) and a._interp is interp:
-            return a._value, a._bdim
-        if isinstance(a, (list, tuple)) and any(isinstance(b, BatchedTensor) for b in a):
-            pairs = [physical(b) for b in a]
-            return type(a)(v for v, _ in pairs), [d for _, d in pairs]
-        return a, None
-
-    pairs = [physical(a) for a in args]
-    uargs, dims = [v for v, _ in pairs], [d for _, d in pairs]
-    with _lowered(interp.level):
-        res = _custom_op_vmap_fn(func)(VmapInfo(interp.batch_size, interp.randomness), tuple(dims), *uargs, **kwargs)
-    if not (isinstance(res, tuple) and len(res) == 2):
-        raise RuntimeError(
-            f"pyfunctorch.vmap: the register_vmap function of {func} must return a pair (outputs, out_dims); "
-            f"it returned {type(res).__name__}."
-        )
-    outputs, out_dims = res
-    if isinstance(outputs, list):
-        outputs = tuple(outputs)
-    return _wrap_batched_outputs(interp, _CustomOpName(func), outputs, out_dims, uargs, args)
-
-
-class _CustomOpName:
-    """Names the op in the messages of custom_function._wrap_batched_outputs."""
-
-    def __init__(self, func):
-        self.__name__ = str(func)
+    pairs = [_unwrap_batched(a, interp) for a in args]
+    return run_vmap_rule(interp, _custom_op_vmap_fn(func), f"the register_vmap function of {func}", str(func),
+                         [v for v, _ in pairs], tuple(d for _, d in pairs), args, kwargs, lists_as_tuples=True)
 
 
 def _is_random(func) -> bool:

@@ -433,27 +433,37 @@ def _vmap_rule(interp, cls, args, kwargs):
             res = custom_function_call(vm, phys, kwargs)
         outputs, out_dims = _unpack_outputs(res)
     elif has_vmap:
-        with _lowered(interp.level):
-            res = cls.vmap(VmapInfo(B, randomness), in_dims, *phys, **kwargs)
-        if not (isinstance(res, tuple) and len(res) == 2):
-            raise RuntimeError(
-                f"pyfunctorch.vmap: the vmap staticmethod of {cls.__name__} must return a pair "
-                f"(outputs, out_dims); it returned {type(res).__name__}"
-                + (f" of length {len(res)}" if isinstance(res, tuple) else "") + "."
-            )
-        outputs, out_dims = res
+        return run_vmap_rule(interp, cls.vmap, f"the vmap staticmethod of {cls.__name__}", cls.__name__, phys,
+                             in_dims, args, kwargs)
     else:
         return _loop(interp, cls, phys, in_dims, kwargs)
-    return _wrap_batched_outputs(interp, cls, outputs, out_dims, phys, args)
+    return _wrap_batched_outputs(interp, cls.__name__, outputs, out_dims, phys, args)
 
 
-def _wrap_batched_outputs(interp, cls, outputs, out_dims, phys, args):
+def run_vmap_rule(interp, fn, what: str, name: str, phys, in_dims, args, kwargs, lists_as_tuples: bool = False):
+    """A user's vmap rule -- an autograd.Function's ``vmap`` staticmethod, a custom op's
+    ``register_vmap`` function -- called as torch.func calls it, ``fn(info, in_dims, *phys,
+    **kwargs)``, with this level lowered; its ``(outputs, out_dims)`` wrapped at the level."""
+    with _lowered(interp.level):
+        res = fn(VmapInfo(interp.batch_size, interp.randomness), in_dims, *phys, **kwargs)
+    if not (isinstance(res, tuple) and len(res) == 2):
+        raise RuntimeError(
+            f"pyfunctorch.vmap: {what} must return a pair (outputs, out_dims); it returned {type(res).__name__}"
+            + (f" of length {len(res)}" if isinstance(res, tuple) else "") + "."
+        )
+    outputs, out_dims = res
+    if lists_as_tuples and isinstance(outputs, list):  # (a Tensor[] return)
+        outputs = tuple(outputs)
+    return _wrap_batched_outputs(interp, name, outputs, out_dims, phys, args)
+
+
+def _wrap_batched_outputs(interp, name, outputs, out_dims, phys, args):
     if isinstance(outputs, tuple):
         if isinstance(out_dims, int) or out_dims is None:
             out_dims = (out_dims,) * len(outputs)
         if not isinstance(out_dims, (tuple, list)) or len(out_dims) != len(outputs):
             raise RuntimeError(
-                f"pyfunctorch.vmap: {cls.__name__}: out_dims {out_dims!r} does not match the {len(outputs)} outputs."
+                f"pyfunctorch.vmap: {name}: out_dims {out_dims!r} does not match the {len(outputs)} outputs."
             )
         ids = {id(u): o for u, o in zip(_leaves(phys, []), _leaves(args, []))}
         res = []
@@ -461,7 +471,7 @@ def _wrap_batched_outputs(interp, cls, outputs, out_dims, phys, args):
             res.append(_wrap_one(interp, o, d, ids))
         return tuple(res)
     if not (out_dims is None or isinstance(out_dims, int)):
-        raise RuntimeError(f"pyfunctorch.vmap: {cls.__name__}: out_dims {out_dims!r} does not match a single output.")
+        raise RuntimeError(f"pyfunctorch.vmap: {name}: out_dims {out_dims!r} does not match a single output.")
     ids = {id(u): o for u, o in zip(_leaves(phys, []), _leaves(args, []))}
     return _wrap_one(interp, outputs, out_dims, ids)
 

@@ -49,6 +49,12 @@ def _assemble(out_flat, out_spec, in_flat_groups, in_specs, blocks, out_first: b
     return tree_unflatten(per_out, out_spec)
 
 
+def _flatten_each(trees):
+    """([leaves of each tree], [spec of each tree])."""
+    pairs = [tree_flatten(t) for t in trees]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def jacrev(
     func: Callable,
     argnums: int | tuple[int, ...] = 0,
@@ -80,11 +86,7 @@ def jacrev(
         out, vjp_fn = res[0], res[1]
         out_flat, out_spec = tree_flatten(out)
         basis, sizes, total = _basis(out_flat)
-        in_groups, in_specs = [], []
-        for d in diff:
-            fl, sp = tree_flatten(d)
-            in_groups.append(fl)
-            in_specs.append(sp)
+        in_groups, in_specs = _flatten_each(diff)
         if total == 0:
             grads_flat = [torch.zeros((0,) + tuple(x.shape), dtype=x.dtype, device=x.device) for g in in_groups for x in g]
         else:
@@ -147,8 +149,7 @@ def jacfwd(
         out = tree_map(lambda t: t[0], out)
         out_flat, out_spec = tree_flatten(out)
         t_flat, _ = tree_flatten(t_out)
-        in_groups = [tree_flatten(d)[0] for d in diff]
-        in_specs = [tree_flatten(d)[1] for d in diff]
+        in_groups, in_specs = _flatten_each(diff)
         blocks = []
         for t, o in zip(t_flat, out_flat):
             row = []

@@ -63,10 +63,6 @@ def _input_size_pos(op):
     return None
 
 
-def _takes_indices(op) -> bool:
-    return any(a.name == "indices" for a in op._schema.arguments)
-
-
 def fold_into_n(core: int):
     """Rule factory for ops on ``(N, C, *spatial)`` tensors that work on each ``(n, c)`` plane
     independently; ``core`` is the rank without N (C + spatial dims).
@@ -83,7 +79,7 @@ def fold_into_n(core: int):
         new = list(args)
         # (torch's adaptive_max_pool3d_backward reads an expanded, stride-0 input or indices
         # out of bounds and crashes: backward kernels that take indices get real copies)
-        dense = _takes_indices(op)
+        dense = op in _TAKES_INDICES
         for i in tpos:
             t = materialize(args[i], dims[i], B)
             if dense and dims[i] is None:
@@ -121,6 +117,8 @@ _FOLD_N = {
         "_upsample_nearest_exact3d", "_upsample_nearest_exact3d_backward", "upsample_trilinear3d",
         "upsample_trilinear3d_backward", "grid_sampler_3d", "grid_sampler_3d_backward"],
 }
+_TAKES_INDICES = frozenset(op for names in _FOLD_N.values() for op in _ops(*names)
+                           if any(a.name == "indices" for a in op._schema.arguments))
 for _core_rank, _names in _FOLD_N.items():
     batch_rule(*_ops(*_names))(fold_into_n(_core_rank))
 
