@@ -1,4 +1,4 @@
-"""Batching rules for neural-network ops (batching/nn.py) against oracles.
+"""Batching rules for neural-network ops (batching/convolution.py, normalization.py, embedding.py, losses.py, attention.py, recurrent.py) against oracles.
 
 Oracles: the per-example Python loop (``loop_vmap``), torch.func.vmap where it supports
 the case, and per-example ``torch.autograd.grad`` for per-sample gradients. Every check

@@ -18,7 +18,12 @@ from . import pointwise  # noqa: F401  (registers rules)
 from . import views  # noqa: F401
 from . import reductions  # noqa: F401
 from . import linalg  # noqa: F401
-from . import nn  # noqa: F401
+from . import convolution  # noqa: F401
+from . import normalization  # noqa: F401
+from . import embedding  # noqa: F401
+from . import losses  # noqa: F401
+from . import attention  # noqa: F401
+from . import recurrent  # noqa: F401
 from . import indexing  # noqa: F401
 
 _MISSING = object()

@@ -85,6 +85,64 @@ def non_out_overloads(*names: str) -> list:
     return ops
 
 
+def functional_overloads(*names: str) -> list:
+    """The functional overloads of the named aten packets: neither ``out=`` nor in-place
+    (their outputs would be unbatched); names this torch lacks are skipped."""
+    out = []
+    for n in names:
+        packet = getattr(aten, n, None)
+        if packet is None:
+            continue
+        for o in packet.overloads():
+            op = getattr(packet, o)
+            if not op._schema.is_mutable:
+                out.append(op)
+    return out
+
+
+def map_outputs(fn, out):
+    """Apply ``fn`` to every tensor of an op's output (a tensor or a tuple; None stays)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(None if o is None else fn(o) for o in out)
+    return fn(out)
+
+
+# -- shared rule helpers (nn families) ---------------------------------------------
+
+
+def full_args(op, args, kwargs, dims):
+    """Positional args (and their dims) with the schema's defaults filled in: dispatch drops
+    trailing defaults."""
+    args, dims = list(args), list(dims)
+    for a in op._schema.arguments[len(args):]:
+        if a.kwarg_only:
+            break
+        args.append(kwargs[a.name] if a.name in kwargs else a.default_value)
+        dims.append(None)
+    return args, dims
+
+
+def loop_examples(op, args, dims, B):
+    """One call per example, inside a rule: for rare corners a fold cannot express."""
+    outs = [op(*[a.select(0, b) if d is not None else a for a, d in zip(args, dims)]) for b in range(B)]
+    return torch.stack(outs), 0
+
+
+def batch_into_channels(x, has_n):
+    """``(B, N, C, *S)`` (or ``(B, C, *S)`` without N) -> ``(N, B*C, *S)``."""
+    if not has_n:
+        x = x.unsqueeze(1)
+    return x.movedim(0, 1).flatten(1, 2)
+
+
+def unbatch_channels(y, B, has_n):
+    """``(N, B*C, *S)`` -> the batched result and its batch dim."""
+    y = y.reshape((y.shape[0], B, -1) + y.shape[2:])
+    if not has_n:
+        return y.squeeze(0), 0
+    return y, 1
+
+
 # -- shared dimension bookkeeping (JAX's bdim_at_front / matchaxis) -----------------
 
 

@@ -9,6 +9,7 @@ import torch
 
 from .. import _core
 from ._registry import (
+    full_args,
     batch_rule,
     batch_size_of,
     materialize,
@@ -99,7 +100,7 @@ def addmm(op, args, kwargs, dims):
     elif bias.dtype == a.dtype == b.dtype:
         dtype = a.dtype
     else:  # torch's own error
-        return _loop(op, args, dims, kwargs, batch_size_of(args, dims))
+        return loop_examples(op, args, dims, kwargs, batch_size_of(args, dims))
     beta = _coeff(kwargs.get("beta", args[3] if len(args) > 3 else 1), "beta", dtype, op)
     alpha = _coeff(kwargs.get("alpha", args[4] if len(args) > 4 else 1), "alpha", dtype, op)
     if dtype in (torch.float16, torch.bfloat16) and op is not aten.addr.default:
@@ -140,7 +141,7 @@ def linalg_cross(op, args, kwargs, dims):
     r = rank(a, dims[0])
     d = kwargs.get("dim", -1)
     if r != rank(b, dims[1]) or not -r <= d < r:
-        return _loop(op, args, dims, kwargs, batch_size_of(args, dims))  # torch's own error
+        return loop_examples(op, args, dims, kwargs, batch_size_of(args, dims))  # torch's own error
     a = a if dims[0] is not None else a.unsqueeze(0)
     b = b if dims[1] is not None else b.unsqueeze(0)
     return op(a, b, dim=d if d < 0 else d + 1), 0
@@ -184,7 +185,7 @@ def _per_example_signal(op, msg):
     return per_example_signal(msg)
 
 
-def _loop(op, args, dims, kwargs, B):
+def loop_examples(op, args, dims, kwargs, B):
     """``op`` once per example, stacked: for the rare inputs where one batched call cannot
     give the per-example results (and to raise torch's own error for bad per-example shapes)."""
     outs = []
@@ -241,7 +242,7 @@ def lstsq(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     ra, rb = rank(A, da), rank(b, db)
     if ra < 2 or ra - rb not in (0, 1):
-        return _loop(op, args, dims, kwargs, B)  # torch's own error for these shapes
+        return loop_examples(op, args, dims, kwargs, B)  # torch's own error for these shapes
     vector = ra - rb == 1
     if da is None:
         # A shared by every example: the examples' right-hand sides become the columns of one
@@ -297,7 +298,7 @@ def ldl_solve(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     rl, rp, rr = rank(LD, dl), rank(piv, dp), rank(rhs, dr)
     if rl < 2 or rr < 2 or rp != rl - 1 or LD.shape[(dl is not None):-1] != piv.shape[(dp is not None):]:
-        return _loop(op, args, dims, kwargs, B)  # torch's own error for these shapes
+        return loop_examples(op, args, dims, kwargs, B)  # torch's own error for these shapes
     if dl is None and dp is None:
         # one factorization shared by every example: the examples' right-hand sides become
         # the columns of one right-hand side
@@ -392,3 +393,17 @@ def _matrix_rank_entry(original, args, kwargs):
 
 
 _core.patch_while_active(torch.linalg, "matrix_rank", _matrix_rank_entry)
+
+
+# -- _trilinear (nn.Bilinear) ---------------------------------------------------------------------
+
+
+@batch_rule(aten._trilinear.default)
+def trilinear(op, args, kwargs, dims):
+    # every input is unsqueezed at its expand dims to one common rank, multiplied and summed
+    # over sumdim: with the batch dim in front of each, every listed dim moves up by one
+    args, dims = full_args(op, args, kwargs, dims)
+    B = batch_size_of(args, dims)
+    i1, i2, i3 = (materialize(t, d, B) for t, d in zip(args[:3], dims[:3]))
+    up = lambda ds: [d + 1 for d in ds]  # noqa: E731  (the lists hold non-negative dims)
+    return op(i1, i2, i3, up(args[3]), up(args[4]), up(args[5]), up(args[6]), args[7] + 1), 0
