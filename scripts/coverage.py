@@ -442,7 +442,7 @@ def _compare(actual, expected, atol, rtol):
 def run_case(op, sample, leaves, spec, tpos, kind, seed, key):
     """One (sample, in_dims) case. ``kind`` is one of IN_DIMS_KINDS or 'nested'."""
     import pyfunctorch
-    from pyfunctorch.batched import RandomnessError
+    from pyfunctorch.errors import RandomnessError
 
     nt = len(tpos)
     if kind == "nested":

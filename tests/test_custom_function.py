@@ -968,7 +968,7 @@ def test_custom_op_register_vmap_rule_is_used(in_dims, xs, ys):
     y = torch.randn(ys, dtype=DT)
     _VMAP_CALLS.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", pf.batched.PerformanceWarning)  # no loop fallback
+        warnings.simplefilter("error", pf.PerformanceWarning)  # no loop fallback
         got = pf.vmap(np_mul, in_dims=in_dims)(x, y)
     assert _VMAP_CALLS == [(3, "error", in_dims)]
     assert_close(got, loop_vmap(np_mul, in_dims)(x, y))
@@ -1032,7 +1032,7 @@ def test_custom_op_with_vmap_and_autograd_under_vmap_grad():
     X = torch.randn(4, 3, dtype=DT)
     _VMAP_CALLS.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", pf.batched.PerformanceWarning)
+        warnings.simplefilter("error", pf.PerformanceWarning)
         got = pf.vmap(pf.grad(lambda x: np_sin(x).pow(2).sum()))(X)
     assert ("sin", 4) in _VMAP_CALLS
     assert_close(got, 2 * X.sin() * X.cos())

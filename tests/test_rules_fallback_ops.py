@@ -120,7 +120,7 @@ def test_embedding_renorm():
 
 def test_embedding_renorm_batched_indices_into_shared_table_raises():
     w, idx = torch.randn(6, 4) * 2, torch.randint(0, 6, (B, 3))
-    with pytest.raises(batched.BatchedWriteError):
+    with pytest.raises(pf.errors.BatchedWriteError):
         pf.vmap(renorm, in_dims=(None, 0))(w, idx)
 
 

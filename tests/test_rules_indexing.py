@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 
 import pyfunctorch
 from pyfunctorch import batched
-from pyfunctorch.batching import indexing
+from pyfunctorch.batching import factories, indexing, reductions
 
 aten = torch.ops.aten
 B = 3
 
-#: every op that has a rule in indexing.py
-RULE_OPS = {op for op, fn in pyfunctorch.batching.BATCH_RULES.items() if fn.__module__ == indexing.__name__}
+#: every op that has a rule in indexing.py, or in the files its histc/histogram and new_* rules moved to
+_MODULES = {indexing.__name__, factories.__name__, reductions.__name__}
+RULE_OPS = {op for op, fn in pyfunctorch.batching.BATCH_RULES.items() if fn.__module__ in _MODULES}
 
 
 @contextlib.contextmanager

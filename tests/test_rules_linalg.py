@@ -15,7 +15,7 @@ import torch
 from conftest import assert_close, loop_vmap, no_fallback
 
 import pyfunctorch as pf
-from pyfunctorch.batched import DataDependentError
+from pyfunctorch.errors import DataDependentError
 
 DT = torch.float64
 B = 3

@@ -6,17 +6,17 @@
 depth. Switching your torch.func imports to pyfunctorch gives the same results.
 """
 
-from ._core import EscapedTensorError
 from .functional import functional_call, stack_module_state
 from .reverse import grad, grad_and_value, vjp
 from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
-from .batched import DataDependentError, PerformanceWarning, RandomnessError, vmap
+from .batched import vmap
+from .errors import DataDependentError, EscapedTensorError, PerformanceWarning, RandomnessError
 from .control_flow import cond, scan, while_loop
 from .compile import compile
 from . import random
-from . import _autograd_compat  # noqa: F401  (torch.autograd.grad / backward inside vmap)
 from . import custom_function  # noqa: F401  (torch.autograd.Function under transforms)
+from . import patches  # noqa: F401  (the torch entry points replaced while a transform is live)
 
 __all__ = [
     "vmap",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _core
 from ._core import LevelTensor
 from .batched import BatchedTensor
 
@@ -42,7 +41,7 @@ def _not_differentiable(what: str) -> RuntimeError:
     )
 
 
-def _grad_entry(original, args, kwargs):
+def grad_entry(original, args, kwargs):
     params = dict(zip(("outputs", "inputs", "grad_outputs", "retain_graph", "create_graph"), args))
     params.update(kwargs)
     outputs, inputs = params["outputs"], params["inputs"]
@@ -94,7 +93,7 @@ def _grad_entry(original, args, kwargs):
     return tuple(results)
 
 
-def _backward_entry(original, args, kwargs):
+def backward_entry(original, args, kwargs):
     self = args[0]
     interp = _top_vmap([self])
     if interp is None:
@@ -108,6 +107,3 @@ def _backward_entry(original, args, kwargs):
         raise _not_differentiable("backward")
     return original(po, pg, **rest)
 
-
-_core.patch_while_active(torch.autograd, "grad", _grad_entry)
-_core.patch_while_active(torch.Tensor, "backward", _backward_entry)

@@ -22,6 +22,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
+import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
+
+from .errors import EscapedTensorError
 
 aten = torch.ops.aten
 
@@ -194,6 +198,12 @@ def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
     _PATCHES.append((owner, attr, original, wrapper))
 
 
+def swap_code_while_active(fn: Callable, code: Any) -> None:
+    """While a transform is live, ``fn`` runs ``code`` (for entry points that a wrapper set
+    with ``setattr`` cannot replace, e.g. a classmethod bound before the transform began)."""
+    _PATCHES.append((fn, "__code__", fn.__code__, code))
+
+
 # The patches are process-wide while *any* thread has a live transform: a count of the
 # outermost transform calls in flight (over all threads) decides when to install and
 # remove them, so one thread finishing never unpatches under another.
@@ -246,6 +256,25 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
             _uninstall_patches()
 
 
+@contextmanager
+def lowered(level: int):
+    """Run the block with only the interpreters below ``level`` on this thread's stack.
+    The removed levels stay alive (their wrappers still dispatch); they are just not
+    "current", so factories and random calls inside do not belong to them."""
+    st = _state
+    saved_stack = list(st.stack)
+    saved_attrs = st.saved_attrs
+    st.stack[:] = [i for i in saved_stack if i.level < level]
+    try:
+        yield
+    finally:
+        # (an emptied stack makes a push inside re-install the already installed
+        # patches; restoring saved_attrs keeps the originals for the final uninstall)
+        st.stack[:] = saved_stack
+        st.saved_attrs = saved_attrs
+
+
+
 def _find_top(args, kwargs):
     """The live interpreter of highest level among the (possibly nested) args."""
     top = None
@@ -267,10 +296,6 @@ def _find_top(args, kwargs):
                     elif it.level > lvl:
                         top, lvl = it, it.level
     return top, dead
-
-
-class EscapedTensorError(RuntimeError):
-    """A tensor created inside a transform was used after that transform returned."""
 
 
 def _resolve_dead(x):
@@ -537,7 +562,7 @@ def level_of(x: Any) -> int:
 # -- tensors created inside a transformed function ----------------------------------
 
 
-def _factory_entry(original, args, kwargs):
+def factory_entry(original, args, kwargs):
     """Factories called inside transforms (torch.zeros, arange, ...) return tensors that
     belong to every live level (lifted from the bottom up), so writing transformed data
     into them works per example (vmap) and stays differentiable (grad/jvp)."""
@@ -556,11 +581,6 @@ def _factory_entry(original, args, kwargs):
     return out
 
 
-for _name in ("zeros", "ones", "empty", "full", "arange", "linspace", "logspace", "eye", "tensor", "zeros_like",
-              "ones_like", "empty_like", "full_like"):
-    patch_while_active(torch, _name, _factory_entry)
-for _name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
-    patch_while_active(torch.Tensor, _name, _factory_entry)
 
 
 # -- the user's detach: cut every differentiation level (trap 2) ---------------------
@@ -575,7 +595,7 @@ def detach_all_levels(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
-def _user_detach(original, args, kwargs):
+def user_detach(original, args, kwargs):
     # autograd's internal detach (saving outputs for backward) never comes through
     # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
     x = args[0]
@@ -583,6 +603,3 @@ def _user_detach(original, args, kwargs):
         return detach_all_levels(x)
     return original(*args, **kwargs)
 
-
-patch_while_active(torch.Tensor, "detach", _user_detach)
-patch_while_active(torch, "detach", _user_detach)

@@ -33,11 +33,11 @@ def served_by(op) -> str:
     """
     if torch.Tag.nondeterministic_seeded in op.tags:
         return "random"
-    if op in BATCH_RULES or batched._custom_op_vmap_fn(op) is not None:
+    if op in BATCH_RULES or batched.custom_op_vmap_fn(op) is not None:
         return "rule"  # (a torch.library custom op's own register_vmap rule counts as one)
     if lookup(op) is not None:
         return "pointwise-tag"
-    if batched._decomposition(op) is not None:
+    if batched.decomposition(op) is not None:
         return "decomposition"
     return "loop"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch.utils import _pytree as pytree
 
 tree_flatten = pytree.tree_flatten
@@ -57,3 +58,13 @@ def _describe(t: Any) -> str:
     if isinstance(t, dict):
         return f"a dict with keys {sorted(map(str, t))}"
     return f"a {type(t).__name__}"
+
+
+def tensor_leaves(x, out: list) -> list:
+    """Append the tensors of ``x`` (a tensor, or tuples/lists of them, nested) to ``out``."""
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            tensor_leaves(y, out)
+    return out

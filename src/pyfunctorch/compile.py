@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import _core
-from .batched import DataDependentError, PerformanceWarning
+from .errors import DataDependentError, PerformanceWarning
 
 __all__ = ["compile", "CompiledFunction", "CacheInfo"]
 

@@ -19,6 +19,10 @@ from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
 
+# torch.autograd.grad itself, never the entry point patched while transforms are live
+# (pyfunctorch/patches.py): the library's own calls stay below the user-facing layer
+_torch_autograd_grad = torch.autograd.grad
+
 
 class GradTensor(LevelTensor):
     """A tensor differentiated at one grad/vjp level."""
@@ -164,7 +168,7 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
         sel_gouts = [gouts[i] for i in keep]
     create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
-        grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
+        grads = _torch_autograd_grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
                                     allow_unused=True)
     return [torch.zeros_like(x._value) if g is None else g for g, x in zip(grads, inputs)]
 

@@ -25,6 +25,7 @@ from . import losses  # noqa: F401
 from . import attention  # noqa: F401
 from . import recurrent  # noqa: F401
 from . import indexing  # noqa: F401
+from . import factories  # noqa: F401
 
 _MISSING = object()
 _TAG_CACHE: dict = {}

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import PerExampleSignal
+
 aten = torch.ops.aten
 
 #: OpOverload -> batching rule
@@ -143,6 +145,25 @@ def unbatch_channels(y, B, has_n):
     return y, 1
 
 
+def normalize_args(op, args, kwargs, dims):
+    """Positional form of every non-kwarg-only argument (defaults filled in), so rules can
+    unpack by position whatever way the caller passed them. Kwarg-only ones stay in kwargs."""
+    args, dims, kwargs = list(args), list(dims), dict(kwargs)
+    for i, a in enumerate(op._schema.arguments):
+        if a.kwarg_only:
+            break
+        if i < len(args):
+            continue
+        if a.name in kwargs:
+            args.append(kwargs.pop(a.name))
+        elif a.has_default_value():
+            args.append(a.default_value)
+        else:
+            break
+        dims.append(None)
+    return args, kwargs, dims
+
+
 # -- shared dimension bookkeeping (JAX's bdim_at_front / matchaxis) -----------------
 
 
@@ -206,17 +227,7 @@ def move_bdim(x: torch.Tensor, d, to: int = 0) -> torch.Tensor:
 def per_example_signal(msg: str) -> Exception:
     """An exception asking the vmap level that runs the calling rule to re-run the function
     once per example (as ``.item()`` on a batched tensor does), e.g. when the examples'
-    results differ in shape. A rule is not told its level: the nearest
-    ``VmapInterpreter.dispatch``/``process`` frame is that level (a rare path, so the frame
-    walk costs nothing on the hot one). Raise what it returns."""
-    import sys
-
-    from ..batched import DataDependentError, VmapInterpreter, _PerExampleSignal
-
-    f = sys._getframe(1)
-    while f is not None:
-        interp = f.f_locals.get("self")
-        if f.f_code.co_name in ("dispatch", "process") and isinstance(interp, VmapInterpreter):
-            return _PerExampleSignal(interp, msg)
-        f = f.f_back
-    return DataDependentError(msg)
+    results differ in shape. Rules are not told their level: the signal is raised level-free
+    and the vmap level whose dispatch runs the rule claims it (``VmapInterpreter.dispatch``).
+    Raise what it returns."""
+    return PerExampleSignal(msg)

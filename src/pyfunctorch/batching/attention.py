@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
+from ..errors import RandomnessError
 from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank
 
 aten = torch.ops.aten
@@ -109,8 +110,6 @@ def _check_attention_dropout(dropout_p):
     independently per example; otherwise raise."""
     if not dropout_p:
         return
-    from ..batched import RandomnessError
-
     modes = {i.randomness for i in _core.interpreter_stack() if i.kind == "vmap"}
     if modes - {"different"}:
         raise RandomnessError(

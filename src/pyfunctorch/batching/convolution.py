@@ -101,7 +101,7 @@ def trailing_dims(op, args, kwargs, dims):
     return op(*args, **kwargs), 0
 
 
-def _circular_pad(original, args, kwargs):
+def circular_pad_entry(original, args, kwargs):
     """``F.pad(mode='circular')`` while a transform is live. Its CompositeImplicit kernel
     (``_pad_circular``) allocates an empty output and copies slices into it, which cannot be
     batched from below (the buffer is unbatched); the same result as a ``cat`` of slices can."""
@@ -123,8 +123,6 @@ def _circular_pad(original, args, kwargs):
         x = torch.cat(parts, d) if len(parts) > 1 else x
     return x
 
-
-_core.patch_while_active(torch.nn.functional, "pad", _circular_pad)
 
 
 # -- convolution --------------------------------------------------------------------------

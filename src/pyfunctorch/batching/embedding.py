@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
+from ..errors import batched_write_error
 from ._registry import batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
 
 aten = torch.ops.aten
@@ -56,9 +57,7 @@ def embedding_renorm_(op, args, kwargs, dims):
     # (a row named twice gets the same value twice).
     w, idx, max_norm, norm_type = args
     if dims[0] is None:  # per-example indices would renorm one shared table differently
-        from .indexing import _inplace_error
-
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     if w.dim() != 3:
         raise RuntimeError(f"embedding_renorm_: Expected 2-dimensional tensor, but got {w.dim() - 1}-dimensional tensor "
                            "for argument #1 'self'")

@@ -15,12 +15,11 @@ Most rules reduce to two tricks:
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .. import _core
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
+from ..errors import batched_write_error
+from ._registry import normalize_args, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -28,29 +27,6 @@ aten = torch.ops.aten
 # -- shared helpers ---------------------------------------------------------------------
 
 
-def _inplace_error(op):
-    from ..batched import _inplace_error  # lazy: batched imports this package
-
-    return _inplace_error(op)
-
-
-def _normalize(op, args, kwargs, dims):
-    """Positional form of every non-kwarg-only argument (defaults filled in), so rules can
-    unpack by position whatever way the caller passed them. Kwarg-only ones stay in kwargs."""
-    args, dims, kwargs = list(args), list(dims), dict(kwargs)
-    for i, a in enumerate(op._schema.arguments):
-        if a.kwarg_only:
-            break
-        if i < len(args):
-            continue
-        if a.name in kwargs:
-            args.append(kwargs.pop(a.name))
-        elif a.has_default_value():
-            args.append(a.default_value)
-        else:
-            break
-        dims.append(None)
-    return args, kwargs, dims
 
 
 def _is_inplace(op) -> bool:
@@ -206,11 +182,11 @@ def index(op, args, kwargs, dims):
 @batch_rule(aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default,
             aten._unsafe_index_put.default)
 def index_put(op, args, kwargs, dims):
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     self_, indices, values = args[0], args[1], args[2]
     sd, vd = dims[0], dims[2]
     if _is_inplace(op) and sd is None:
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     B = batch_size_of(args, dims)
     prepared = _prepare_indices(op, indices, dims[1], B)
     if prepared is None:
@@ -235,7 +211,7 @@ def _flatten_scalars(r, *ts):
 
 @batch_rule(aten.gather.default)
 def gather(op, args, kwargs, dims):
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     x, d, index = args[0], args[1], args[2]
     B = batch_size_of(args, dims)
     r = rank(x, dims[0])
@@ -250,9 +226,9 @@ def gather(op, args, kwargs, dims):
             aten.scatter_reduce_.two)
 def scatter(op, args, kwargs, dims):
     # (self, dim, index, src-or-value, [reduce])
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     if _is_inplace(op) and dims[0] is None:
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     B = batch_size_of(args, dims)
     x, d = args[0], args[1]
     r = rank(x, dims[0])
@@ -289,10 +265,10 @@ def _index_source_op(scatter_op, scatter_inplace):
     a batched index becomes a scatter index expanded to the source's shape."""
 
     def rule(op, args, kwargs, dims):
-        args, kwargs, dims = _normalize(op, args, kwargs, dims)
+        args, kwargs, dims = normalize_args(op, args, kwargs, dims)
         inplace = _is_inplace(op)
         if inplace and dims[0] is None:
-            raise _inplace_error(op)
+            raise batched_write_error(op)
         x, d, index, src = args[:4]
         B = batch_size_of(args, dims)
         r = rank(x, dims[0])
@@ -331,7 +307,7 @@ def index_fill(op, args, kwargs, dims):
     x, d, index, value = args
     inplace = _is_inplace(op)
     if inplace and dims[0] is None:
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     B = batch_size_of(args, dims)
     r = rank(x, dims[0])
     (x_p,) = _flatten_scalars(r, materialize(x, dims[0], B))
@@ -366,7 +342,7 @@ def masked_scatter(op, args, kwargs, dims):
     x, mask, source = args
     inplace = _is_inplace(op)
     if inplace and dims[0] is None:
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     B = batch_size_of(args, dims)
     xs, ms = x.shape[dims[0] is not None:], mask.shape[dims[1] is not None:]
     shape = tuple(xs) if inplace else tuple(torch.broadcast_shapes(xs, ms))
@@ -425,11 +401,11 @@ def take(op, args, kwargs, dims):
 
 @batch_rule(aten.put.default, aten.put_.default)
 def put(op, args, kwargs, dims):
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     x, index, source, accumulate = args
     inplace = _is_inplace(op)
     if inplace and dims[0] is None:
-        raise _inplace_error(op)
+        raise batched_write_error(op)
     B = batch_size_of(args, dims)
     x_p = materialize(x, dims[0], B)
     ar = torch.arange(B, device=x.device).reshape(B, 1)
@@ -522,244 +498,6 @@ def nonzero_static(op, args, kwargs, dims):
     return torch.where((found >= 0).unsqueeze(2), out, torch.full((), fill, dtype=torch.int64, device=x.device)), 0
 
 
-# -- histc / histogram / histogramdd ----------------------------------------------------
-# Without range= the bin edges of an example span that example's data, so they differ per
-# example: bin by hand, with the kernel's own arithmetic (HistogramKernel.cpp) so that elements
-# on a bin edge land where they do per example:
-#   histc:                  pos = int((x - lo) * bins / (hi - lo))
-#   histogram(int bins):    the same, then corrected by comparing x with its neighbouring edges
-#   histogram(tensor bins): pos = (number of edges <= x) - 1 (a binary search)
-# where lo/hi are the first and last edges; elements outside [lo, hi] (and NaN) are skipped and
-# the last bin is closed on the right. Every op is out of place (also at outer vmap levels).
-
-
-def _check_hist_input(x, bins):
-    if not x.is_floating_point():
-        raise NotImplementedError(f'"histogram_cpu" not implemented for \'{str(x.dtype).split(".")[-1].capitalize()}\'')
-    for i, n in enumerate(bins):
-        if n <= 0:
-            raise RuntimeError(f"torch.histogram(): bins must be > 0, but got {n} for dimension {i}")
-
-
-def _check_data_range(lo, hi, message):
-    """Raise as the kernel does when an example's data range (``(B, N)`` doubles) is not finite.
-    Values batched at an outer vmap level are not read in Python (that level would re-run the
-    function per example): an assert on the tensor checks them, with a shorter message."""
-    if lo.numel() == 0:
-        return
-    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
-    if isinstance(lo, _core.LevelTensor) or isinstance(hi, _core.LevelTensor):
-        torch._assert_async(~bad.any(), "the range [min, max] of an example's data is not finite (it holds inf "
-                                        "or nan): pass range= or remove the non-finite values")
-        return
-    if bool(bad.any()):
-        b, d = (int(i) for i in bad.nonzero()[0])
-        raise RuntimeError(message(d, float(lo[b, d]), float(hi[b, d])))
-
-
-def _linspace(lo, hi, steps: int):
-    """``torch.linspace(lo[b], hi[b], steps)`` for every row, bit for bit as the CPU kernel
-    computes it (start + step*i for the first half, end - step*(steps-1-i) for the rest, with a
-    fused multiply-add; the step a true division, not a multiplication by a reciprocal)."""
-    lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    if steps == 1:
-        return lo
-    step = (hi - lo) / torch.full_like(hi, steps - 1)
-    idx = torch.arange(steps, dtype=lo.dtype, device=lo.device)
-    first = torch.addcmul(lo, step, idx)
-    last = torch.addcmul(hi, -step, (steps - 1) - idx)
-    return torch.where(torch.arange(steps, device=lo.device) < steps // 2, first, last)
-
-
-def _outer_edges(x, range_, dtype):
-    """Per example and data dim, the outermost bin edges as torch.histogram picks them:
-    ``range`` if given, else the data's min and max (0 and 1 for no data); an empty range is
-    widened by 0.5 each side (in double, as the kernel does). ``x`` is ``(B, M, N)``; returns
-    two ``(B, N)`` tensors."""
-    B, M, N = x.shape
-    if range_ is not None:
-        if len(range_) != 2 * N:
-            raise RuntimeError(f"torch.histogramdd: for a {N}-dimensional histogram range should have {2 * N} "
-                               f"elements, but got {len(range_)}")
-        lo, hi = [float(v) for v in range_[0::2]], [float(v) for v in range_[1::2]]
-        for d in range(N):
-            if not (math.isfinite(lo[d]) and math.isfinite(hi[d])):
-                raise RuntimeError(f"torch.histogramdd: dimension {d}'s range [{lo[d]}, {hi[d]}] is not finite")
-            if lo[d] > hi[d]:
-                raise RuntimeError(f"torch.histogramdd: min should not exceed max, but got min {lo[d]} max "
-                                   f"{hi[d]} for dimension {d}")
-        lo = torch.tensor(lo, dtype=torch.float64, device=x.device).expand(B, N)
-        hi = torch.tensor(hi, dtype=torch.float64, device=x.device).expand(B, N)
-    elif M == 0:
-        lo = torch.zeros((B, N), dtype=torch.float64, device=x.device)
-        hi = torch.ones((B, N), dtype=torch.float64, device=x.device)
-    else:
-        lo, hi = (t.to(torch.float64) for t in aten.aminmax.default(x, dim=1))
-        _check_data_range(lo, hi, lambda d, a, b: f"torch.histogramdd: dimension {d}'s range [{a}, {b}] is not finite")
-    same = lo == hi
-    return torch.where(same, lo - 0.5, lo).to(dtype), torch.where(same, hi + 0.5, hi).to(dtype)
-
-
-def _bin_edges(x, bins, range_):
-    """The bin edges of every data dim: a list of ``(B, bins[d] + 1)`` tensors."""
-    lo, hi = _outer_edges(x, range_, x.dtype)
-    return [_linspace(lo[:, d], hi[:, d], n + 1) for d, n in enumerate(bins)]
-
-
-def _histogram(x, edges, weight, density, algorithm):
-    """The histograms of a batch of ``(M, N)`` data, ``x`` of shape ``(B, M, N)``: ``edges`` a
-    list of ``(B, n_d)`` bin edges, ``weight`` ``(B, M)`` or None. Returns ``(B, *bins)``."""
-    B, M, N = x.shape
-    nbins = [e.shape[1] - 1 for e in edges]
-    inside = torch.ones((B, M), dtype=torch.bool, device=x.device)
-    flat = torch.zeros((B, M), dtype=torch.int64, device=x.device)
-    for d, e in enumerate(edges):
-        v, n = x[:, :, d], nbins[d]
-        left, right = e[:, :1], e[:, -1:]
-        ok = (v >= left) & (v <= right)
-        if algorithm == "binary":
-            pos = aten.searchsorted.Tensor(e.contiguous(), v.contiguous(), right=True) - 1
-        else:
-            pos = ((v - left) * n / (right - left)).masked_fill(~ok, 0).to(torch.int64)
-            if algorithm == "local":  # upper_bound over the edges pos-1 .. pos+1
-                lo_k = (pos - 1).clamp(min=0)
-                hi_k = (pos + 2).clamp(max=n + 1)
-                below = torch.zeros_like(pos)
-                for k in (pos - 1, pos, pos + 1):
-                    valid = (k >= lo_k) & (k < hi_k)
-                    ek = e.gather(1, k.clamp(0, n))
-                    below = below + (valid & (ek <= v)).to(torch.int64)
-                pos = lo_k + below - 1
-        pos = torch.where(pos == n, pos - 1, pos)  # the last bin includes its right edge
-        inside = inside & ok
-        flat = flat * n + pos.clamp(0, max(n - 1, 0))
-    w = torch.ones((), dtype=x.dtype, device=x.device).expand(B, M) if weight is None else weight
-    w = torch.where(inside, w, torch.zeros((), dtype=x.dtype, device=x.device))
-    total = 1
-    for n in nbins:
-        total *= n
-    hist = torch.zeros((B, total), dtype=x.dtype, device=x.device).scatter_add(1, flat, w)
-    hist = hist.reshape((B, *nbins))
-    if density:
-        hist = hist / hist.reshape(B, -1).sum(1).reshape((B,) + (1,) * N)
-        for d, e in enumerate(edges):
-            shape = [B] + [1] * N
-            shape[1 + d] = nbins[d]
-            hist = hist / e.diff(dim=1).reshape(shape)
-    return hist
-
-
-def _hist_weight(weight, wd, B, M, logical_shape):
-    """The weights as ``(B, M)``. histogramdd wants the input's shape less its last dim (a 0-d
-    weight counts as ``(1,)``); histogram (``logical_shape=None``) only as many elements."""
-    if weight is None:
-        return None
-    ws = tuple(weight.shape[wd is not None:])
-    if logical_shape is None:
-        if math.prod(ws) != M:
-            raise RuntimeError("torch.histogramdd: if weight tensor is provided it should have the same shape as the "
-                               f"input tensor excluding its innermost dimension, but got input with {M} elements "
-                               f"and weight with shape {list(ws)}")
-    elif (ws or (1,)) != tuple(logical_shape):
-        raise RuntimeError("torch.histogramdd: if weight tensor is provided it should have the same shape as the "
-                           f"input tensor excluding its innermost dimension, but got weight with shape {list(ws)}")
-    return materialize(weight, wd, B).reshape(B, M)
-
-
-@batch_rule(aten.histc.default)
-def histc(op, args, kwargs, dims):
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
-    x, bins, lo, hi = args
-    _check_hist_input(x, [bins])
-    B = x.shape[0]
-    flat = x.reshape(B, -1, 1)
-    lo, hi = float(lo), float(hi)
-    if lo == hi and flat.shape[1] > 0:  # per example, the data's range
-        lo, hi = (t.to(torch.float64) for t in aten.aminmax.default(flat.reshape(B, -1), dim=1))
-        _check_data_range(lo[:, None], hi[:, None], lambda d, a, b: f"torch.histc: range of [{a}, {b}] is not finite")
-    else:
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise RuntimeError(f"torch.histc: range of [{lo}, {hi}] is not finite")
-        if not lo <= hi:
-            raise RuntimeError("torch.histc: max must be larger than min")
-        lo = torch.full((B,), lo, dtype=torch.float64, device=x.device)
-        hi = torch.full((B,), hi, dtype=torch.float64, device=x.device)
-    same = lo == hi
-    lo, hi = torch.where(same, lo - 1, lo).to(x.dtype), torch.where(same, hi + 1, hi).to(x.dtype)
-    edges = [_linspace(lo, hi, bins + 1)]
-    return _histogram(flat, edges, None, False, "linear"), 0
-
-
-@batch_rule(aten.histogram.bin_ct, aten.histogram.bins_tensor, batched_kwargs=True)
-def histogram(op, args, kwargs, dims, kwarg_dims=None):
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
-    kwarg_dims = kwarg_dims or {}
-    x, bins = args[0], args[1]
-    weight, density = kwargs.get("weight"), kwargs.get("density", False)
-    B = batch_size_of([x, bins, weight], [dims[0], dims[1], kwarg_dims.get("weight")])
-    xm = materialize(x, dims[0], B).reshape(B, -1, 1)
-    w = _hist_weight(weight, kwarg_dims.get("weight"), B, xm.shape[1], None)
-    if op is aten.histogram.bin_ct:
-        _check_hist_input(x, [bins])
-        edges = _bin_edges(xm, [bins], kwargs.get("range"))
-        algorithm = "local"
-    else:
-        _check_hist_input(x, [bins.shape[-1] - 1])
-        edges = [materialize(bins, dims[1], B).reshape(B, -1)]
-        algorithm = "binary"
-    hist = _histogram(xm, edges, w, density, algorithm)
-    if op is aten.histogram.bins_tensor and dims[1] is None:
-        return (hist, bins.clone()), [0, None]
-    return (hist, edges[0]), 0
-
-
-def _dd_input(x, d, B):
-    """``(B, M, N)`` form of a batched ``(..., N)`` histogramdd input."""
-    x = materialize(x, d, B)
-    if x.dim() < 3:
-        raise RuntimeError(f"torch.histogramdd: input tensor should have at least 2 dimensions, but got {x.dim() - 1}")
-    return x.reshape(B, -1, x.shape[-1])
-
-
-@batch_rule(aten._histogramdd_bin_edges.default, batched_kwargs=True)
-def histogramdd_bin_edges(op, args, kwargs, dims, kwarg_dims=None):
-    x, bins = args[0], list(args[1])
-    if dims[0] is None:  # only the weight is batched: the edges do not depend on it
-        return op(x, bins, **dict(kwargs, weight=None)), None
-    B = x.shape[0]
-    _check_hist_input(x, bins)
-    xm = _dd_input(x, dims[0], B)
-    if len(bins) != xm.shape[2]:
-        raise RuntimeError(f"torch.histogramdd: expected {xm.shape[2]} sequences of bin edges for a {xm.shape[2]}-"
-                           f"dimensional histogram but got {len(bins)}")
-    return _bin_edges(xm, bins, kwargs.get("range")), 0
-
-
-@batch_rule(aten._histogramdd_from_bin_cts.default, aten._histogramdd_from_bin_tensors.default,
-            batched_kwargs=True)
-def histogramdd_from_bins(op, args, kwargs, dims, kwarg_dims=None):
-    kwarg_dims = kwarg_dims or {}
-    x, bins = args[0], list(args[1])
-    weight, density = kwargs.get("weight"), kwargs.get("density", False)
-    bdims = dims[1] if isinstance(dims[1], list) else [None] * len(bins)
-    B = batch_size_of([x, bins, weight], [dims[0], dims[1], kwarg_dims.get("weight")])
-    xm = _dd_input(x, dims[0], B)
-    N = xm.shape[2]
-    if len(bins) != N:
-        raise RuntimeError(f"torch.histogramdd: expected {N} sequences of bin edges for a {N}-dimensional "
-                           f"histogram but got {len(bins)}")
-    logical = tuple(x.shape[dims[0] is not None:])[:-1]
-    w = _hist_weight(weight, kwarg_dims.get("weight"), B, xm.shape[1], logical or (1,))
-    if op is aten._histogramdd_from_bin_cts.default:
-        _check_hist_input(x, bins)
-        edges, algorithm = _bin_edges(xm, bins, kwargs.get("range")), "local"
-    else:
-        _check_hist_input(x, [b.shape[-1] - 1 for b in bins])
-        edges = [materialize(b, d, B).reshape(B, -1) for b, d in zip(bins, bdims)]
-        algorithm = "binary"
-    return _histogram(xm, edges, w, density, algorithm), 0
-
-
 # -- backward forms of views, and the *_scatter ops ---------------------------------------
 # The backward ops take the logical input sizes: prepend the batch size and shift the dims.
 
@@ -796,7 +534,7 @@ def _scatter_view(shift):
     self first, so expanding an unbatched one is enough); ``shift`` fixes the dim args."""
 
     def rule(op, args, kwargs, dims):
-        args, kwargs, dims = _normalize(op, args, kwargs, dims)
+        args, kwargs, dims = normalize_args(op, args, kwargs, dims)
         B = batch_size_of(args, dims)
         x, src = materialize(args[0], dims[0], B), materialize(args[1], dims[1], B)
         return op(x, src, *shift(rank(x, 0), args[2:]), **kwargs), 0
@@ -816,7 +554,7 @@ batch_rule(aten.diagonal_scatter.default)(
 def as_strided_scatter(op, args, kwargs, dims):
     # As views.as_strided: each example addresses its own contiguous storage region. The
     # offset is absolute, i.e. relative to the storage offset the (logical) self reports.
-    args, kwargs, dims = _normalize(op, args, kwargs, dims)
+    args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
     rel = (args[4] if args[4] is not None else args[0].storage_offset()) - args[0].storage_offset()
     x = materialize(args[0], dims[0], B).contiguous()
@@ -824,34 +562,3 @@ def as_strided_scatter(op, args, kwargs, dims):
     size, stride = tuple(args[2]), tuple(args[3])
     per = x[0].numel()
     return op(x, src, (B,) + size, (per,) + stride, x.storage_offset() + rel), 0
-
-
-# -- new_* factories on a batched self: one fresh tensor per example ------------------------
-# (torch internals allocate buffers this way and then write batched data into them, e.g.
-# autograd's CopySlices: `grad.new_empty_strided(...)` then `.copy_(grad)`)
-
-
-def _example_span(size, stride) -> int:
-    return 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(n > 0 for n in size) else 0
-
-
-@batch_rule(aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
-            aten.new_empty_strided.default)
-def new_factory(op, args, kwargs, dims):
-    x, size = args[0], tuple(args[1])
-    B = x.shape[0]
-    if op is aten.new_empty_strided.default:
-        stride = tuple(args[2])
-        return op(x, (B,) + size, (max(_example_span(size, stride), 1),) + stride, **kwargs), 0
-    return op(x, (B,) + size, *args[2:], **kwargs), 0
-
-
-@batch_rule(aten._new_zeros_with_same_feature_meta.default)
-def new_zeros_with_same_feature_meta(op, args, kwargs, dims):
-    # zeros of shape self.shape[:n] + other.shape with other's strides (forward AD allocates
-    # tangents this way): the batch dim becomes one more leading "batch" dim of self.
-    self_, other = args
-    B = batch_size_of(args, dims)
-    n = kwargs.get("self_num_batch_dims", 0)
-    feature = other.select(0, 0) if dims[1] is not None else other  # per-example strides
-    return op(materialize(self_, dims[0], B), feature, self_num_batch_dims=n + 1), 0

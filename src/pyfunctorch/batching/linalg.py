@@ -372,7 +372,7 @@ def _matrix_rank(A, atol, rtol, hermitian):
     return (S > tol).sum(-1)
 
 
-def _matrix_rank_entry(original, args, kwargs):
+def matrix_rank_entry(original, args, kwargs):
     A = args[0] if args else None
     names = ("tol", "hermitian") if len(args) > 1 or "tol" in kwargs else ()
     params = dict(zip(names, args[1:]))
@@ -391,8 +391,6 @@ def _matrix_rank_entry(original, args, kwargs):
         atol, rtol = params.get("atol"), params.get("rtol")
     return _matrix_rank(A, atol, rtol, params.get("hermitian", False))
 
-
-_core.patch_while_active(torch.linalg, "matrix_rank", _matrix_rank_entry)
 
 
 # -- _trilinear (nn.Bilinear) ---------------------------------------------------------------------

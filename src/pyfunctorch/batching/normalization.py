@@ -317,7 +317,7 @@ def batch_norm(op, args, kwargs, dims):
     return tuple(res), out_dims
 
 
-def _bn_module_forward(original, args, kwargs):
+def batch_norm_module_entry(original, args, kwargs):
     """``nn.BatchNorm*.forward`` while a transform is live. The loop ``for x_i in x: bn(x_i)``
     that vmap stands for calls forward once per example: ``num_batches_tracked`` grows by the
     batch size, and with momentum=None the i-th call averages with factor 1/(n0+1+i). Both
@@ -355,8 +355,6 @@ def _bn_module_forward(original, args, kwargs):
     return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
                                           self.momentum, self.eps)
 
-
-_core.patch_while_active(torch.nn.modules.batchnorm._BatchNorm, "forward", _bn_module_forward)
 
 
 @batch_rule(aten.native_batch_norm_backward.default, aten.batch_norm_backward.default)

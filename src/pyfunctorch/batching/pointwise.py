@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import batched_write_error
 from ._registry import batch_rule, non_out_overloads, overloads, pad_to_rank, rank
 
 aten = torch.ops.aten
-
-
-def _inplace_unbatched_self_error(op):
-    from ..batched import _inplace_error
-
-    return _inplace_error(op)
 
 
 def _promote_logical_scalars(args, dims, tensor_pos):
@@ -53,7 +48,7 @@ def broadcasting_rule(op, args, kwargs, dims):
         return op(*args, **kwargs), 0
     inplace = op._schema.is_mutable
     if inplace and dims[0] is None:
-        raise _inplace_unbatched_self_error(op)
+        raise batched_write_error(op)
     r = max(rank(args[i], dims[i]) for i in tensor_pos)
     new = list(args)
     for i in tensor_pos:
@@ -101,7 +96,7 @@ batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(
 def copy_(op, args, kwargs, dims):
     self_, src = args[0], args[1]
     if dims[0] is None:
-        raise _inplace_unbatched_self_error(op)
+        raise batched_write_error(op)
     if dims[1] is not None:
         src = pad_to_rank(src, 0, rank(self_, 0))
     self_.copy_(src, *args[2:], **kwargs)
@@ -115,7 +110,7 @@ def masked_fill_tensor(op, args, kwargs, dims):
     if dims[2] is None:
         return broadcasting_rule(op, args, kwargs, dims)
     if op is aten.masked_fill_.Tensor and dims[0] is None:
-        raise _inplace_unbatched_self_error(op)
+        raise batched_write_error(op)
     r = max(rank(self_, dims[0]), rank(mask, dims[1]))
     s = pad_to_rank(self_, dims[0], r)
     m = pad_to_rank(mask, dims[1], r)

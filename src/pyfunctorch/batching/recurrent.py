@@ -29,7 +29,7 @@ def _batched_zero(tensors):
     return zero
 
 
-def _rnn_entry(original, args, kwargs):
+def rnn_entry(original, args, kwargs):
     if kwargs or len(args) < 3:
         return original(*args, **kwargs)
     name = original.__name__
@@ -50,6 +50,3 @@ def _rnn_entry(original, args, kwargs):
     new[pos] = hx
     return original(*new, **kwargs)
 
-
-for _rnn_name in ("rnn_tanh", "rnn_relu", "gru", "lstm", "rnn_tanh_cell", "rnn_relu_cell", "gru_cell", "lstm_cell"):
-    _core.patch_while_active(torch._VF, _rnn_name, _rnn_entry)

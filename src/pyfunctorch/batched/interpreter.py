@@ -1,0 +1,312 @@
+"""The vmap interpreter: how one aten op on BatchedTensors is dispatched (per-op decisions cached on the op, the rule's fast path, lazy buffers, and the way to the fallbacks)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _core
+from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
+from ..batching import BATCH_RULES, lookup as _lookup_rule
+from .user_rules import custom_op_vmap, custom_op_vmap_fn
+from ..errors import BatchedWriteError, PerExampleSignal, data_dependent
+from .fallbacks import decomposition, has_lazy, lazy_wrap, loop_fallback, materialize_lazy, out_variant
+from .randomness import random_op
+from .tensor import BatchedTensor, batched_here, slice_example
+
+aten = torch.ops.aten
+
+
+_RANKED_FORMATS = (torch.channels_last, torch.channels_last_3d)
+_RULE, _RANDOM, _DATA_DEPENDENT, _METADATA = "rule", "random", "data-dependent", "metadata"
+_CUSTOM_VMAP = "custom-op vmap"  # a torch.library custom op with a register_vmap rule
+
+
+class _OpInfo:
+    """Per-op decisions of the vmap dispatcher, cached on the OpOverload itself
+    (``func._pyf_vmap``: an attribute read is ~3x cheaper than hashing the op)."""
+
+    __slots__ = ("kind", "rule", "aliased", "view", "out_variant")
+
+    def __init__(self, kind, rule, aliased, func=None):
+        self.kind, self.rule, self.aliased = kind, rule, aliased
+        rets = func._schema.returns if func is not None else ()
+        self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+        self.out_variant = _functional_of_out(func) if func is not None and kind is _RULE else None
+
+
+def _op_info(func) -> _OpInfo:
+    aliased = _mutated_returns(func)
+    if func in _core._METADATA_OPS:
+        info = _OpInfo(_METADATA, None, None)
+    elif func is aten._local_scalar_dense.default or func is aten.is_nonzero.default:
+        info = _OpInfo(_DATA_DEPENDENT, None, None)
+    elif func not in BATCH_RULES and custom_op_vmap_fn(func) is not None:
+        info = _OpInfo(_CUSTOM_VMAP, None, aliased)
+    elif torch.Tag.nondeterministic_seeded in func.tags and func not in BATCH_RULES:
+        # (an explicit rule handles its own randomness, e.g. attention with dropout_p=0)
+        info = _OpInfo(_RANDOM, None, aliased, func)
+    else:
+        info = _OpInfo(_RULE, _lookup_rule(func), aliased, func)
+    try:
+        func._pyf_vmap = info
+        _INFO_OPS.append(func)
+    except AttributeError:  # not an OpOverload (e.g. a HigherOrderOperator)
+        pass
+    return info
+
+
+_INFO_OPS: list = []
+
+
+def _is_random(func) -> bool:
+    return _op_info(func).kind is _RANDOM if not hasattr(func, "_pyf_vmap") else func._pyf_vmap.kind is _RANDOM
+
+
+def _functional_of_out(func):
+    """For an ``out=`` overload (``add.out``), the functional overload (``add.Tensor``)."""
+    schema = func._schema
+    outs = [a.name for a in schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
+    if not outs or schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
+        return None
+    names = [a.name for a in schema.arguments if a.name not in outs]
+    packet = func.overloadpacket
+    for ov in packet.overloads():
+        cand = getattr(packet, ov)
+        cs = cand._schema
+        if cs.is_mutable:
+            continue
+        if [a.name for a in cs.arguments] == names and len(cs.returns) == len(outs):
+            return (cand, tuple(outs))
+    return None
+
+
+def invalidate_op_cache() -> None:
+    """Forget cached per-op decisions (call after registering new rules at run time)."""
+    for op in list(_INFO_OPS):
+        op.__dict__.pop("_pyf_vmap", None)
+
+
+class VmapInterpreter(Interpreter):
+    kind = "vmap"
+
+    def __init__(self, batch_size: int, randomness: str) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.randomness = randomness
+        self.lazy_count = 0  # lazy tensors made at this level (skip the check when 0)
+        self.rng_base: torch.Tensor | None = None  # randomness='different': the vmap call's seed (shared by chunks)
+        self.rng_calls = 0
+        self.example_offset = 0  # index of this level's first example in the whole batch
+        # The outermost level sees only plain tensors: its rules can skip the key
+        # guard unless autograd must record on them (see dispatch).
+        self.bottom = not _core._state.stack
+
+    def dispatch(self, func, args, kwargs):
+        try:
+            info = func._pyf_vmap
+        except AttributeError:
+            info = _op_info(func)
+        try:
+            if info.rule is not None and self.bottom and not kwargs:
+                # Fast path: plain values, nothing to record -> no key guard needed.
+                uargs, dims, needs_autograd = self._unwrap_args_checked(args)
+                if not needs_autograd:
+                    out, out_dims = info.rule(func, uargs, kwargs, dims)
+                    if info.aliased is not None:
+                        return _return_aliases(info.aliased, args, kwargs, out)
+                    return self._wrap(out, out_dims)
+            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+                return self.process(func, args, kwargs, info)
+        except PerExampleSignal as signal:
+            # a rule (or an op below it) found per-example results: the level whose dispatch
+            # is nearest the raise owns it (rules raise level-free signals)
+            if signal.interp is None:
+                signal.interp = self
+            raise
+
+    # -- lifting a lower-level tensor: an unbatched constant needs no wrapper ----
+    def lift(self, tensor):
+        return tensor
+
+    def wrap_created(self, tensor):
+        return lazy_wrap(tensor, self)
+
+    def process(self, func, args, kwargs, info=None):
+        if info is None:
+            info = _op_info(func)
+        if kwargs and kwargs.get("memory_format") in _RANKED_FORMATS:
+            # channels_last needs a rank-4 tensor: the physical value has one more dim, and the
+            # memory format of an example is a layout detail that no value depends on
+            kwargs = dict(kwargs, memory_format=torch.contiguous_format)
+        if self.lazy_count and has_lazy(args, kwargs, self):
+            if info.kind is _RANDOM:  # a random op must not see one shared buffer
+                for w in info.aliased or ():
+                    target = args[w] if isinstance(w, int) else kwargs.get(w)
+                    if isinstance(target, BatchedTensor) and target._lazy:
+                        materialize_lazy(target._lazy_root)
+                return random_op(self, func, args, kwargs)
+            return self._process_lazy(func, args, kwargs, info)
+        if info.out_variant is not None:
+            return out_variant(self, func, args, kwargs, info)
+        kind = info.kind
+        if kind is not _RULE:
+            if kind is _METADATA:
+                return _core._metadata_query(func, args)
+            if kind is _DATA_DEPENDENT:
+                if self.batch_size == 1:  # (the per-example re-run's level): one value
+                    return func(*slice_example(tuple(args), self, 0), **kwargs)
+                raise data_dependent("`.item()`/bool()", self)
+            if kind is _RANDOM:
+                return random_op(self, func, args, kwargs)
+            if kind is _CUSTOM_VMAP:
+                if info.aliased is not None:  # a mutating custom op: per example
+                    return loop_fallback(self, func, args, kwargs)
+                return custom_op_vmap(self, func, args, kwargs)
+        rule = info.rule
+        if rule is None:
+            decomp = decomposition(func)
+            if decomp is not None:
+                try:
+                    out = decomp(*args, **kwargs)
+                except BatchedWriteError:
+                    # the decomposition writes batched values into a scratch buffer it made
+                    # unbatched (torch internals allocate plain tensors): run per example
+                    out = NotImplemented
+                if out is not NotImplemented:  # some decompositions decline some inputs
+                    return out
+            return loop_fallback(self, func, args, kwargs)
+        for v in kwargs.values():
+            if batched_here(v, self):
+                if not getattr(rule, "_pyf_batched_kwargs", False):
+                    return loop_fallback(self, func, args, kwargs)
+                return self._rule_with_batched_kwargs(func, rule, info, args, kwargs)
+        uargs, dims = self._unwrap_args(args)
+        if _core._state.jvp_depth:
+            uargs, kwargs = _core.lift_mixed(uargs, kwargs)
+        out, out_dims = rule(func, uargs, kwargs, dims)
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
+        return self._wrap(out, out_dims)
+
+    # -- tensors created inside the function (lazy per-example buffers) -------------
+    def _process_lazy(self, func, args, kwargs, info):
+        """A lazy tensor (made by a factory inside vmap) is unbatched for reading; the
+        first in-place write into it (or a view of it) gives every example its own copy."""
+        if info.aliased is not None:
+            for w in info.aliased:
+                target = args[w] if isinstance(w, int) else kwargs.get(w)
+                if isinstance(target, BatchedTensor) and target._lazy:
+                    materialize_lazy(target._lazy_root)
+            if not has_lazy(args, kwargs, self):
+                return self.process(func, args, kwargs, info)
+        roots = []
+
+        def plain(x):
+            if isinstance(x, BatchedTensor) and x._lazy and x._interp is self:
+                roots.append(x._lazy_root)
+                return x._value.select(0, 0)
+            if isinstance(x, (list, tuple)):
+                return type(x)(plain(y) for y in x)
+            return x
+
+        pargs = tuple(plain(a) for a in args)
+        pkwargs = {k: plain(v) for k, v in kwargs.items()}
+        out = func(*pargs, **pkwargs)
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
+        if not roots:
+            return out
+
+        def lazify(o):
+            if isinstance(o, (list, tuple)):
+                return type(o)(lazify(p) for p in o)
+            if not isinstance(o, torch.Tensor) or batched_here(o, self) or o.layout != torch.strided:
+                return o
+            if info.view:
+                return lazy_wrap(o, self, roots[0])
+            # A fresh tensor computed from tensors made inside the function is itself made
+            # inside (`y = torch.zeros(3) * 2; y.add_(x)`; dropout's empty_like(x).bernoulli_):
+            # it stays lazy, so a later batched write gives each example its own copy.
+            return lazy_wrap(o.contiguous(), self)
+
+        return lazify(out)
+
+    def _unwrap_args_checked(self, args):
+        """``_unwrap_args`` plus whether the fast path (no key guard) must not be taken: a
+        tensor requires grad (autograd must run), or is complex or a negative view (the
+        Conjugate/Negative fallbacks, off in __torch_dispatch__'s exclude set, must run for
+        a rule's own arithmetic on conj/neg views)."""
+        uargs = []
+        dims = []
+        needs = False
+        for a in args:
+            if type(a) is BatchedTensor and a._interp is self:
+                v = a._value
+                if a._bdim != 0:
+                    v = v.movedim(a._bdim, 0)
+                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg()
+                uargs.append(v)
+                dims.append(0)
+            elif isinstance(a, torch.Tensor):
+                needs = needs or a.requires_grad or isinstance(a, LevelTensor) or a.is_complex() or a.is_neg()
+                uargs.append(a)
+                dims.append(None)
+            elif isinstance(a, (list, tuple)) and a and any(isinstance(b, torch.Tensor) for b in a):
+                vs, ds, n = self._unwrap_args_checked(a)
+                needs = needs or n
+                uargs.append(vs)
+                dims.append(ds if any(d is not None for d in ds) else None)
+            else:
+                uargs.append(a)
+                dims.append(None)
+        return uargs, dims, needs
+
+    def _rule_with_batched_kwargs(self, func, rule, info, args, kwargs):
+        uargs, dims = self._unwrap_args(args)
+        keys = list(kwargs)
+        ukw, kdims = self._unwrap_args([kwargs[k] for k in keys])
+        ukwargs = dict(zip(keys, ukw))
+        if _core._state.jvp_depth:
+            uargs, ukwargs = _core.lift_mixed(uargs, ukwargs)
+        out, out_dims = rule(func, uargs, ukwargs, dims, dict(zip(keys, kdims)))
+        if info.aliased is not None:
+            return _return_aliases(info.aliased, args, kwargs, out)
+        return self._wrap(out, out_dims)
+
+    def _unwrap_args(self, args):
+        uargs = []
+        dims = []
+        for a in args:
+            if isinstance(a, BatchedTensor) and a._interp is self:
+                v = a._value
+                if a._bdim != 0:
+                    v = v.movedim(a._bdim, 0)
+                uargs.append(v)
+                dims.append(0)
+            elif isinstance(a, (list, tuple)) and a and any(isinstance(b, BatchedTensor) for b in a):
+                vs, ds = self._unwrap_args(a)
+                uargs.append(vs)
+                dims.append(ds if any(d is not None for d in ds) else None)
+            else:
+                uargs.append(a)
+                dims.append(None)
+        return uargs, dims
+
+    def _wrap(self, out, out_dims):
+        if type(out_dims) is int and type(out) is torch.Tensor:
+            return BatchedTensor(out, out_dims, self)
+        if isinstance(out, torch.Tensor):
+            if out_dims is None:
+                return out
+            return BatchedTensor(out, out_dims, self)
+        if isinstance(out, (tuple, list)):
+            if out_dims is None or isinstance(out_dims, int):
+                out_dims = [out_dims] * len(out)
+            return type(out)(self._wrap(o, d) for o, d in zip(out, out_dims))
+        return out
+
+    def unwrap_value(self, x, d: int = 0) -> torch.Tensor:
+        """Physical value of ``x`` at this level with the batch dim at ``d`` (expanded if unbatched)."""
+        if isinstance(x, BatchedTensor) and x._interp is self:
+            return x._value.movedim(x._bdim, d) if x._bdim != d else x._value
+        return x.unsqueeze(d).expand(x.shape[:d] + (self.batch_size,) + x.shape[d:])

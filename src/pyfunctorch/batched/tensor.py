@@ -1,0 +1,97 @@
+"""BatchedTensor: a tensor batched at one vmap level (the whole batch's value plus its batch dim), and the helpers that read it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import weakref
+
+import torch
+
+from .. import _core
+from .._core import LevelTensor
+from ..errors import data_dependent
+
+if TYPE_CHECKING:  # annotations only: the interpreter is a layer above
+    from .interpreter import VmapInterpreter
+
+
+class BatchedTensor(LevelTensor):
+    """A tensor that is batched at one vmap level: ``_value`` holds the whole batch,
+    with the batch in dimension ``_bdim``; the wrapper has the per-example shape."""
+
+    _bdim: int
+    _lazy = False  # a tensor created inside the function: see lazy_wrap
+    _lazy_views: "list[weakref.ref[BatchedTensor]]"
+    _lazy_root: "BatchedTensor"
+
+    @staticmethod
+    def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
+        if bdim == 0:
+            shape = value.shape[1:]
+            stride = value.stride()[1:]
+        else:
+            shape = value.shape
+            shape = shape[:bdim] + shape[bdim + 1 :]
+            stride = value.stride()
+            stride = stride[:bdim] + stride[bdim + 1 :]
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape,
+            strides=stride,
+            # Forward AD compares a view's tangent layout with its primal's: the physical
+            # offset is the per-example offset whenever the batch dim is outermost.
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            device=value.device,
+        )
+        r._value = value
+        r._bdim = bdim
+        r._interp = interp
+        if value.dtype in _core._COMPLEX:  # keep lazy conj/neg bits visible on the wrapper
+            if value.is_conj():
+                torch._C._set_conj(r, True)
+            if value.is_neg():
+                torch._C._set_neg(r, True)
+        return r
+
+    def _describe(self) -> str:
+        return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
+
+    def _tolist(self):
+        if self._lazy or self._interp.batch_size == 1:  # one value for every example
+            return self._value.select(self._bdim, 0).tolist()
+        raise data_dependent("tolist", self._interp)
+
+    def __getitem__(self, idx):
+        # Python indexing turns a 0-dim integer tensor index into an int via .item(), which
+        # would force a per-example loop; as a tensor index it stays batched. (Defined on
+        # the wrapper class, never patched onto torch.Tensor: assigning a slot method there
+        # changes the type for good.)
+        if isinstance(idx, LevelTensor) and idx.dim() == 0 and not idx.is_floating_point() \
+                and not idx.is_complex() and idx.dtype is not torch.bool:
+            return torch.ops.aten.index.Tensor(self, [idx])
+        return super().__getitem__(idx)
+
+    def _escaped_repr(self) -> str:
+        return (f"<BatchedTensor escaped from a finished vmap (level {self._interp.level}); using it raises "
+                "EscapedTensorError: return it from the vmapped function instead>")
+
+    def _detached(self):
+        return BatchedTensor(_core.detach_all_levels(self._value), self._bdim, self._interp)
+
+
+def batched_here(x, interp) -> bool:
+    if isinstance(x, BatchedTensor):
+        return x._interp is interp
+    if isinstance(x, (list, tuple)):
+        return any(isinstance(y, BatchedTensor) and y._interp is interp for y in x)
+    return False
+
+
+def slice_example(x, interp, b):
+    if isinstance(x, BatchedTensor) and x._interp is interp:
+        return x._value.select(x._bdim, b)
+    if isinstance(x, (list, tuple)):
+        return type(x)(slice_example(y, interp, b) for y in x)
+    return x
