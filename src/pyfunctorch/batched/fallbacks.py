@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import itertools
 import warnings
@@ -11,12 +10,10 @@ import weakref
 import torch
 import torch._decomp  # noqa: F401
 
-from .._core import LevelTensor, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
 from ..errors import PerExampleSignal, PerformanceWarning, batched_write_error
 from .tensor import BatchedTensor, batched_here, slice_example
 
-if TYPE_CHECKING:  # annotations only: the interpreter is a layer above
-    from .interpreter import VmapInterpreter
 
 _WARNED_FALLBACK: set = set()
 #: ops served by the loop fallback so far (for coverage reports)
@@ -41,7 +38,7 @@ def decomposition(func):
 # -- the loop fallback -------------------------------------------------------------
 
 
-def loop_fallback(interp: VmapInterpreter, func, args, kwargs):
+def loop_fallback(interp: "Interpreter", func, args, kwargs):
     """Run ``func`` once per example and stack the results: correct for any op, slow.
 
     Warns once per op so that a missing rule is visible (and can be added)."""
@@ -118,7 +115,7 @@ def has_lazy(args, kwargs, interp) -> bool:
     return False
 
 
-def lazy_wrap(plain: torch.Tensor, interp: "VmapInterpreter", root=None) -> BatchedTensor:
+def lazy_wrap(plain: torch.Tensor, interp: "Interpreter", root=None) -> BatchedTensor:
     """A BatchedTensor whose examples all alias ``plain`` (expanded, no copy). Reads treat
     it as unbatched; the first write gives each example its own memory (materialize_lazy)."""
     w = BatchedTensor(plain.unsqueeze(0).expand((interp.batch_size,) + plain.shape), 0, interp)

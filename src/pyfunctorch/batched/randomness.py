@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _core
 from .. import random as _random
-from .._core import LevelTensor, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
 from .._pytree import tree_flatten, tree_map
 from ..errors import RandomnessError, randomness_error
 from .fallbacks import decomposition, stack_results
 from .tensor import BatchedTensor, slice_example
 
-if TYPE_CHECKING:  # annotations only: the interpreter is a layer above
-    from .interpreter import VmapInterpreter
 
 
-def random_op(interp: VmapInterpreter, func, args, kwargs):
+def random_op(interp: "Interpreter", func, args, kwargs):
     mode = interp.randomness
     if mode == "error":
         raise randomness_error(func)
@@ -79,7 +76,7 @@ def _device_of(args):
     return None
 
 
-def example_keys(interp: "VmapInterpreter") -> list:
+def example_keys(interp: "Interpreter") -> list:
     """Per-example keys for the next random op at this level: they depend on the vmap
     call's seed, the op's position among the level's random ops, and the example's index
     in the *whole* batch -- so chunk_size never changes the draws."""

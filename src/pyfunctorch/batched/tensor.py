@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import weakref
 
 import torch
 
 from .. import _core
-from .._core import LevelTensor
+from .._core import Interpreter, LevelTensor
 from ..errors import data_dependent
 
-if TYPE_CHECKING:  # annotations only: the interpreter is a layer above
-    from .interpreter import VmapInterpreter
 
 
 class BatchedTensor(LevelTensor):
@@ -26,7 +23,7 @@ class BatchedTensor(LevelTensor):
     _lazy_root: "BatchedTensor"
 
     @staticmethod
-    def __new__(cls, value: torch.Tensor, bdim: int, interp: "VmapInterpreter"):
+    def __new__(cls, value: torch.Tensor, bdim: int, interp: "Interpreter"):
         if bdim == 0:
             shape = value.shape[1:]
             stride = value.stride()[1:]

@@ -66,34 +66,30 @@ def _on_scalars(op, args, kwargs, pos, name):
     return (type(out)(drop(t) for t in out) if isinstance(out, (tuple, list)) else drop(out)), 0
 
 
-# dim at position 1 (an int, a list, or None = all dims)
-for _op in [
-    aten.sum.dim_IntList, aten.mean.dim, aten.nansum.default, aten.nanmean.default, aten.amax.default,
-    aten.amin.default, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.any.dims, aten.all.dim,
-    aten.all.dims, aten.count_nonzero.dim_IntList, aten.max.dim, aten.min.dim,
-    aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default,
-    aten._softmax.default, aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int,
-    aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction,
-    aten.sort.default, aten.sort.stable, aten.argsort.default, aten.argsort.stable, aten.median.dim,
-    aten.nanmedian.dim, aten.mode.default, aten.kthvalue.default,
-    aten.glu.default,
-]:
-    pos = {aten.kthvalue.default: 2, aten.sort.stable: 2, aten.argsort.stable: 2}.get(_op, 1)
-    if _op in (aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable):
-        batch_rule(_op)(dim_rule(pos, none_means_all=False))
-    else:
-        batch_rule(_op)(dim_rule(pos, none_means_all=_op not in (
-            aten._softmax.default, aten._log_softmax.default, aten.cumsum.default, aten.cumprod.default,
-            aten.glu.default, aten.kthvalue.default, aten.mode.default, aten.median.dim, aten.nanmedian.dim,
-            aten.cummax.default, aten.cummin.default, aten.logcumsumexp.default)))
+def reducer(*ops, pos: int = 1, none_means_all: bool = True) -> None:
+    """Register ``dim_rule`` for ops whose argument ``pos`` is a dim (an int, a list, or
+    None). ``none_means_all``: a missing/None/empty dim means every dim (sum, mean, ...);
+    False for ops that take exactly one dim (softmax, cumsum, sort, ...)."""
+    batch_rule(*ops)(dim_rule(pos, none_means_all=none_means_all))
 
+
+# -- the table: one line adds an op of a known kind ---------------------------------------
+# reductions over a dim at position 1 (an int, a list, or None = all dims)
+reducer(aten.sum.dim_IntList, aten.mean.dim, aten.nansum.default, aten.nanmean.default, aten.amax.default,
+        aten.amin.default, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.any.dims, aten.all.dim,
+        aten.all.dims, aten.count_nonzero.dim_IntList, aten.max.dim, aten.min.dim,
+        aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction)
+# one dim at position 1, never "all dims": scans, softmaxes, order statistics, glu
+reducer(aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default,
+        aten.logcumsumexp.default, aten._softmax.default, aten._log_softmax.default, aten.softmax.int,
+        aten.log_softmax.int, aten.sort.default, aten.argsort.default, aten.median.dim, aten.nanmedian.dim,
+        aten.mode.default, aten.glu.default, none_means_all=False)
+# one dim at position 2: after k, after `stable`, after the grad_output of the same shape
+reducer(aten.kthvalue.default, aten.sort.stable, aten.argsort.stable, aten._softmax_backward_data.default,
+        aten._log_softmax_backward_data.default, pos=2, none_means_all=False)
 # torch 2.5+: hash_tensor(self, dim=[] (all dims), *, keepdim, mode), a reduction over dim
 if hasattr(aten, "hash_tensor"):
-    batch_rule(aten.hash_tensor.default)(dim_rule(1))
-
-# the dim comes after one tensor argument that has the same logical shape
-for _op in [aten._softmax_backward_data.default, aten._log_softmax_backward_data.default]:
-    batch_rule(_op)(dim_rule(2, none_means_all=False))
+    reducer(aten.hash_tensor.default)
 
 
 @batch_rule(aten.topk.default)
