@@ -1,0 +1,302 @@
+"""The CompiledFunction class: per-signature cache of traced graphs, tracing and eager fallbacks."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from types import FrameType
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .. import _core
+from ..batched import DataDependentError, PerformanceWarning
+from ._replay import _BackendRunner, _replay_fn
+from ._signature import _LEAF, _Uncacheable, _flatten, _signature, _unflatten
+from ._trace import (
+    _DataReadGuard,
+    _describe_data_dependence,
+    _dynamic_shape_nodes,
+    _internal,
+    _is_data_dependent,
+    _print_trace_time_values,
+)
+
+
+class CacheInfo(NamedTuple):
+    """Counters of a compiled function (see :meth:`CompiledFunction.cache_info`)."""
+
+    hits: int  #: calls that replayed (or re-used an eager decision for) a cached signature
+    misses: int  #: calls with a new signature (each one traced, or tried to)
+    traces: int  #: successful traces (= FX graphs built)
+    eager_calls: int  #: calls that ran the eager function (fallbacks, calls inside transforms)
+    entries: int  #: cached signatures (graphs plus remembered eager fallbacks)
+
+
+
+# -- the compiled function ----------------------------------------------------------------
+
+
+class _Unreplayable(TypeError):
+    """The traced function returned something a graph cannot reproduce (a closure ...)."""
+
+
+_CONSTANT_OUTPUTS = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                     torch.memory_format, torch.Size)
+
+
+_SINGLE = (_LEAF,)
+
+
+class _Entry:
+    """One cached signature: a graph to replay, or a remembered decision to run eagerly."""
+
+    __slots__ = ("run", "graph", "tensor_pos", "out_struct", "out_template", "out_tensor_slots", "eager")
+
+    def __init__(self):
+        self.run = None
+        self.graph = None
+        self.tensor_pos = ()
+        self.out_struct = None
+        self.out_template = None
+        self.out_tensor_slots = ()
+        self.eager = False
+
+    def outputs(self, outs) -> Any:
+        if self.out_struct is _SINGLE:
+            return outs[0]
+        leaves = list(self.out_template)
+        for slot, o in zip(self.out_tensor_slots, outs):
+            leaves[slot] = o
+        return _unflatten(self.out_struct, leaves)
+
+
+
+class CompiledFunction:
+    """The callable returned by :func:`compile`. See :func:`compile` for the semantics."""
+
+    def __init__(self, fn: Callable, backend: Any = None, *, dynamic: bool | None = False, strict: bool = False):
+        if not callable(fn):
+            raise TypeError(f"pyfunctorch.compile: expected a callable; got {type(fn).__name__}.")
+        if dynamic:
+            raise NotImplementedError(
+                "pyfunctorch.compile(dynamic=True) is not supported: the traced graph is specialized to "
+                "the input shapes (pyfunctorch's transforms compute with concrete batch sizes), and a new "
+                "shape retraces. Use dynamic=False."
+            )
+        if backend is not None and not (isinstance(backend, str) or callable(backend)):
+            raise TypeError(
+                "pyfunctorch.compile: backend must be None (replay the traced FX graph), a torch.compile "
+                f"backend name such as 'inductor', or a backend callable; got {backend!r}."
+            )
+        self._fn = fn
+        self._backend = backend
+        self._strict = strict
+        self._cache: dict = {}
+        self._hits = self._misses = self._traces = self._eager_calls = 0
+        self._warned: set = set()
+        functools.update_wrapper(self, fn)
+
+    # -- public helpers --------------------------------------------------------------
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, successful traces, eager calls and cached entries so far."""
+        return CacheInfo(self._hits, self._misses, self._traces, self._eager_calls, len(self._cache))
+
+    def cache_clear(self) -> None:
+        """Forget every traced graph (the next call of each signature retraces) and the counters."""
+        self._cache.clear()
+        self._hits = self._misses = self._traces = self._eager_calls = 0
+
+    def graphs(self) -> list:
+        """The traced FX GraphModules, one per cached signature (for inspection)."""
+        return [e.graph for e in self._cache.values() if e.graph is not None]
+
+    def __repr__(self) -> str:
+        return f"<pyfunctorch.compile of {getattr(self._fn, '__name__', self._fn)!r}, backend={self._backend!r}>"
+
+    # -- calls -----------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if _core._state.stack:
+            # Called inside a live transform: the inputs are (or may meet) wrappers of
+            # that transform, which a graph of plain ops cannot stand for.
+            self._warn_once(
+                "inside",
+                "pyfunctorch.compile: the compiled function was called inside a live transform "
+                "(vmap/grad/jvp ...), so it runs eagerly. Compile the outermost transform instead, "
+                "e.g. pyfunctorch.compile(vmap(grad(f))).",
+            )
+            self._eager_calls += 1
+            return self._fn(*args, **kwargs)
+        try:
+            leaves, n_args, key = _signature(args, kwargs)
+        except _Uncacheable as e:
+            self._warn_once(("uncacheable", str(e)), f"pyfunctorch.compile: {e}; running eagerly.")
+            self._eager_calls += 1
+            return self._fn(*args, **kwargs)
+        entry = self._cache.get(key)
+        if entry is None:
+            self._misses += 1
+            return self._trace(key, args, kwargs, leaves, n_args)
+        self._hits += 1
+        if entry.eager:
+            self._eager_calls += 1
+            return self._fn(*args, **kwargs)
+        outs = entry.run(*[leaves[i] for i in entry.tensor_pos])
+        return entry.outputs(outs)
+
+    def _warn_once(self, what, message: str) -> None:
+        if what in self._warned:
+            return
+        self._warned.add(what)
+        level = 2
+        f: FrameType | None = sys._getframe(1)
+        while f is not None and _internal(f.f_code.co_filename):  # point at the user's call
+            level, f = level + 1, f.f_back
+        warnings.warn(message, PerformanceWarning, stacklevel=level)
+
+    def _trace(self, key, args, kwargs, leaves, n_args):
+        """First call of a signature: trace it (the traced run *is* this call, so its
+        outputs are returned and side effects happen once), or fall back to eager."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        fn = self._fn
+        # graph inputs: the distinct tensors among the leaves (identity), in order
+        tensor_pos = []
+        first_of: dict = {}
+        for i, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor) and id(x) not in first_of:
+                first_of[id(x)] = i
+                tensor_pos.append(i)
+        struct, kstruct = key[0], key[1]
+        inputs = [leaves[i] for i in tensor_pos]
+        versions = [t._version for t in inputs]
+        captured: dict = {}
+
+        def flat_fn(*tensors):
+            new_leaves = list(leaves)
+            by_id = {id(leaves[p]): t for p, t in zip(tensor_pos, tensors)}
+            for i, x in enumerate(leaves):
+                if isinstance(x, torch.Tensor):
+                    new_leaves[i] = by_id[id(x)]
+            a = _unflatten(struct, new_leaves[:n_args])
+            k = _unflatten(kstruct, new_leaves[n_args:]) if kstruct else {}
+            with _DataReadGuard(), _print_trace_time_values():
+                out = fn(*a, **k)
+            out_leaves: list = []
+            out_struct: list = []
+            _flatten(out, out_leaves, out_struct)
+            captured["struct"] = tuple(out_struct)
+            captured["leaves"] = out_leaves
+            return [o for o in out_leaves if isinstance(o, torch.Tensor)]
+
+        try:
+            gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
+            problem = self._check_graph(gm, captured)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            return self._trace_failed(key, args, kwargs, inputs, versions, exc)
+        if problem is not None:
+            # The traced run itself was a correct eager run: return its outputs, but do
+            # not cache a graph that froze data-dependent shapes.
+            if self._strict and isinstance(problem, _Unreplayable):
+                raise problem
+            self._fallback(key, problem, None)
+            self._eager_calls += 1
+            return _unflatten(captured.pop("struct"), captured.pop("leaves"))
+
+        entry = _Entry()
+        entry.graph = gm
+        entry.tensor_pos = tuple(tensor_pos)
+        # (popped: flat_fn, which make_fx may keep referenced, must not keep this call's outputs)
+        out_struct, out_leaves = captured.pop("struct"), captured.pop("leaves")
+        single = out_struct == _SINGLE and isinstance(out_leaves[0], torch.Tensor)
+        entry.out_struct = _SINGLE if single else out_struct
+        entry.out_tensor_slots = tuple(i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor))
+        entry.out_template = tuple(None if isinstance(o, torch.Tensor) else o for o in out_leaves)
+        entry.run = self._make_runner(gm)
+        self._cache[key] = entry
+        self._traces += 1
+        return _unflatten(out_struct, out_leaves)
+
+    def _check_graph(self, gm, captured):
+        for o in captured["leaves"]:
+            if isinstance(o, torch.Tensor) and (type(o) is not torch.Tensor and type(o) is not torch.nn.Parameter
+                                                or o.layout is not torch.strided):
+                return DataDependentError(
+                    f"the function returned a {type(o).__name__} with layout {o.layout} (e.g. a ragged result "
+                    "of per-example shapes), which a fixed graph cannot reproduce"
+                )
+            if not isinstance(o, torch.Tensor) and not isinstance(o, _CONSTANT_OUTPUTS):
+                # e.g. vjp's vjp_fn or linearize's jvp_fn: a closure over this run's tensors
+                return _Unreplayable(
+                    f"the function returned a {type(o).__name__} (e.g. vjp_fn), which a replayed graph cannot "
+                    "reproduce: only tensors and constants (numbers, strings, dtypes ...) can be returned"
+                )
+        bad = _dynamic_shape_nodes(gm)
+        if bad:
+            ops = ", ".join(sorted({str(n.target) for n in bad}))
+            return DataDependentError(
+                f"the traced function uses operations whose output shape depends on tensor values ({ops}); "
+                "a replayed graph would freeze those shapes"
+            )
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return None
+
+    def _make_runner(self, gm):
+        if self._backend is None:
+            return _replay_fn(gm)
+        return _BackendRunner(self, gm)
+
+    def _trace_failed(self, key, args, kwargs, inputs, versions, exc):
+        name = getattr(self._fn, "__name__", "the function")
+        mutated = any(t._version != v for t, v in zip(inputs, versions))
+        if not _is_data_dependent(exc):
+            if self._strict or mutated:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(raised while pyfunctorch.compile traced {name})")
+                raise exc
+            out = self._fn(*args, **kwargs)  # an error of the function itself surfaces here
+            self._fallback(key, exc, exc)  # eager works, tracing does not: remember, warn
+            self._eager_calls += 1
+            return out
+        problem = DataDependentError(_describe_data_dependence(exc))
+        if mutated and not self._strict:
+            raise RuntimeError(
+                f"pyfunctorch.compile({name}): cannot trace a fixed graph ({problem}), and the traced run had "
+                "already modified its inputs in place, so it cannot be re-run eagerly without applying the "
+                "update twice. Make the in-place update out-of-place, or move it after the data-dependent step."
+            ) from exc
+        self._fallback(key, problem, exc)  # raises when strict
+        self._eager_calls += 1
+        return self._fn(*args, **kwargs)
+
+    def _fallback(self, key, problem, cause):
+        """Remember that this signature runs eagerly; warn once, or raise when strict."""
+        name = getattr(self._fn, "__name__", "the function")
+        if isinstance(problem, DataDependentError):
+            if self._strict:
+                raise DataDependentError(
+                    f"pyfunctorch.compile({name}, strict=True): cannot trace a fixed graph: {problem}. Use "
+                    "torch.where / pyfunctorch.cond / pyfunctorch.while_loop for value-dependent control flow, "
+                    "or compile without strict=True to run such calls eagerly."
+                ) from cause
+            msg = (
+                f"pyfunctorch.compile({name}): cannot trace a fixed graph: {problem}. Calls with this input "
+                "signature run eagerly (correct, not faster); pass strict=True to raise instead."
+            )
+            what = ("data", str(problem))
+        elif isinstance(problem, _Unreplayable):
+            msg = f"pyfunctorch.compile({name}): {problem}. Calls with this input signature run eagerly."
+            what = ("unreplayable", str(problem))
+        else:  # tracing failed where eager works (strict=True re-raised it before)
+            msg = (
+                f"pyfunctorch.compile({name}): tracing failed ({type(problem).__name__}: "
+                f"{(str(problem).splitlines() or [''])[0][:300]}); calls with this input signature run eagerly."
+            )
+            what = ("error", type(problem).__name__, str(problem)[:200])
+        entry = _Entry()
+        entry.eager = True
+        self._cache[key] = entry
+        self._warn_once(what, msg)
+

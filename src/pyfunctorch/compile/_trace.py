@@ -1,0 +1,143 @@
+"""Trace-time helpers: detect data-dependent reads and describe where a trace failed."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from contextlib import contextmanager
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .. import _core
+from ..batched import DataDependentError
+
+
+class _DataRead(DataDependentError):
+    """Raised while tracing when Python reads the values of a traced tensor."""
+
+
+_READS = frozenset({"tolist", "numpy", "__array__"})
+
+
+class _DataReadGuard(TorchFunctionMode):
+    """While tracing: ``.tolist()`` / ``.numpy()`` of a traced tensor would bake its values
+    into the graph without make_fx noticing (``.item()`` and ``bool()`` already raise in
+    make_fx). Turn those into a data-dependence error."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in _READS and args and _is_traced(args[0]):
+            raise _DataRead(f"`.{func.__name__}()` reads the values of a tensor computed from the inputs")
+        return func(*args, **(kwargs or {}))
+
+
+def _is_traced(t) -> bool:
+    if not isinstance(t, torch.Tensor) or isinstance(t, _core.LevelTensor):
+        return False
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+        mode = get_proxy_mode()
+        if mode is None:
+            return True
+        slot = get_proxy_slot(t, mode.tracer, None)
+        return slot is not None and getattr(slot, "constant", None) is None
+    except Exception:  # pragma: no cover - torch internals changed: be conservative
+        return True
+
+
+@contextmanager
+def _print_trace_time_values():
+    """While tracing, printing a tensor (``print(x)`` for debugging) shows its trace-time
+    values instead of failing the trace on the data reads of torch's formatter."""
+    from torch import _tensor_str
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = _tensor_str._str
+
+    def _str(self, *args, **kwargs):
+        with _disable_current_modes():
+            return original(self, *args, **kwargs)
+
+    _tensor_str._str = _str
+    try:
+        yield
+    finally:
+        _tensor_str._str = original
+
+
+_MAKE_FX_DATA_MSG = "trying to get value out of a tracing tensor"
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    if isinstance(exc, DataDependentError):
+        return True
+    if isinstance(exc, RuntimeError) and _MAKE_FX_DATA_MSG in str(exc):
+        return True
+    name = type(exc).__name__
+    return name in ("DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode")
+
+
+def _dynamic_shape_nodes(gm: torch.fx.GraphModule) -> list:
+    """Recorded ops whose output shape depends on tensor values (nonzero, masked_select,
+    unique, boolean-mask indexing ...): their shapes would be frozen into the graph."""
+    bad = []
+    for node in gm.graph.nodes:
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+            continue
+        if torch.Tag.dynamic_output_shape not in op.tags:
+            continue
+        if op.overloadpacket is torch.ops.aten.index:
+            # integer indexing has a static shape; only boolean masks are data-dependent
+            idx = node.args[1] if len(node.args) > 1 else ()
+            if not any(_is_bool_node(i) for i in idx):
+                continue
+        bad.append(node)
+    return bad
+
+
+def _is_bool_node(n) -> bool:
+    val = getattr(n, "meta", {}).get("val") if isinstance(n, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8)
+
+
+_COMPILE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PKG_DIR = os.path.dirname(_COMPILE_DIR.rstrip(os.sep)) + os.sep
+
+
+def _user_site(tb) -> str:
+    """Where tracing failed, as 'file:line (func)': the innermost traceback frame in the
+    user's code (outside torch and pyfunctorch), else the innermost outside torch."""
+    user = lib = None
+    for frame, lineno in traceback.walk_tb(tb):
+        fname = frame.f_code.co_filename
+        if _torch_or_generated(fname) or fname.startswith(_COMPILE_DIR):
+            continue
+        here = f"{fname}:{lineno} ({frame.f_code.co_name})"
+        if fname.startswith(_PKG_DIR):
+            lib = here
+        else:
+            user = here
+    return user or lib or "an unknown line"
+
+
+def _internal(fname: str) -> bool:
+    return fname.startswith(_PKG_DIR) or _torch_or_generated(fname)
+
+
+def _torch_or_generated(fname: str) -> bool:
+    return "/torch/" in fname or fname.startswith(("<eval_with_key", "<pyfunctorch", "<frozen"))
+
+
+def _describe_data_dependence(exc: BaseException) -> str:
+    msg = str(exc)
+    if _MAKE_FX_DATA_MSG in msg:
+        op = msg.split(" with ", 1)[1].split(" ", 1)[0] if " with " in msg else "a data read"
+        what = f"Python reads the value of a tensor computed from the inputs ({op}: `if x.sum() > 0:`, `.item()`, `float(x)` ...)"
+    elif isinstance(exc, _DataRead):
+        what = msg
+    else:
+        what = (msg.splitlines() or [type(exc).__name__])[0]
+    return f"{what} at {_user_site(exc.__traceback__)}"
+
