@@ -157,7 +157,7 @@ def test_cache_hits_and_retraces():
     w = torch.randn(4, 3, dtype=DT)
     for _ in range(3):
         c(w, torch.randn(5, 4, dtype=DT))
-    assert c.cache_info() == (2, 1, 1, 0, 1)  # hits, misses, traces, eager_calls, entries
+    assert c.cache_info() == (2, 1, 1, 0, 1, 0, 0)  # hits, misses, traces, eager_calls, entries, guard_failures, evictions
     assert len(calls) == 1
     c(w, torch.randn(6, 4, dtype=DT))  # new batch size
     c(w.float(), torch.randn(5, 4))  # new dtype
@@ -170,7 +170,7 @@ def test_cache_hits_and_retraces():
     assert_close(c(w.detach(), x), tf.vmap(tf.grad(loss), in_dims=(None, 0))(w.detach(), x))
     assert c.cache_info().traces == 5
     c.cache_clear()
-    assert c.cache_info() == (0, 0, 0, 0, 0)
+    assert c.cache_info() == (0, 0, 0, 0, 0, 0, 0)
 
 
 def test_same_tensor_twice_is_part_of_the_signature():

@@ -32,7 +32,8 @@ class _BackendRunner:
     def __init__(self, owner: "CompiledFunction", gm):
         self.owner = owner
         self.gm = gm
-        self.compiled = torch.compile(gm, backend=owner._backend, dynamic=False, fullgraph=True)
+        options = {"mode": owner._mode} if owner._mode is not None else {}
+        self.compiled = torch.compile(gm, backend=owner._backend, dynamic=False, fullgraph=True, **options)
         self.run = self._first
 
     def __call__(self, *tensors):

@@ -91,5 +91,6 @@ def _signature(args: tuple, kwargs: dict):
             except TypeError:
                 raise _Uncacheable(f"an argument of type {type(x).__name__} is not hashable") from None
             metas.append((type(x), x))
-    return leaves, n_args, (tuple(struct), tuple(kstruct), tuple(metas), torch.is_grad_enabled())
+    return leaves, n_args, (tuple(struct), tuple(kstruct), tuple(metas), torch.is_grad_enabled(),
+                          torch.get_default_dtype())
 

@@ -141,3 +141,24 @@ def _describe_data_dependence(exc: BaseException) -> str:
         what = (msg.splitlines() or [type(exc).__name__])[0]
     return f"{what} at {_user_site(exc.__traceback__)}"
 
+
+
+# Where the tracer itself raises (make_fx's proxy mode, fake tensors, dynamo, the dispatch
+# helpers): an exception whose innermost frame is in one of these is the tracer's failure.
+# Anything else -- a ``raise`` in the user's code, pyfunctorch's own checks, an operator's
+# error (its innermost Python frame is torch/_ops.py, calling the kernel) -- would happen
+# eagerly too.
+_TRACER_PATHS = tuple(
+    os.sep + os.path.join("torch", *p.split("/")) for p in
+    ("fx/", "_subclasses/", "_dynamo/", "utils/_python_dispatch.py", "_guards.py", "_higher_order_ops/")
+)
+
+
+def _is_tracer_error(exc: BaseException) -> bool:
+    """Did the tracer (not the traced function) raise ``exc``?"""
+    last = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        last = frame.f_code.co_filename
+    if last is None:
+        return False
+    return any(p in last for p in _TRACER_PATHS)
