@@ -241,6 +241,7 @@ class CompiledFunction:
         inputs = [leaves[i] for i in tensor_pos]
         versions = [t._version for t in inputs]
         captured: dict = {}
+        rng = _rng_state()  # an eager rerun after a failed trace draws what this call would have drawn
 
         def flat_fn(*tensors):
             new_leaves = list(leaves)
@@ -263,7 +264,7 @@ class CompiledFunction:
             gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
             problem = self._check_graph(gm, captured)
         except Exception as exc:  # noqa: BLE001 - classified below
-            return self._trace_failed(key, args, kwargs, inputs, versions, exc)
+            return self._trace_failed(key, args, kwargs, inputs, versions, exc, rng)
         if problem is not None:
             # The traced run itself was a correct eager run: return its outputs, but do
             # not cache a graph that froze data-dependent shapes.
@@ -330,7 +331,7 @@ class CompiledFunction:
             return replay
         return _CudaGraphRunner(self, replay, mutated)
 
-    def _trace_failed(self, key, args, kwargs, inputs, versions, exc):
+    def _trace_failed(self, key, args, kwargs, inputs, versions, exc, rng=None):
         name = getattr(self._fn, "__name__", "the function")
         mutated = any(t._version != v for t, v in zip(inputs, versions))
         if not _is_data_dependent(exc):
@@ -343,6 +344,7 @@ class CompiledFunction:
                 if hasattr(exc, "add_note"):
                     exc.add_note(f"(raised by the tracer while pyfunctorch.compile traced {name})")
                 raise exc
+            _set_rng_state(rng)
             out = self._fn(*args, **kwargs)  # the tracer failed: run eagerly (an eager error surfaces here)
             self._fallback(key, exc, exc)  # eager works, tracing does not: remember, warn
             self._eager_calls += 1
@@ -356,6 +358,7 @@ class CompiledFunction:
             ) from exc
         self._fallback(key, problem, exc)  # raises when strict
         self._eager_calls += 1
+        _set_rng_state(rng)
         return self._fn(*args, **kwargs)
 
     def _fallback(self, key, problem, cause):
@@ -386,6 +389,21 @@ class CompiledFunction:
         entry.eager = True
         self._store(key, entry)
         self._warn_once(what, msg)
+
+
+def _rng_state():
+    """torch's global generator states (CPU, and CUDA where initialized)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 _is_compiling = torch.compiler.is_compiling
