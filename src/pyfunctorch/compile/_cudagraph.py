@@ -62,13 +62,13 @@ class _CudaGraphRunner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             outs = self.replay(*static_in)  # the warm-up run is this call's real run
-        torch.cuda.current_stream().wait_stream(side)
+        main = torch.cuda.current_stream()
+        main.wait_stream(side)
+        for o in outs:
+            o.record_stream(main)  # allocated on the side stream, used (and freed) on this one
         for j in self.mutated:
             tensors[j].copy_(static_in[j])
-        # capture a second run into a CUDA graph: its inputs are fresh copies, so the
-        # warm-up run's in-place updates of the static inputs are not applied twice
-        for s, t in zip(static_in, tensors):
-            s.copy_(t)
+        # capture (records the kernels, runs nothing): later replays read the static inputs
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
