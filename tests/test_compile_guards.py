@@ -209,6 +209,19 @@ def test_module_train_eval_switch_without_vmap():
     assert_close(c(x), net(x))
 
 
+def test_a_module_passed_as_an_argument_is_guarded_too():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    c = pf.compile(lambda m, x: m(x))
+    x = torch.ones(100, 4, dtype=DT)
+    assert_close(c(net, x), net(x))
+    net.train()
+    assert (c(net, x) == 0).any()
+    net.eval()
+    net.lin.weight = nn.Parameter(torch.randn(3, 4, dtype=DT))
+    assert_close(c(net, x), net(x))
+
+
 def test_inplace_parameter_updates_replay_without_retrace():
     # parameters and buffers are guarded by identity: an optimizer step (in place) is seen
     # through the reference, without a retrace

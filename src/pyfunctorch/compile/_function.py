@@ -285,7 +285,8 @@ class CompiledFunction:
         entry.out_template = tuple(None if isinstance(o, torch.Tensor) else o for o in out_leaves)
         mutated = tuple(j for j, (t, v) in enumerate(zip(inputs, versions)) if t._version != v)
         entry.run = self._make_runner(gm, inputs, [out_leaves[i] for i in entry.out_tensor_slots], mutated)
-        entry.guard, entry.refresh, _ = build_guard(fn, gm)
+        arguments = tuple(x for x in leaves if not isinstance(x, torch.Tensor))
+        entry.guard, entry.refresh, _ = build_guard(fn, gm, arguments)
         self._store(key, entry)
         self._traces += 1
         return _unflatten(out_struct, out_leaves)

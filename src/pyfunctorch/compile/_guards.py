@@ -94,6 +94,12 @@ class _Collector:
             return
         self.seen.add(id(v))
         self.budget -= 1
+        try:
+            self._follow(v)
+        except Exception:  # noqa: BLE001 - an exotic object (a failing __getattr__ ...): not followed
+            pass
+
+    def _follow(self, v: Any) -> None:
         if isinstance(v, torch.nn.Module):
             self.module(v)
         elif isinstance(v, types.FunctionType):
@@ -185,13 +191,17 @@ class _Collector:
                         self.value(getattr(attr, "__func__", attr))
 
 
-def build_guard(fn: Callable, gm: torch.fx.GraphModule | None) -> tuple:
-    """``(check, refresh, n_guards)`` for a function traced into ``gm``: ``check()`` is
+def build_guard(fn: Callable, gm: torch.fx.GraphModule | None, arguments: tuple = ()) -> tuple:
+    """``(check, refresh, n_guards)`` for a function traced into ``gm`` (``arguments``: the
+    non-tensor arguments of the call, e.g. a module passed in, whose state the graph may
+    also have baked in; they are part of the signature by identity/value): ``check()`` is
     True while every value the trace may have baked in is unchanged; ``refresh()`` (or
     None) re-reads the versions of guarded tensors that the graph itself updates in
     place, after each replay. ``check`` is None when there is nothing to guard."""
     col = _Collector()
     col.value(fn)
+    for a in arguments:
+        col.value(a)
     mutating = False
     if gm is not None:
         for node in gm.graph.nodes:
