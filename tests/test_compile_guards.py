@@ -454,6 +454,17 @@ def test_reduce_overhead_cuda_graph_matches_eager():
     for i in range(4):
         assert_close(cb(x), torch.full((3,), float(i + 1), device="cuda").sin())
     assert_close(x, torch.full((3,), 4.0, device="cuda"))
+    # an output that is an input is returned as a copy that later calls do not overwrite
+    ident = pf.compile(lambda x: x[1:], mode="reduce-overhead")
+    xs = [torch.randn(4, device="cuda") for _ in range(4)]
+    got = [ident(x) for x in xs]
+    for x, g in zip(xs, got):
+        assert_close(g, x[1:])
+    # random ops draw fresh numbers on each CUDA-graph replay
+    noise = pf.compile(lambda x: x + torch.randn_like(x), mode="reduce-overhead")
+    z = torch.zeros(1000, device="cuda")
+    draws = [noise(z) for _ in range(4)]
+    assert not torch.equal(draws[2], draws[3]) and abs(float(draws[3].std()) - 1) < 0.2
 
 
 # -- interop with torch.compile ---------------------------------------------------------------
@@ -487,3 +498,12 @@ def test_pyfunctorch_compile_over_a_torch_compiled_module():
         for _ in range(2):
             assert_close(c(x), tf.vmap(tf.grad(lambda x: lin(x).pow(2).sum()))(x))
     assert c.cache_info().traces == 1
+
+
+def test_public_names_of_the_compile_package():
+    from pyfunctorch.compile import CacheInfo, CompiledFunction, compile as compile_fn
+
+    assert pf.compile is compile_fn
+    assert pf.compile.CompiledFunction is CompiledFunction and pf.compile.CacheInfo is CacheInfo
+    c = pf.compile(torch.sin)
+    assert isinstance(c, CompiledFunction) and isinstance(c.cache_info(), CacheInfo)

@@ -66,6 +66,9 @@ class _CudaGraphRunner:
         main.wait_stream(side)
         for o in outs:
             o.record_stream(main)  # allocated on the side stream, used (and freed) on this one
+        # an output that is (a view of) a static input would be overwritten by the next call
+        buffers = {s.untyped_storage().data_ptr() for s in static_in}
+        outs = [o.clone() if o.untyped_storage().data_ptr() in buffers else o for o in outs]
         for j in self.mutated:
             tensors[j].copy_(static_in[j])
         # capture (records the kernels, runs nothing): later replays read the static inputs

@@ -6,7 +6,6 @@ import functools
 import sys
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Callable, NamedTuple
 
@@ -19,13 +18,17 @@ from ._guards import build_guard
 from ._replay import _BackendRunner, _replay_fn
 from ._signature import _LEAF, _Uncacheable, _flatten, _signature, _unflatten
 from ._trace import (
+    _check_graph,
     _DataReadGuard,
     _describe_data_dependence,
-    _dynamic_shape_nodes,
     _internal,
     _is_data_dependent,
     _is_tracer_error,
+    _nested_dynamo_runs_eagerly,
     _print_trace_time_values,
+    _rng_state,
+    _set_rng_state,
+    _Unreplayable,
 )
 
 
@@ -42,14 +45,6 @@ class CacheInfo(NamedTuple):
 
 
 # -- the compiled function ----------------------------------------------------------------
-
-
-class _Unreplayable(TypeError):
-    """The traced function returned something a graph cannot reproduce (a closure ...)."""
-
-
-_CONSTANT_OUTPUTS = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
-                     torch.memory_format, torch.Size)
 
 
 _SINGLE = (_LEAF,)
@@ -262,7 +257,7 @@ class CompiledFunction:
 
         try:
             gm = make_fx(flat_fn, tracing_mode="real")(*inputs)
-            problem = self._check_graph(gm, captured)
+            problem = _check_graph(gm, captured)
         except Exception as exc:  # noqa: BLE001 - classified below
             return self._trace_failed(key, args, kwargs, inputs, versions, exc, rng)
         if problem is not None:
@@ -290,31 +285,6 @@ class CompiledFunction:
         self._store(key, entry)
         self._traces += 1
         return _unflatten(out_struct, out_leaves)
-
-    def _check_graph(self, gm, captured):
-        for o in captured["leaves"]:
-            if isinstance(o, torch.Tensor) and (type(o) is not torch.Tensor and type(o) is not torch.nn.Parameter
-                                                or o.layout is not torch.strided):
-                return DataDependentError(
-                    f"the function returned a {type(o).__name__} with layout {o.layout} (e.g. a ragged result "
-                    "of per-example shapes), which a fixed graph cannot reproduce"
-                )
-            if not isinstance(o, torch.Tensor) and not isinstance(o, _CONSTANT_OUTPUTS):
-                # e.g. vjp's vjp_fn or linearize's jvp_fn: a closure over this run's tensors
-                return _Unreplayable(
-                    f"the function returned a {type(o).__name__} (e.g. vjp_fn), which a replayed graph cannot "
-                    "reproduce: only tensors and constants (numbers, strings, dtypes ...) can be returned"
-                )
-        bad = _dynamic_shape_nodes(gm)
-        if bad:
-            ops = ", ".join(sorted({str(n.target) for n in bad}))
-            return DataDependentError(
-                f"the traced function uses operations whose output shape depends on tensor values ({ops}); "
-                "a replayed graph would freeze those shapes"
-            )
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return None
 
     def _make_runner(self, gm, inputs, outputs, mutated):
         if self._backend is not None:
@@ -392,42 +362,9 @@ class CompiledFunction:
         self._warn_once(what, msg)
 
 
-def _rng_state():
-    """torch's global generator states (CPU, and CUDA where initialized)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    if state is None:
-        return
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 _is_compiling = torch.compiler.is_compiling
 
 
 @torch.compiler.disable
 def _call_outside_dynamo(compiled: CompiledFunction, args, kwargs):
     return compiled(*args, **kwargs)
-
-
-@contextmanager
-def _nested_dynamo_runs_eagerly():
-    """While tracing, a ``torch.compile``d function called by the traced one runs its
-    original Python code (so make_fx records its aten ops) instead of raising dynamo's
-    "FX to symbolically trace a dynamo-optimized function" error."""
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is None:  # nothing was torch.compiled yet
-        yield
-        return
-    config = dynamo.config
-    saved = config.error_on_nested_fx_trace
-    config.error_on_nested_fx_trace = False
-    try:
-        yield
-    finally:
-        config.error_on_nested_fx_trace = saved

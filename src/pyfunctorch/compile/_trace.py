@@ -1,8 +1,9 @@
-"""Trace-time helpers: detect data-dependent reads and describe where a trace failed."""
+"""Trace-time helpers: data-dependence checks, trace-error classification, RNG state, nested torch.compile."""
 
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from contextlib import contextmanager
 
@@ -162,3 +163,73 @@ def _is_tracer_error(exc: BaseException) -> bool:
     if last is None:
         return False
     return any(p in last for p in _TRACER_PATHS)
+
+
+# -- checks of a finished trace, RNG state, nested torch.compile -------------------------
+
+
+class _Unreplayable(TypeError):
+    """The traced function returned something a graph cannot reproduce (a closure ...)."""
+
+
+_CONSTANT_OUTPUTS = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+                     torch.memory_format, torch.Size)
+
+
+def _check_graph(gm, captured):
+    for o in captured["leaves"]:
+        if isinstance(o, torch.Tensor) and (type(o) is not torch.Tensor and type(o) is not torch.nn.Parameter
+                                            or o.layout is not torch.strided):
+            return DataDependentError(
+                f"the function returned a {type(o).__name__} with layout {o.layout} (e.g. a ragged result "
+                "of per-example shapes), which a fixed graph cannot reproduce"
+            )
+        if not isinstance(o, torch.Tensor) and not isinstance(o, _CONSTANT_OUTPUTS):
+            # e.g. vjp's vjp_fn or linearize's jvp_fn: a closure over this run's tensors
+            return _Unreplayable(
+                f"the function returned a {type(o).__name__} (e.g. vjp_fn), which a replayed graph cannot "
+                "reproduce: only tensors and constants (numbers, strings, dtypes ...) can be returned"
+            )
+    bad = _dynamic_shape_nodes(gm)
+    if bad:
+        ops = ", ".join(sorted({str(n.target) for n in bad}))
+        return DataDependentError(
+            f"the traced function uses operations whose output shape depends on tensor values ({ops}); "
+            "a replayed graph would freeze those shapes"
+        )
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return None
+
+
+def _rng_state():
+    """torch's global generator states (CPU, and CUDA where initialized)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def _nested_dynamo_runs_eagerly():
+    """While tracing, a ``torch.compile``d function called by the traced one runs its
+    original Python code (so make_fx records its aten ops) instead of raising dynamo's
+    "FX to symbolically trace a dynamo-optimized function" error."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:  # nothing was torch.compiled yet
+        yield
+        return
+    config = dynamo.config
+    saved = config.error_on_nested_fx_trace
+    config.error_on_nested_fx_trace = False
+    try:
+        yield
+    finally:
+        config.error_on_nested_fx_trace = saved
