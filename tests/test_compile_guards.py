@@ -148,6 +148,19 @@ def test_global_read_through_a_global_function_and_partial():
         SCALE = 2.0
 
 
+def test_a_compiled_function_called_by_a_compiled_function():
+    global SCALE
+    inner = pf.compile(pf.grad(lambda x: (x.sin() * SCALE).sum()))
+    outer = pf.compile(lambda x: inner(x) * 2)
+    x = torch.randn(3)
+    assert_close(outer(x), x.cos() * 4)
+    try:
+        SCALE = 5.0  # read by the inner function only
+        assert_close(outer(x), x.cos() * 10)
+    finally:
+        SCALE = 2.0
+
+
 def test_attributes_of_a_user_module_are_guarded():
     cfg = types.ModuleType("user_cfg")
     cfg.gain = 2.0

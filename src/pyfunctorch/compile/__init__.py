@@ -75,8 +75,9 @@ def compile(fn: Callable | None = None, backend: Any = None, *, mode: str | None
       Not guarded: mutable objects read through items or attributes of arbitrary
       objects (``cfg["lr"]``, ``self.table[i]`` of a non-module, a list that is
       mutated in place), functions reached only dynamically (``getattr(obj, name)()``
-      of a non-module object, a registry lookup), globals of torch, pyfunctorch and the
-      standard library, and the state of other libraries (NumPy's RNG, ...). Pass such
+      of a non-module object, a registry lookup), module hooks added or removed after
+      the trace, globals of torch, pyfunctorch and the standard library, and the state
+      of other libraries (NumPy's RNG, ...). Pass such
       values as arguments, or call ``compiled.cache_clear()`` after changing them.
     * **Cache size.** At most ``cache_size_limit`` signatures (default 64) are kept;
       beyond that the least recently used graph is dropped (a one-time

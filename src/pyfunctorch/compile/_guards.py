@@ -123,6 +123,9 @@ class _Collector:
             pass  # attributes read through a module: see function()
         elif callable(v) and isinstance(getattr(type(v), "__call__", None), types.FunctionType):
             self.value(type(v).__call__)  # a callable object: its __call__ (attributes are not guarded)
+            wrapped = getattr(v, "__dict__", {}).get("__wrapped__")
+            if wrapped is not None:  # e.g. another pyfunctorch.compile'd function: what it wraps
+                self.value(wrapped)
 
     def function(self, fn: types.FunctionType) -> None:
         code = fn.__code__
