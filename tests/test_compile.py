@@ -417,6 +417,31 @@ def test_dp_sgd_with_dropout_compiles_and_matches_eager_and_a_loop():
     assert c.cache_info().traces == 1
 
 
+def test_dp_sgd_functional_call_with_a_dropout_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(pf.functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    eager = pf.vmap(pf.grad(loss), in_dims=(None, 0, 0), randomness="different")
+    c = pf.compile(eager)
+    x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            got = c(params, x, y)
+            torch.manual_seed(seed)
+            want = eager(params, x, y)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    assert c.cache_info().traces == 1
+    model.eval()  # dropout off: guarded (`training`), retraced; now deterministic = torch.func
+    assert_close(c(params, x, y), tf.vmap(tf.grad(lambda p, x, y: F.cross_entropy(
+        tf.functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))), in_dims=(None, 0, 0))(params, x, y))
+
+
 def test_randomness_different_that_cannot_be_traced_still_matches_eager():
     # grad(vmap(...)): the random op meets grad wrappers below the vmap level, so this
     # signature runs eagerly -- with the draws an eager call would make (the failed

@@ -21,6 +21,7 @@ import torch
 from . import random as _random
 
 _SPECS: dict = {}  # token -> _Spec (kept for the life of the process: graphs refer to tokens)
+_TOKENS: dict = {}  # hashable description of a call -> its token
 
 
 class _Spec:
@@ -106,8 +107,14 @@ def keyed_draws(func: Callable, args: list, bdims: list, kwargs: dict, keys: tor
             template.append(("c", a))
     if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         raise LookupError("a tensor keyword argument")
-    token = len(_SPECS)
-    _SPECS[token] = _Spec(func, tuple(template), dict(kwargs), device, inplace)
+    spec = _Spec(func, tuple(template), dict(kwargs), device, inplace)
+    try:  # the same call (a retrace, another graph) reuses its token: the table stays small
+        ident = (func, spec.template, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), device, inplace,
+                 tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors), keys.shape)
+        token = _TOKENS.setdefault(ident, len(_SPECS))
+    except TypeError:  # an unhashable constant
+        token = len(_SPECS)
+    _SPECS.setdefault(token, spec)
     out = _op()(keys, tensors, token)
     return None if inplace else out
 
