@@ -157,7 +157,7 @@ def test_cache_hits_and_retraces():
     w = torch.randn(4, 3, dtype=DT)
     for _ in range(3):
         c(w, torch.randn(5, 4, dtype=DT))
-    assert c.cache_info() == (2, 1, 1, 0, 1)  # hits, misses, traces, eager_calls, entries
+    assert c.cache_info() == (2, 1, 1, 0, 1, 0, 0)  # hits, misses, traces, eager_calls, entries, guard_failures, evictions
     assert len(calls) == 1
     c(w, torch.randn(6, 4, dtype=DT))  # new batch size
     c(w.float(), torch.randn(5, 4))  # new dtype
@@ -170,7 +170,7 @@ def test_cache_hits_and_retraces():
     assert_close(c(w.detach(), x), tf.vmap(tf.grad(loss), in_dims=(None, 0))(w.detach(), x))
     assert c.cache_info().traces == 5
     c.cache_clear()
-    assert c.cache_info() == (0, 0, 0, 0, 0)
+    assert c.cache_info() == (0, 0, 0, 0, 0, 0, 0)
 
 
 def test_same_tensor_twice_is_part_of_the_signature():
@@ -338,16 +338,127 @@ def test_vmap_randomness_same_replays_fresh_draws():
 
 
 def test_vmap_randomness_different_draws_fresh_per_call_and_per_example():
-    # Traced and replayed where the vmap level's randomness is traceable; otherwise the
-    # signature runs eagerly (with a PerformanceWarning). Either way: fresh draws.
     c = pf.compile(pf.vmap(lambda x: x + torch.randn(3), randomness="different"))
     x = torch.zeros(5, 3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", pf.PerformanceWarning)
+        warnings.simplefilter("error", pf.PerformanceWarning)  # traced, not an eager fallback
         draws = [c(x) for _ in range(3)]
     for d in draws:
         assert d.shape == (5, 3) and not torch.equal(d[0], d[1])
     assert not torch.equal(draws[1], draws[2])
+    assert c.cache_info().traces == 1
+
+
+_DIFFERENT = [
+    pytest.param(lambda v: v + torch.randn(3), {}, id="factory"),
+    pytest.param(lambda v: F.dropout(v, 0.3), {}, id="dropout"),
+    pytest.param(lambda v: F.dropout(v, 0.3), {"in_dims": 1}, id="dropout-bdim1"),
+    pytest.param(lambda v: torch.rand_like(v) * v, {}, id="rand_like"),
+    pytest.param(lambda v: torch.normal(v, 1.0), {}, id="normal"),
+    pytest.param(lambda v: torch.bernoulli(v.sigmoid()), {}, id="bernoulli"),
+    pytest.param(lambda v: F.dropout(v, 0.5), {"chunk_size": 2}, id="chunked"),
+]
+
+
+@pytest.mark.parametrize("f, opts", _DIFFERENT)
+def test_vmap_randomness_different_is_bitwise_eager_under_a_seed(f, opts):
+    # the per-example seeds are drawn inside the graph from the global generator, as
+    # eager vmap draws them: after the same manual_seed, compiled == eager bit for bit
+    eager = pf.vmap(f, randomness="different", **opts)
+    c = pf.compile(eager)
+    x = torch.randn(3, 5, 3) if opts.get("in_dims") == 1 else torch.randn(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)
+        for seed in range(3):  # the traced call, then replays
+            torch.manual_seed(seed)
+            got = c(x)
+            torch.manual_seed(seed)
+            assert torch.equal(got, eager(x))
+    assert c.cache_info().traces == 1
+    nested = pf.vmap(eager, randomness="different")
+    cn = pf.compile(nested)
+    xs = torch.stack([x, x + 1])
+    for seed in range(2):
+        torch.manual_seed(seed)
+        got = cn(xs)
+        torch.manual_seed(seed)
+        assert torch.equal(got, nested(xs))
+        assert not torch.equal(got[0], got[1] - 1) or f is _DIFFERENT[0]
+
+
+def test_dp_sgd_with_dropout_compiles_and_matches_eager_and_a_loop():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, dtype=DT)
+    p = 0.4
+
+    def loss(w, x, y):
+        h = F.dropout(x @ w, p, training=True)
+        mask = (h != 0).to(h.dtype)  # (an aux output: which units were kept)
+        return ((h - y) ** 2).sum(), mask
+
+    eager = pf.vmap(pf.grad(loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    c = pf.compile(eager)
+    x, y = torch.randn(8, 6, dtype=DT), torch.randn(8, 3, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)
+        for seed in (1, 2, 3):
+            torch.manual_seed(seed)
+            g, mask = c(w, x, y)
+            torch.manual_seed(seed)
+            ge, maske = eager(w, x, y)
+            assert torch.equal(g, ge) and torch.equal(mask, maske)
+            # oracle given the masks: plain autograd, one example at a time
+            for b in range(8):
+                wb = w.clone().requires_grad_()
+                h = (x[b] @ wb) * mask[b] / (1 - p)
+                (gb,) = torch.autograd.grad(((h - y[b]) ** 2).sum(), wb)
+                assert_close(g[b], gb)
+            assert 0 < mask.mean() < 1 and len({tuple(m.tolist()) for m in mask}) > 1  # per-example masks
+    assert c.cache_info().traces == 1
+
+
+def test_dp_sgd_functional_call_with_a_dropout_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, y):
+        return F.cross_entropy(pf.functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    eager = pf.vmap(pf.grad(loss), in_dims=(None, 0, 0), randomness="different")
+    c = pf.compile(eager)
+    x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pf.PerformanceWarning)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            got = c(params, x, y)
+            torch.manual_seed(seed)
+            want = eager(params, x, y)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    assert c.cache_info().traces == 1
+    model.eval()  # dropout off: guarded (`training`), retraced; now deterministic = torch.func
+    assert_close(c(params, x, y), tf.vmap(tf.grad(lambda p, x, y: F.cross_entropy(
+        tf.functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))), in_dims=(None, 0, 0))(params, x, y))
+
+
+def test_randomness_different_that_cannot_be_traced_still_matches_eager():
+    # grad(vmap(...)): the random op meets grad wrappers below the vmap level, so this
+    # signature runs eagerly -- with the draws an eager call would make (the failed
+    # trace's draws are undone)
+    x = torch.randn(4, 6)
+
+    def f(w):
+        return pf.vmap(lambda v: F.dropout(v * w, 0.3).sum(), randomness="different")(x).sum()
+
+    eager = pf.grad(f)
+    c = pf.compile(eager)
+    w = torch.randn(6)
+    with pytest.warns(pf.PerformanceWarning):
+        torch.manual_seed(0)
+        got = c(w)
+    torch.manual_seed(0)
+    assert torch.equal(got, eager(w))
 
 
 def test_dropout_under_grad_replays_fresh_masks():

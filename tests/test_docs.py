@@ -29,6 +29,7 @@ GUIDE_PAGES = [
     "transforms/jacobians.md",
     "transforms/functional_call.md",
     "transforms/control-flow.md",
+    "transforms/compile.md",
 ]
 
 _MISSING = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
+from .. import _traced_random
 from .. import random as _random
 from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
 from .._pytree import tree_flatten, tree_map
@@ -60,6 +61,17 @@ def random_op(interp: "Interpreter", func, args, kwargs):
         out = func(*[_materialize_arg(a, d, B) for a, d in zip(uargs, dims)], **kwargs)
         return _return_aliases(aliased, args, kwargs, out) if aliased is not None else interp._wrap(out, 0)
     keys = example_keys(interp)
+    if _traced_random.tracing() and len(func._schema.returns) == 1 and \
+            not any(isinstance(u, LevelTensor) for u in uargs):
+        # pyfunctorch.compile is tracing: the same loop as below, as one recorded op
+        try:
+            out = _traced_random.keyed_draws(func, list(uargs), list(dims), kwargs,
+                                             _traced_random.stacked_keys(keys), aliased is not None,
+                                             _device_of(args))
+        except LookupError:
+            pass
+        else:
+            return _return_aliases(aliased, args, kwargs, None) if aliased is not None else interp._wrap(out, 0)
     outs = []
     for b in range(interp.batch_size):
         a_b = tuple(slice_example(a, interp, b) for a in args)
@@ -89,8 +101,9 @@ def example_keys(interp: "Interpreter") -> list:
 
 
 def draw_seed() -> torch.Tensor:
-    # one draw from torch's global generator: torch.manual_seed still makes runs repeat
-    return _random.key(int(torch.ops.aten.randint.low(0, 2**62, (), dtype=torch.int64)))
+    # one draw from torch's global generator: torch.manual_seed still makes runs repeat.
+    # (= _random.key(int(seed)) without reading the value into Python: traceable)
+    return _random._mix(torch.ops.aten.randint.low(0, 2**62, (), dtype=torch.int64))
 
 
 def _materialize_arg(a, d, B):
@@ -148,7 +161,15 @@ def random_entry_point(original, args, kwargs):
     for lv in different:  # outermost first
         lv_keys = example_keys(lv)
         keys = [k if prev is None else _random.fold_in(prev, k) for prev in keys for k in lv_keys]
-    draws = torch.stack([original(*args, **dict(kwargs, generator=_random.generator_for(k))) for k in keys])
+    draws = None
+    if _traced_random.tracing():  # pyfunctorch.compile is tracing: the same loop, as one recorded op
+        try:
+            draws = _traced_random.keyed_draws(original, list(args), [None] * len(args), kwargs,
+                                               _traced_random.stacked_keys(keys), False, None)
+        except LookupError:
+            pass
+    if draws is None:
+        draws = torch.stack([original(*args, **dict(kwargs, generator=_random.generator_for(k))) for k in keys])
     out = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
     for lv in different:  # outermost first: each level peels one leading dim
         out = BatchedTensor(out, 0, lv)
