@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import builtins
 import keyword
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
-
-if TYPE_CHECKING:
-    from ._function import CompiledFunction
 
 builtins_compile = builtins.compile
 
@@ -29,7 +26,7 @@ class _BackendRunner:
     backend fails there (no C++ compiler, an unsupported op ...) and the plain replay
     works, warn once and replay the graph instead (``strict=True`` re-raises)."""
 
-    def __init__(self, owner: "CompiledFunction", gm):
+    def __init__(self, owner: Any, gm):  # owner: the CompiledFunction (a layer above)
         self.owner = owner
         self.gm = gm
         options = {"mode": owner._mode} if owner._mode is not None else {}
