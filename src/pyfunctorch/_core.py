@@ -26,7 +26,7 @@ import torch
 import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
 import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
-from .errors import EscapedTensorError
+from .errors import EscapedTensorError, MixedTransformsError
 
 aten = torch.ops.aten
 
@@ -262,6 +262,14 @@ def opaque_to_compiler(fn: Callable) -> Callable:
 @contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
+    if _functorch_active():
+        raise MixedTransformsError(
+            f"pyfunctorch.{interp.kind} was called inside a torch.func transform (e.g. "
+            f"torch.func.vmap(pyfunctorch.{interp.kind}(f))). torch.func's C++ transforms cannot carry "
+            "pyfunctorch's wrapper tensors. Use pyfunctorch for every level, e.g. "
+            "pyfunctorch.vmap(pyfunctorch.grad(f)); torch.func transforms *inside* pyfunctorch ones "
+            "(pyfunctorch.vmap(torch.func.grad(f))) are fine."
+        )
     st = _state
     if not st.stack:
         _install_patches()
@@ -316,6 +324,11 @@ def _find_top(args, kwargs):
                     elif it.level > lvl:
                         top, lvl = it, it.level
     return top, dead
+
+
+# torch.func's transforms keep a C++ stack of layers; this plain torch._C query says whether
+# one is live on this thread (older torch: assume none).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _resolve_dead(x):
