@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-EXAMPLES = ["dp_sgd.py", "ensembling.py", "newton.py", "ntk.py", "maml.py", "control_flow.py"]
+EXAMPLES = ["per_sample_grads.py", "dp_sgd.py", "ensembling.py", "newton.py", "ntk.py", "maml.py", "control_flow.py",
+            "distributed.py"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)
@@ -29,5 +30,4 @@ def test_example_runs_small(script):
 
 def test_every_example_is_smoke_tested():
     scripts = {f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")}
-    # per_sample_grads.py is run by tests/test_examples.py
-    assert scripts - {"per_sample_grads.py"} <= set(EXAMPLES), sorted(scripts - set(EXAMPLES))
+    assert scripts == set(EXAMPLES), sorted(scripts ^ set(EXAMPLES))

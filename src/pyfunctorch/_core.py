@@ -19,12 +19,17 @@ import functools
 import itertools
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
-import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
+
+with warnings.catch_warnings():  # torch's own module jit-scripts its decompositions at import, which
+    # torch 2.13 reports as a DeprecationWarning; `python -W error -c "import pyfunctorch"` must stay quiet
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
 from .errors import EscapedTensorError, MixedTransformsError
 
