@@ -26,6 +26,8 @@ def test_example_runs_small(script):
     assert r.returncode == 0, f"{script} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
     assert "all checks passed" in r.stdout, r.stdout
     assert "check:" in r.stdout  # it printed what it checked
+    if script == "per_sample_grads.py":  # the README's demo
+        assert "results agree" in r.stdout
 
 
 def test_every_example_is_smoke_tested():
