@@ -86,3 +86,23 @@ def test_eager_calls_unaffected_by_compile_marker():
     # outside torch.compile the entry point is the plain function (one extra Python call)
     x = torch.randn(3, 4)
     torch.testing.assert_close(pyfunctorch.vmap(pyfunctorch.grad(lambda v: v.sin().sum()))(x), x.cos())
+
+
+@pytest.mark.parametrize("where", ["outermost", "inside"])
+def test_torch_compile_of_pyfunctorch_compile(where):
+    # pyfunctorch.compile traces and replays by itself; under torch.compile it is one opaque call
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = lambda v: (v.sin() * 2).sum()  # noqa: E731
+    expected = torch.func.vmap(torch.func.grad(f))(x)
+    traced = pyfunctorch.compile(pyfunctorch.vmap(pyfunctorch.grad(f)))
+    fn = torch.compile(traced if where == "outermost" else (lambda v: traced(v) + 1), backend="eager")
+    shift = 0 if where == "outermost" else 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(fn(x), expected + shift)
+        outs, frames = _calls_without_compiling(fn, x)
+    assert [str(c.message) for c in caught] == []
+    for out in outs:
+        torch.testing.assert_close(out, expected + shift)
+    assert frames == 0, dict(counters["frames"])
+    assert traced.cache_info().traces == 1

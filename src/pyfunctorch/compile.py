@@ -342,6 +342,7 @@ class CompiledFunction:
         return f"<pyfunctorch.compile of {getattr(self._fn, '__name__', self._fn)!r}, backend={self._backend!r}>"
 
     # -- calls -----------------------------------------------------------------------
+    @_core.opaque_to_compiler  # under torch.compile: one eager call (it traces and replays itself)
     def __call__(self, *args, **kwargs):
         if _core._state.stack:
             # Called inside a live transform: the inputs are (or may meet) wrappers of
