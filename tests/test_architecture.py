@@ -21,7 +21,7 @@ LAYERS = {
     "batched": 3, "reverse": 3, "forward": 3,
     "jacobians": 4, "functional": 4, "control_flow": 4, "_autograd_compat": 4, "custom_function": 4,
     "compile": 4, "_coverage": 4,
-    "patches": 5, "__init__": 5,
+    "patches": 5, "__init__": 5, "contrib": 5,
 }
 
 

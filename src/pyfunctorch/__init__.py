@@ -11,7 +11,7 @@ from .reverse import grad, grad_and_value, vjp
 from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
 from .batched import vmap
-from .errors import DataDependentError, EscapedTensorError, PerformanceWarning, RandomnessError
+from .errors import DataDependentError, EscapedTensorError, MixedTransformsError, PerformanceWarning, RandomnessError
 from .control_flow import cond, scan, while_loop
 from .compile import compile
 from . import random
@@ -36,6 +36,7 @@ __all__ = [
     "compile",
     "random",
     "EscapedTensorError",
+    "MixedTransformsError",
     "DataDependentError",
     "PerformanceWarning",
     "RandomnessError",

@@ -15,17 +15,23 @@ confusion.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
-import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
-from .errors import EscapedTensorError
+with warnings.catch_warnings():  # torch's own module jit-scripts its decompositions at import, which
+    # torch 2.13 reports as a DeprecationWarning; `python -W error -c "import pyfunctorch"` must stay quiet
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
+
+from .errors import EscapedTensorError, MixedTransformsError
 
 aten = torch.ops.aten
 
@@ -239,9 +245,36 @@ def _uninstall_patches() -> None:
         _patch_saved = []
 
 
+def opaque_to_compiler(fn: Callable) -> Callable:
+    """Make a transform entry point one opaque eager call for ``torch.compile``.
+
+    Dynamo tracing into a transform would see per-call state (fresh levels, wrapper
+    subclasses, the patched torch entry points) and recompile on every call; and a graph
+    it compiled while a level is live would run torch internals under the transform.
+    While dynamo traces (``torch.compiler.is_compiling()``), the call is routed through
+    ``torch.compiler.disable``: a graph break, and the transform with everything it calls
+    runs eagerly. Outside compilation this costs one extra Python call."""
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return entry
+
+
 @contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
+    if _functorch_active():
+        raise MixedTransformsError(
+            f"pyfunctorch.{interp.kind} was called inside a torch.func transform (e.g. "
+            f"torch.func.vmap(pyfunctorch.{interp.kind}(f))). torch.func's C++ transforms cannot carry "
+            "pyfunctorch's wrapper tensors. Use pyfunctorch for every level, e.g. "
+            "pyfunctorch.vmap(pyfunctorch.grad(f)); torch.func transforms *inside* pyfunctorch ones "
+            "(pyfunctorch.vmap(torch.func.grad(f))) are fine."
+        )
     st = _state
     if not st.stack:
         _install_patches()
@@ -296,6 +329,11 @@ def _find_top(args, kwargs):
                     elif it.level > lvl:
                         top, lvl = it, it.level
     return top, dead
+
+
+# torch.func's transforms keep a C++ stack of layers; this plain torch._C query says whether
+# one is live on this thread (older torch: assume none).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _resolve_dead(x):

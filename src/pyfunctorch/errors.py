@@ -12,6 +12,7 @@ __all__ = [
     "BatchedWriteError",
     "DataDependentError",
     "EscapedTensorError",
+    "MixedTransformsError",
     "PerExampleSignal",
     "PerformanceWarning",
     "RandomnessError",
@@ -27,6 +28,10 @@ class PerformanceWarning(UserWarning):
 
 class EscapedTensorError(RuntimeError):
     """A tensor created inside a transform was used after that transform returned."""
+
+
+class MixedTransformsError(RuntimeError):
+    """A pyfunctorch transform was called inside a torch.func transform."""
 
 
 class RandomnessError(RuntimeError):

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _core
-from ._core import Interpreter, LevelTensor, WrapperInterpreter, peel, push_interpreter
+from ._core import Interpreter, LevelTensor, WrapperInterpreter, opaque_to_compiler, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .reverse import _check_diff_inputs, _split_aux
 
@@ -124,6 +124,7 @@ def _check_primals_tangents(primals, tangents, who):
     return p_flat, p_spec, t_flat
 
 
+@opaque_to_compiler
 def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, has_aux: bool = False):
     """Jacobian-vector product by true forward mode: returns ``(func(*primals), J @ tangents)``
     (and ``aux`` with ``has_aux=True``) at the cost of about one forward pass.
@@ -160,6 +161,7 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
     return res
 
 
+@opaque_to_compiler
 def linearize(func: Callable, *primals: Any):
     """Returns ``(func(*primals), jvp_fn)`` where ``jvp_fn(*tangents)`` computes the
     JVP at ``primals`` (the forward pass is not re-traced per call in torch.func; here
@@ -178,6 +180,7 @@ def linearize(func: Callable, *primals: Any):
     out = func(*primals)
     out_flat, out_spec = tree_flatten(out)
 
+    @opaque_to_compiler
     def jvp_fn(*tangents):
         t_flat, t_spec = tree_flatten(tangents)
         if t_spec != p_spec:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ._core import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .reverse import _check_argnums, _check_diff_inputs, vjp
 from .forward import jvp
@@ -79,6 +80,7 @@ def jacrev(
         raise ValueError(f"jacrev: chunk_size must be None or a positive int; got {chunk_size!r}.")
 
     @functools.wraps(func)
+    @opaque_to_compiler
     def wrapper(*args):
         nums = _check_argnums(argnums, len(args), "jacrev")
         diff = [args[n] for n in nums]
@@ -124,6 +126,7 @@ def jacfwd(
     """
 
     @functools.wraps(func)
+    @opaque_to_compiler
     def wrapper(*args):
         nums = _check_argnums(argnums, len(args), "jacfwd")
         diff = tuple(args[n] for n in nums)

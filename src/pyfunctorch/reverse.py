@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, peel, push_interpreter
+from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, opaque_to_compiler, peel,
+                    push_interpreter)
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -186,6 +187,7 @@ def grad_and_value(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: 
     """
 
     @functools.wraps(func)
+    @opaque_to_compiler
     def wrapper(*args, **kwargs):
         g, value, aux = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad_and_value")
         if has_aux:
@@ -213,6 +215,7 @@ def grad(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = Fal
     """
 
     @functools.wraps(func)
+    @opaque_to_compiler
     def wrapper(*args, **kwargs):
         g, _value, aux = _grad_and_value_impl(func, argnums, has_aux, args, kwargs, "grad")
         if has_aux:
@@ -222,6 +225,7 @@ def grad(func: Callable, argnums: int | tuple[int, ...] = 0, has_aux: bool = Fal
     return wrapper
 
 
+@opaque_to_compiler
 def vjp(func: Callable, *primals: Any, has_aux: bool = False):
     """Run ``func(*primals)`` and return ``(output, vjp_fn)`` (plus ``aux`` with
     ``has_aux=True``); ``vjp_fn(cotangents)`` gives the vector-Jacobian products,
@@ -253,6 +257,7 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
     # recorded on its (now dead) wrappers: dispatch treats dead wrappers as their inner
     # values, so the cotangents may belong to any transform vjp_fn is called under
     # (e.g. vmap(vjp_fn) in jacrev), as in functorch.
+    @opaque_to_compiler
     def vjp_fn(cotangents, *, retain_graph: bool = True, create_graph: bool | None = None):
         ct_flat, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:

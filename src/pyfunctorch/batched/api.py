@@ -57,6 +57,7 @@ def vmap(
     _check_dims_type(out_dims, "out_dims")
 
     @functools.wraps(func)
+    @_core.opaque_to_compiler
     def vmapped(*args, **kwargs):
         flat_args, args_spec = tree_flatten(args)
         flat_in = _leaf_in_dims(in_dims, args, flat_args, func)

@@ -365,6 +365,10 @@ class CompiledFunction:
 _is_compiling = torch.compiler.is_compiling
 
 
-@torch.compiler.disable
-def _call_outside_dynamo(compiled: CompiledFunction, args, kwargs):
+def _call_plain(compiled: CompiledFunction, args, kwargs):
     return compiled(*args, **kwargs)
+
+
+def _call_outside_dynamo(compiled: CompiledFunction, args, kwargs):
+    # torch.compiler.disable imports torch._dynamo: only here, while dynamo already runs
+    return torch.compiler.disable(_call_plain)(compiled, args, kwargs)
