@@ -47,6 +47,9 @@ class Interpreter:
     """One transform level. Subclasses implement :meth:`process` and :meth:`lift`."""
 
     kind = "base"
+    # Differentiation levels run with inference mode off (as torch.func): autograd must
+    # record this level's graph even when the transform is called under inference_mode.
+    disables_inference_mode = False
 
     def __init__(self) -> None:
         self.level = next(_level_counter)
@@ -112,6 +115,7 @@ class WrapperInterpreter(Interpreter):
     on the inner values (lower levels dispatch on their own), rewrap the outputs."""
 
     wrapper: type  # the LevelTensor subclass of this level
+    disables_inference_mode = True
 
     def carries_derivative(self, t):
         if self.kind == "jvp":
@@ -230,8 +234,39 @@ def _uninstall_patches() -> None:
 
 
 @contextmanager
+def no_inference_mode() -> Iterator[None]:
+    """Inference mode off for the block, grad and forward-grad modes left as they were
+    (``torch.inference_mode(False)`` alone would switch them on). No-op when it is off."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    prev_grad = torch.is_grad_enabled()
+    prev_fw = torch._C._is_fwd_grad_enabled()
+    with torch.inference_mode(False):
+        torch._C._set_grad_enabled(prev_grad)
+        torch._C._set_fwd_grad_enabled(prev_fw)
+        yield
+
+
+@contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
+    if interp.disables_inference_mode and torch.is_inference_mode_enabled():
+        with no_inference_mode():
+            # the key set captured at creation excluded autograd (inference mode's keys)
+            interp.exclude = torch._C._dispatch_tls_local_exclude_set()
+            with push_interpreter(interp):
+                yield interp
+        return
+    if interp.kind == "jvp" and not torch._C._is_fwd_grad_enabled():
+        # as torch.func: a jvp level computes tangents whatever the caller's forward-grad mode
+        torch._C._set_fwd_grad_enabled(True)
+        try:
+            with push_interpreter(interp):
+                yield interp
+        finally:
+            torch._C._set_fwd_grad_enabled(False)
+        return
     st = _state
     if not st.stack:
         _install_patches()
@@ -499,7 +534,9 @@ def _plain_repr(t) -> str:
 
 
 def _is_dual(t) -> bool:
-    return torch._VF._unpack_dual(t, 0)[1] is not None
+    # an inference tensor (e.g. a vmap wrapper made under inference_mode) has no autograd
+    # key, so _unpack_dual would reach its level's dispatch; it never carries a tangent
+    return not t.is_inference() and torch._VF._unpack_dual(t, 0)[1] is not None
 
 
 def lift_mixed(args, kwargs):

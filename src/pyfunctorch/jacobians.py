@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ._pytree import tree_flatten, tree_map, tree_unflatten
-from .reverse import _check_argnums, _check_diff_inputs, vjp
+from .reverse import _check_argnums, _check_diff_inputs, _vjp_impl
 from .forward import jvp
 from .batched import vmap
 
@@ -82,7 +82,8 @@ def jacrev(
     def wrapper(*args):
         nums = _check_argnums(argnums, len(args), "jacrev")
         diff = [args[n] for n in nums]
-        res = vjp(_partial_over(func, args, nums), *diff, has_aux=has_aux)
+        # the other arguments are wrapped as constants of the vjp level (as torch.func)
+        res = _vjp_impl(func, args, nums, has_aux, "jacrev")
         out, vjp_fn = res[0], res[1]
         out_flat, out_spec = tree_flatten(out)
         basis, sizes, total = _basis(out_flat)
