@@ -612,11 +612,21 @@ def detach_all_levels(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
+# Python code of torch's saved-tensor hooks (non-reentrant checkpoint recomputation
+# save_on_cpu) detaches what autograd saves; autograd then re-attaches only the top
+# level's graph when it unpacks. That detach is autograd's own (trap 2): detaching
+# every level there would cut the lower levels' graphs, and hessian / jacrev(grad)
+# through checkpoint would be 0.
+_AUTOGRAD_INTERNAL_DETACH = ("torch.utils.checkpoint",)
+
+
 def _user_detach(original, args, kwargs):
     # autograd's internal detach (saving outputs for backward) never comes through
     # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
     x = args[0]
     if isinstance(x, LevelTensor) and not kwargs and len(args) == 1:
+        if sys._getframe(2).f_globals.get("__name__", "") in _AUTOGRAD_INTERNAL_DETACH:
+            return original(x)
         return detach_all_levels(x)
     return original(*args, **kwargs)
 

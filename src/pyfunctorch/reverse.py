@@ -316,6 +316,11 @@ def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
                 raise ArgumentTypeError(
                     f"{who}: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}."
                 )
+        if not out_flat:
+            raise ArgumentError(
+                f"{who}: the function returned no tensors ({out!r}), so there is nothing to differentiate; "
+                "return at least one tensor (as torch.func requires)."
+            )
         primal_out = tree_unflatten([_peel(o, interp) for o in out_flat], out_spec)
         aux = tree_map(lambda x: _peel(x, interp), aux)
         grad_below = interp.grad_below
