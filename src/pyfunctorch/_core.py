@@ -274,11 +274,17 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     try:
         yield interp
     finally:
-        interp.alive = False
-        popped = st.stack.pop()
-        assert popped is interp, "pyfunctorch: interpreter stack corrupted"
-        if not st.stack:
-            _uninstall_patches()
+        exit_hooks = interp.__dict__.get("exit_hooks")
+        try:
+            failed = sys.exc_info()[0] is not None
+            while exit_hooks:  # while the level is still alive (its wrappers still usable)
+                exit_hooks.pop()(failed)
+        finally:
+            interp.alive = False
+            popped = st.stack.pop()
+            assert popped is interp, "pyfunctorch: interpreter stack corrupted"
+            if not st.stack:
+                _uninstall_patches()
 
 
 def _find_top(args, kwargs):
