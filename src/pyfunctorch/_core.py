@@ -494,9 +494,11 @@ class LevelTensor(torch.Tensor):
         return f"{type(self).__name__}[level {self._interp.level}]"
 
     def _detached(self) -> torch.Tensor:
-        """This wrapper with every differentiation level cut (grad/jvp: the detached
-        inner value; vmap overrides to keep the batch)."""
-        return detach_all_levels(self._value)
+        """This wrapper with every differentiation level cut (grad/jvp: a wrapper of this
+        level, without gradient or tangent, around the detached inner value -- still this
+        level's own tensor, as in torch.func, so writes into a clone of it are recorded;
+        vmap overrides to keep the batch)."""
+        return type(self)(detach_all_levels(self._value), self._interp)
 
     def _escaped(self) -> torch.Tensor:
         """What this wrapper stands for after its level ended (override)."""

@@ -348,12 +348,13 @@ def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
                     f"{tuple(c.shape)}."
                 )
         # As torch.func: by default the backward pass is recorded when grad mode is on where
-        # vjp_fn is called (and is needed: an outer level, or a graph below to extend).
+        # vjp_fn is called (and is needed: an outer level, or a graph below to extend); under
+        # no_grad its result is a constant for every level below (forward AD still flows).
         if create_graph is None:
-            create = _levels_live(skip_top=False) or (
-                torch.is_grad_enabled() and grad_below and _needs_graph(wrapped, out_flat, skip_top=False))
+            create = torch.is_grad_enabled() and (
+                _levels_live(skip_top=False) or (grad_below and _needs_graph(wrapped, out_flat, skip_top=False)))
         else:
-            create = bool(create_graph) or _levels_live(skip_top=False)
+            create = bool(create_graph)
         # vjp_fn may be called again (jacrev chunks, user code): keep the graph by default
         with no_inference_mode():
             grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, create, retain_graph=retain_graph)
