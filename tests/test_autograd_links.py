@@ -415,6 +415,43 @@ def test_inplace_write_with_kwargs_tensor():
     assert_close(pf.grad(f)(y, base=x), tf.grad(f)(y, base=x))
 
 
+def test_inplace_write_into_clone_of_captured_tensor_as_torch_func():
+    W = _x(3)
+    f = lambda y: (W.clone().add_(y) ** 2).sum()  # noqa: E731
+    y = _x(3)
+    before = W.clone()
+    assert_close(pf.grad(f)(y), tf.grad(f)(y))
+    assert_close(pf.jacrev(lambda y: W.clone().mul_(y))(y), tf.jacrev(lambda y: W.clone().mul_(y))(y))
+    assert_close(W, before)
+
+
+def test_inplace_write_into_clone_of_captured_weight_keeps_its_graph():
+    y = _x(3)
+    grads = []
+    for L in (tf, pf):
+        W = _x(3).requires_grad_() if not grads else grads[0][1].detach().clone().requires_grad_()
+        g = L.grad(lambda v: (W.clone().mul_(v) ** 2).sum())(y)
+        g.sum().backward()
+        grads.append((W.grad, W))
+    assert_close(grads[1][0], grads[0][0])
+
+
+def test_clone_of_captured_tensor_stays_unbatched_in_vmap_as_torch_func():
+    # vmap levels do not lift such clones: a batched write into one raises, as in torch.func
+    W = _x(3)
+    x = _x(4, 3)
+    f = lambda xi: W.clone().add_(xi) * 2  # noqa: E731
+    with pytest.raises(RuntimeError):
+        tf.vmap(f)(x)
+    with pytest.raises(RuntimeError, match="not batched"):
+        pf.vmap(f)(x)
+    g = lambda xi: (W.clone().add_(xi) ** 2).sum()  # noqa: E731  (inside grad: lifted there)
+    with pytest.raises(RuntimeError):
+        tf.vmap(tf.grad(g))(x)
+    with pytest.raises(RuntimeError, match="not batched"):
+        pf.vmap(pf.grad(g))(x)
+
+
 def test_write_of_derivative_into_captured_tensor_raises_as_torch_func():
     W = _x(3)
     f = lambda y: (W.add_(y) ** 2).sum()  # noqa: E731

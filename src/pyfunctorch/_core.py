@@ -608,6 +608,31 @@ for _name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
     patch_while_active(torch.Tensor, _name, _factory_entry)
 
 
+def _clone_entry(original, args, kwargs):
+    """A clone, made in the user's function, of a tensor from outside (a captured constant)
+    is created inside: it belongs to the live differentiation levels, so writing
+    differentiated data into it is recorded (as torch.func, whose every op output inside a
+    grad level is that level's tensor). Clones of level tensors already are. vmap levels
+    keep such a clone unbatched, as torch.func: writing batched data into it is the error
+    torch.func raises."""
+    out = original(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor):
+        return out
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return out
+    if out.layout != torch.strided or not out.is_contiguous():
+        return out
+    for interp in _state.stack:
+        if isinstance(interp, WrapperInterpreter):  # the differentiation levels (grad, jvp)
+            out = interp.wrap_created(out)
+    return out
+
+
+patch_while_active(torch.Tensor, "clone", _clone_entry)
+patch_while_active(torch, "clone", _clone_entry)
+
+
 # -- the user's detach: cut every differentiation level (trap 2) ---------------------
 
 
