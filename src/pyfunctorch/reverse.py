@@ -50,9 +50,11 @@ class GradInterpreter(WrapperInterpreter):
         # was in force where the transform was called. Under an outer torch.no_grad() the
         # results are then constants below (e.g. for an enclosing grad), as in torch.func.
         self.grad_below = torch.is_grad_enabled()
+        if not self.grad_below:  # (an instance attribute: the common case pays nothing)
+            self.process = self._process_no_grad_below  # type: ignore[method-assign]
 
-    def process(self, func, args, kwargs):
-        if self.grad_below or not torch.is_grad_enabled():
+    def _process_no_grad_below(self, func, args, kwargs):
+        if not torch.is_grad_enabled():
             return WrapperInterpreter.process(self, func, args, kwargs)
         torch._C._set_grad_enabled(False)
         try:
