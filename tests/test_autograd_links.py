@@ -357,6 +357,30 @@ def test_backward_in_vmap_with_inputs_argument():
     assert b.grad is None
 
 
+def test_backward_in_vmap_with_data_dependent_fallback_as_the_loop():
+    x = _x(4, 3)
+    w = _x(3).requires_grad_()
+
+    def f(xi):
+        w.grad = None
+        (xi * w).sum().backward()
+        return w.grad * 2 if xi.sum() > 0 else w.grad * 1
+
+    assert_close(pf.vmap(f)(x), torch.stack([f(xi) for xi in x]))
+
+    def g(xi):
+        torch.sin(xi * w).sum().backward()
+        return xi * 2 if xi.sum() > 0 else xi
+
+    w.grad = None
+    pf.vmap(g)(x)
+    ours = w.grad.clone()
+    w.grad = None
+    for xi in x:
+        g(xi)
+    assert_close(ours, w.grad)
+
+
 def test_backward_in_vmap_restores_grad_when_the_function_raises():
     x = _x(4, 3)
     w = _x(3).requires_grad_()
