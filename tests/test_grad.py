@@ -119,13 +119,14 @@ def test_grad_has_aux():
     assert_close((g2, v2, aux2), (g2r, v2r, aux2r))
 
 
-def test_grad_has_aux_non_tensor_leaves_pass_through():
-    # (torch.func rejects non-tensor aux; pyfunctorch passes it through: exact oracle)
+def test_grad_has_aux_non_tensor_leaves_rejected_as_torch_func():
+    # torch.func rejects non-tensor aux leaves with a RuntimeError; so does pyfunctorch
     x = torch.randn(4, dtype=DT)
-    g, aux = pf.grad(lambda x: (x.pow(2).sum(), {"n": 3, "s": "tag", "t": x.sum()}), has_aux=True)(x)
-    assert_close(g, 2 * x)
-    assert aux["n"] == 3 and aux["s"] == "tag"
-    assert_close(aux["t"], x.sum())
+    f = lambda x: (x.pow(2).sum(), {"n": 3, "s": "tag", "t": x.sum()})  # noqa: E731
+    with pytest.raises(RuntimeError):
+        torch.func.grad(f, has_aux=True)(x)
+    with pytest.raises(RuntimeError, match="aux must be a tensor or a pytree"):
+        pf.grad(f, has_aux=True)(x)
 
 
 def test_grad_pytree_inputs_dict_and_tuple():

@@ -93,17 +93,108 @@ def grad_entry(original, args, kwargs):
     return tuple(results)
 
 
+def _graph_leaves(roots):
+    """The plain leaves (tensors that accumulate ``.grad``) the graphs of ``roots`` reach."""
+    seen, leaves, stack = set(), [], [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and type(node).__name__ == "AccumulateGrad":
+            leaves.append(var)
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+class _PerExampleGrads:
+    """The ``.grad`` of plain leaves that ``Tensor.backward`` reached inside one vmap level.
+
+    Per example (the loop's meaning) every leaf, also one shared by all examples, gets its
+    own gradient: while the level is live ``leaf.grad`` is a batched tensor, so each example
+    reads its own value. When the level ends, ``leaf.grad`` becomes the plain accumulation
+    the loop leaves behind (what it held before + every example's gradient); if the
+    function raised, what it held before."""
+
+    def __init__(self, interp):
+        self.interp = interp
+        self.entries: dict = {}  # id(leaf) -> [leaf, grad before vmap, base, sum over examples, batched grad set]
+        interp.__dict__.setdefault("exit_hooks", []).append(self.finish)
+
+    @classmethod
+    def of(cls, interp):
+        reg = interp.__dict__.get("_pyf_backward_grads")
+        if reg is None:
+            reg = interp._pyf_backward_grads = cls(interp)
+        return reg
+
+    def accumulate(self, leaf, per_example):
+        interp = self.interp
+        e = self.entries.get(id(leaf))
+        cur = leaf.grad
+        if e is None:
+            e = self.entries[id(leaf)] = [leaf, cur, None, None, None]
+        if not (e[4] is not None and cur is e[4]):
+            # first write in this vmap, or the user reset/replaced .grad since: start over
+            e[2], e[3] = cur, None
+        total = per_example.sum(0)
+        e[3] = total if e[3] is None else e[3] + total
+        new = BatchedTensor(per_example, 0, interp)
+        if e[2] is not None:
+            new = new + e[2]
+        with torch.no_grad():
+            leaf.grad = new
+        e[4] = new
+
+    def finish(self, failed: bool):
+        for leaf, before, base, total, batched in self.entries.values():
+            if failed:
+                leaf.grad = before
+            elif leaf.grad is batched:
+                leaf.grad = total if base is None else base + total
+            elif isinstance(leaf.grad, BatchedTensor) and leaf.grad._interp is self.interp:
+                # the function replaced .grad by another per-example value: the batch's sum
+                leaf.grad = leaf.grad._value.sum(leaf.grad._bdim)
+
+
 def backward_entry(original, args, kwargs):
     self = args[0]
     interp = _top_vmap([self])
     if interp is None:
         return original(*args, **kwargs)
+    kwargs = dict(kwargs)
     gradient = kwargs.pop("gradient", args[1] if len(args) > 1 else None)
-    rest = {k: v for k, v in kwargs.items() if k in ("retain_graph", "create_graph", "inputs")}
+    retain = kwargs.get("retain_graph", args[2] if len(args) > 2 else None)
+    create = bool(kwargs.get("create_graph", args[3] if len(args) > 3 else False))
+    inputs = kwargs.get("inputs", args[4] if len(args) > 4 else None)
     po = _phys(self, interp)
     pg = torch.ones_like(po) if gradient is None else (_phys(gradient, interp) if _phys(gradient, interp) is not None
                                                        else gradient.unsqueeze(0).expand(po.shape))
     if not po.requires_grad:
         raise _not_differentiable("backward")
-    return original(po, pg, **rest)
+    if inputs is None:
+        leaves = _graph_leaves([po])
+    else:
+        leaves = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if any(isinstance(leaf, LevelTensor) for leaf in leaves):
+        raise RuntimeError(
+            "Tensor.backward inside vmap: `inputs` must be tensors from outside the transform that require "
+            "grad. To differentiate with respect to values inside the function use pyfunctorch.grad / vjp."
+        )
+    if not leaves:
+        return None
+    # One backward pass per example: a leaf shared by all examples (a weight) must
+    # receive each example's own gradient, as the per-example loop gives.
+    B = interp.batch_size
+    per = [torch.autograd.grad(po[b], leaves, pg[b], retain_graph=True if b < B - 1 else retain,
+                               create_graph=create, allow_unused=True) for b in range(B)]
+    reg = _PerExampleGrads.of(interp)
+    for k, leaf in enumerate(leaves):
+        col = [p[k] if p[k] is not None else torch.zeros_like(leaf) for p in per]
+        if all(p[k] is None for p in per):
+            continue
+        reg.accumulate(leaf, torch.stack(col) if col else leaf.new_zeros((0,) + leaf.shape))
+    return None
 

@@ -57,6 +57,9 @@ class Interpreter:
     """One transform level. Subclasses implement :meth:`process` and :meth:`lift`."""
 
     kind = "base"
+    # Differentiation levels run with inference mode off (as torch.func): autograd must
+    # record this level's graph even when the transform is called under inference_mode.
+    disables_inference_mode = False
 
     def __init__(self) -> None:
         self.level = next(_level_counter)
@@ -122,6 +125,7 @@ class WrapperInterpreter(Interpreter):
     on the inner values (lower levels dispatch on their own), rewrap the outputs."""
 
     wrapper: type  # the LevelTensor subclass of this level
+    disables_inference_mode = True
 
     def carries_derivative(self, t):
         if self.kind == "jvp":
@@ -265,6 +269,21 @@ def opaque_to_compiler(fn: Callable) -> Callable:
 
 
 @contextmanager
+def no_inference_mode() -> Iterator[None]:
+    """Inference mode off for the block, grad and forward-grad modes left as they were
+    (``torch.inference_mode(False)`` alone would switch them on). No-op when it is off."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    prev_grad = torch.is_grad_enabled()
+    prev_fw = torch._C._is_fwd_grad_enabled()
+    with torch.inference_mode(False):
+        torch._C._set_grad_enabled(prev_grad)
+        torch._C._set_fwd_grad_enabled(prev_fw)
+        yield
+
+
+@contextmanager
 def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
     if _functorch_active():
@@ -275,6 +294,22 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
             "pyfunctorch.vmap(pyfunctorch.grad(f)); torch.func transforms *inside* pyfunctorch ones "
             "(pyfunctorch.vmap(torch.func.grad(f))) are fine."
         )
+    if interp.disables_inference_mode and torch.is_inference_mode_enabled():
+        with no_inference_mode():
+            # the key set captured at creation excluded autograd (inference mode's keys)
+            interp.exclude = torch._C._dispatch_tls_local_exclude_set()
+            with push_interpreter(interp):
+                yield interp
+        return
+    if interp.kind == "jvp" and not torch._C._is_fwd_grad_enabled():
+        # as torch.func: a jvp level computes tangents whatever the caller's forward-grad mode
+        torch._C._set_fwd_grad_enabled(True)
+        try:
+            with push_interpreter(interp):
+                yield interp
+        finally:
+            torch._C._set_fwd_grad_enabled(False)
+        return
     st = _state
     if not st.stack:
         _install_patches()
@@ -282,11 +317,17 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     try:
         yield interp
     finally:
-        interp.alive = False
-        popped = st.stack.pop()
-        assert popped is interp, "pyfunctorch: interpreter stack corrupted"
-        if not st.stack:
-            _uninstall_patches()
+        exit_hooks = interp.__dict__.get("exit_hooks")
+        try:
+            failed = sys.exc_info()[0] is not None
+            while exit_hooks:  # while the level is still alive (its wrappers still usable)
+                exit_hooks.pop()(failed)
+        finally:
+            interp.alive = False
+            popped = st.stack.pop()
+            assert popped is interp, "pyfunctorch: interpreter stack corrupted"
+            if not st.stack:
+                _uninstall_patches()
 
 
 @contextmanager
@@ -516,9 +557,11 @@ class LevelTensor(torch.Tensor):
         return f"{type(self).__name__}[level {self._interp.level}]"
 
     def _detached(self) -> torch.Tensor:
-        """This wrapper with every differentiation level cut (grad/jvp: the detached
-        inner value; vmap overrides to keep the batch)."""
-        return detach_all_levels(self._value)
+        """This wrapper with every differentiation level cut (grad/jvp: a wrapper of this
+        level, without gradient or tangent, around the detached inner value -- still this
+        level's own tensor, as in torch.func, so writes into a clone of it are recorded;
+        vmap overrides to keep the batch)."""
+        return type(self)(detach_all_levels(self._value), self._interp)
 
     def _escaped(self) -> torch.Tensor:
         """What this wrapper stands for after its level ended (override)."""
@@ -562,7 +605,9 @@ def _plain_repr(t) -> str:
 
 
 def _is_dual(t) -> bool:
-    return torch._VF._unpack_dual(t, 0)[1] is not None
+    # an inference tensor (e.g. a vmap wrapper made under inference_mode) has no autograd
+    # key, so _unpack_dual would reach its level's dispatch; it never carries a tangent
+    return not t.is_inference() and torch._VF._unpack_dual(t, 0)[1] is not None
 
 
 def lift_mixed(args, kwargs):
@@ -619,6 +664,26 @@ def factory_entry(original, args, kwargs):
     return out
 
 
+def clone_entry(original, args, kwargs):
+    """A clone, made in the user's function, of a tensor from outside (a captured constant)
+    is created inside: it belongs to the live differentiation levels, so writing
+    differentiated data into it is recorded (as torch.func, whose every op output inside a
+    grad level is that level's tensor). Clones of level tensors already are. vmap levels
+    keep such a clone unbatched, as torch.func: writing batched data into it is the error
+    torch.func raises."""
+    out = original(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor):
+        return out
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return out
+    if out.layout != torch.strided or not out.is_contiguous():
+        return out
+    for interp in _state.stack:
+        if isinstance(interp, WrapperInterpreter):  # the differentiation levels (grad, jvp)
+            out = interp.wrap_created(out)
+    return out
+
 
 
 # -- the user's detach: cut every differentiation level (trap 2) ---------------------
@@ -633,11 +698,21 @@ def detach_all_levels(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
+# Python code of torch's saved-tensor hooks (non-reentrant checkpoint recomputation
+# save_on_cpu) detaches what autograd saves; autograd then re-attaches only the top
+# level's graph when it unpacks. That detach is autograd's own (trap 2): detaching
+# every level there would cut the lower levels' graphs, and hessian / jacrev(grad)
+# through checkpoint would be 0.
+_AUTOGRAD_INTERNAL_DETACH = ("torch.utils.checkpoint",)
+
+
 def user_detach(original, args, kwargs):
     # autograd's internal detach (saving outputs for backward) never comes through
     # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
     x = args[0]
     if isinstance(x, LevelTensor) and not kwargs and len(args) == 1:
+        if sys._getframe(2).f_globals.get("__name__", "") in _AUTOGRAD_INTERNAL_DETACH:
+            return original(x)
         return detach_all_levels(x)
     return original(*args, **kwargs)
 

@@ -9,6 +9,8 @@ runs under claims it (``VmapInterpreter.dispatch`` sets ``signal.interp``).
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "BatchedWriteError",
     "DataDependentError",
     "EscapedTensorError",
@@ -20,6 +22,18 @@ __all__ = [
     "data_dependent",
     "randomness_error",
 ]
+
+
+class ArgumentError(RuntimeError, ValueError):
+    """A transform was called with arguments it cannot use (bad ``argnums``, mismatched
+    structures or shapes, a malformed ``has_aux`` output, ...). torch.func raises
+    ``RuntimeError`` for these: this class is both, so ``except RuntimeError`` (code written
+    for torch.func) and ``except ValueError`` catch it."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """Like :class:`ArgumentError`, for a value of the wrong type (a non-tensor where a
+    tensor is needed, a list where a tuple is needed, an integer tensor to differentiate)."""
 
 
 class PerformanceWarning(UserWarning):

@@ -19,6 +19,7 @@ import torch.autograd.forward_ad as fwAD
 from . import _core
 from ._core import Interpreter, LevelTensor, WrapperInterpreter, opaque_to_compiler, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
+from .errors import ArgumentError, ArgumentTypeError
 from .reverse import _check_diff_inputs, _split_aux
 
 aten = torch.ops.aten
@@ -108,19 +109,19 @@ class _jvp_level:
 
 def _check_primals_tangents(primals, tangents, who):
     if not isinstance(primals, (tuple, list)):
-        raise TypeError(f"{who}: primals must be a tuple of the function's positional arguments; got {type(primals).__name__}. Use ({type(primals).__name__.lower()},) for one argument.")
+        raise ArgumentTypeError(f"{who}: primals must be a tuple of the function's positional arguments; got {type(primals).__name__}. Use ({type(primals).__name__.lower()},) for one argument.")
     if not isinstance(tangents, (tuple, list)):
-        raise TypeError(f"{who}: tangents must be a tuple with the same structure as primals; got {type(tangents).__name__}.")
+        raise ArgumentTypeError(f"{who}: tangents must be a tuple with the same structure as primals; got {type(tangents).__name__}.")
     p_flat, p_spec = tree_flatten(tuple(primals))
     t_flat, t_spec = tree_flatten(tuple(tangents))
     if p_spec != t_spec:
-        raise ValueError(f"{who}: tangents must have the same structure as primals; got {t_spec} for primals {p_spec}.")
+        raise ArgumentError(f"{who}: tangents must have the same structure as primals; got {t_spec} for primals {p_spec}.")
     _check_diff_inputs(p_flat, who)
     for p, t in zip(p_flat, t_flat):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{who}: every tangent must be a tensor; got {type(t).__name__}.")
+            raise ArgumentTypeError(f"{who}: every tangent must be a tensor; got {type(t).__name__}.")
         if t.shape != p.shape:
-            raise ValueError(f"{who}: a tangent has shape {tuple(t.shape)} but its primal has shape {tuple(p.shape)}; they must match.")
+            raise ArgumentError(f"{who}: a tangent has shape {tuple(t.shape)} but its primal has shape {tuple(p.shape)}; they must match.")
     return p_flat, p_spec, t_flat
 
 
@@ -146,7 +147,7 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         primal_out, tangent_out = [], []
         for o in out_flat:
             if not isinstance(o, torch.Tensor):
-                raise TypeError(f"jvp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
+                raise ArgumentTypeError(f"jvp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
             if isinstance(o, JvpTensor) and o._interp is interp:
                 p, t = fwAD.unpack_dual(o)
                 primal_out.append(_peel(p, interp))

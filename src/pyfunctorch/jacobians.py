@@ -9,7 +9,8 @@ import torch
 
 from ._core import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
-from .reverse import _check_argnums, _check_diff_inputs, vjp
+from .errors import ArgumentError
+from .reverse import _check_argnums, _check_diff_inputs, _vjp_impl
 from .forward import jvp
 from .batched import vmap
 
@@ -84,7 +85,8 @@ def jacrev(
     def wrapper(*args):
         nums = _check_argnums(argnums, len(args), "jacrev")
         diff = [args[n] for n in nums]
-        res = vjp(_partial_over(func, args, nums), *diff, has_aux=has_aux)
+        # the other arguments are wrapped as constants of the vjp level (as torch.func)
+        res = _vjp_impl(func, args, nums, has_aux, "jacrev")
         out, vjp_fn = res[0], res[1]
         out_flat, out_spec = tree_flatten(out)
         basis, sizes, total = _basis(out_flat)
@@ -142,15 +144,29 @@ def jacfwd(
                 return r[1], r[0], r[2]
             return r[1], r[0]
 
+        if total == 0:
+            # no input elements, so no tangent directions: one jvp with the (empty) zero
+            # tangents gives the output; the Jacobian is empty (as torch.func)
+            r = push(*[torch.zeros_like(x) for x in flat])
+            t_out = tree_map(lambda t: t.new_zeros((0,) + tuple(t.shape)), r[0])
+            out = r[1]
+            if has_aux:
+                aux = r[2]
         # The primal output (and aux) do not depend on the tangent, but a buffer the function
         # wrote into is per-example under vmap: take example 0 rather than out_dims=None.
-        if has_aux:
+        elif has_aux:
             t_out, out, aux = vmap(push, randomness=randomness)(*basis)
             aux = tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, aux)
+            out = tree_map(lambda t: t[0], out)
         else:
             t_out, out = vmap(push, randomness=randomness)(*basis)
-        out = tree_map(lambda t: t[0], out)
+            out = tree_map(lambda t: t[0], out)
         out_flat, out_spec = tree_flatten(out)
+        if not out_flat:
+            raise ArgumentError(
+                f"jacfwd: the function returned no tensors ({out!r}), so there is nothing to differentiate; "
+                "return at least one tensor (as torch.func requires)."
+            )
         t_flat, _ = tree_flatten(t_out)
         in_groups, in_specs = _flatten_each(diff)
         blocks = []

@@ -51,6 +51,10 @@ PATCHES: tuple[Patch, ...] = (
           "into them works per example (vmap) and stays differentiable (grad/jvp)"),
     Patch(torch.Tensor, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), _core.factory_entry,
           "as the factories above"),
+    Patch(torch.Tensor, ("clone",), _core.clone_entry,
+          "a clone of a captured (outside) tensor made in the user's function belongs to the live grad/jvp "
+          "levels, so differentiated writes into it are recorded (as torch.func); vmap keeps it unbatched"),
+    Patch(torch, ("clone",), _core.clone_entry, "as Tensor.clone"),
     Patch(torch.Tensor, ("detach",), _core.user_detach,
           "a user's x.detach() cuts every level; autograd's internal detach (a C++ call) must not (trap 2)"),
     Patch(torch, ("detach",), _core.user_detach, "as Tensor.detach"),

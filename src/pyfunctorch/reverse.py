@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, opaque_to_compiler, peel,
-                    push_interpreter)
+from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, no_inference_mode,
+                    opaque_to_compiler, peel, push_interpreter)
 from ._pytree import tree_flatten, tree_map, tree_unflatten
+from .errors import ArgumentError, ArgumentTypeError
 
 aten = torch.ops.aten
 
@@ -46,18 +47,49 @@ class GradInterpreter(WrapperInterpreter):
     kind = "grad"
     wrapper = GradTensor
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Grad mode is per level (as in functorch): the function runs with grad enabled at
+        # this level, but the ops it sends to the levels below run in the grad mode that
+        # was in force where the transform was called. Under an outer torch.no_grad() the
+        # results are then constants below (e.g. for an enclosing grad), as in torch.func.
+        self.grad_below = torch.is_grad_enabled()
+        if not self.grad_below:  # (an instance attribute: the common case pays nothing)
+            self.process = self._process_no_grad_below  # type: ignore[method-assign]
+
+    def _process_no_grad_below(self, func, args, kwargs):
+        if not torch.is_grad_enabled():
+            return WrapperInterpreter.process(self, func, args, kwargs)
+        torch._C._set_grad_enabled(False)
+        try:
+            return WrapperInterpreter.process(self, func, args, kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
+
 
 _peel = peel
 
 
-def _needs_graph(primals_flat, skip_top: bool = True) -> bool:
-    # Trap 3: with an outer differentiation level live, or inputs that already
-    # require grad, the backward pass itself must be recorded.
+def _levels_live(skip_top: bool) -> bool:
     stack = interpreter_stack()
     for it in stack[:-1] if skip_top else stack:
         if it.kind in ("grad", "jvp"):
             return True
-    return any(_requires_grad_below(p) for p in primals_flat)
+    return False
+
+
+def _needs_graph(primals_flat, outputs_flat=(), skip_top: bool = True) -> bool:
+    """Whether the backward pass must be recorded (create_graph=True). Trap 3: with an
+    outer differentiation level live it must, or the outer level sees 0. Otherwise only
+    where plain autograd below needs it: inputs that require grad, or outputs whose
+    inner values require grad -- the function closed over a tensor that requires grad
+    (``grad(lambda a: (a @ W).sum())`` with ``W.requires_grad``), so the gradient
+    depends on it, as with ``torch.autograd.grad(..., create_graph=True)``."""
+    if _levels_live(skip_top):
+        return True
+    return any(_requires_grad_below(p) for p in primals_flat) or any(
+        _requires_grad_below(o._value if isinstance(o, LevelTensor) else o) for o in outputs_flat
+    )
 
 
 def _requires_grad_below(t) -> bool:
@@ -72,48 +104,67 @@ def _check_argnums(argnums, nargs: int, who: str):
     elif isinstance(argnums, tuple) and argnums and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums):
         nums = argnums
     else:
-        raise TypeError(f"{who}: argnums must be an int or a non-empty tuple of ints; got {argnums!r}.")
+        raise ArgumentTypeError(f"{who}: argnums must be an int or a non-empty tuple of ints; got {argnums!r}.")
     norm = []
     for a in nums:
         if not -nargs <= a < nargs:
-            raise ValueError(
+            raise ArgumentError(
                 f"{who}: argnums {a} is out of range: the function was called with {nargs} positional "
                 f"argument(s), so valid argnums are {-nargs}..{nargs - 1}."
             )
         norm.append(a % nargs)
     if len(set(norm)) != len(norm):
-        raise ValueError(f"{who}: argnums {argnums!r} names the same argument twice; each may appear once.")
+        raise ArgumentError(f"{who}: argnums {argnums!r} names the same argument twice; each may appear once.")
     return norm
 
 
 def _check_diff_inputs(flat, who: str):
     for x in flat:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{who}: can only differentiate with respect to tensors, but an input selected by argnums "
                 f"is a {type(x).__name__}. Move it out of argnums or pass it as a tensor."
             )
         if not (x.is_floating_point() or x.is_complex()):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{who}: inputs to differentiate must be floating point or complex; got a tensor of dtype "
                 f"{x.dtype}. Convert it (e.g. x.float()) or exclude it from argnums."
             )
 
 
 def _split_aux(out, has_aux: bool, who: str):
+    """``(output, aux)`` of a ``has_aux=True`` function, checked as torch.func does: a
+    tuple of two, and aux a tensor or a pytree whose leaves are all tensors."""
     if not has_aux:
         return out, None
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise ValueError(
-            f"{who}(..., has_aux=True) expects the function to return a pair (output, aux); it returned "
-            f"{'a ' + type(out).__name__ if not isinstance(out, (tuple, list)) else f'a sequence of length {len(out)}'}."
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ArgumentTypeError(
+            f"{who}(..., has_aux=True) expects the function to return a pair, the tuple (output, aux); it returned "
+            f"{'a ' + type(out).__name__ if not isinstance(out, (tuple, list)) else f'a {type(out).__name__} of length {len(out)}'}."
         )
-    return out[0], out[1]
+    aux = out[1]
+    for leaf in tree_flatten(aux)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise ArgumentTypeError(
+                f"{who}(..., has_aux=True): aux must be a tensor or a pytree (tuple/list/dict) of tensors, "
+                f"as in torch.func; it contains a {type(leaf).__name__} ({leaf!r:.40}). Wrap numbers with "
+                "torch.tensor(...) or return them outside the transform."
+            )
+    return out[0], aux
+
+
+def _wrap_constants(tree, interp):
+    """The tensors of a non-differentiated argument, wrapped at this level without
+    requiring grad (as torch.func): what the function creates from them (a clone, a
+    view) is then this level's own tensor, so writing differentiated values into it is
+    recorded instead of refused as a write into an outside tensor."""
+    return tree_map(lambda x: GradTensor(x, interp) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
     nums = _check_argnums(argnums, len(args), who)
-    with push_interpreter(GradInterpreter()) as interp:
+    interp = GradInterpreter()
+    with push_interpreter(interp):
         diff_flat_all = []
         new_args = list(args)
         specs = []
@@ -124,28 +175,34 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
             diff_flat_all.append(wrapped)
             specs.append(spec)
             new_args[n] = tree_unflatten(wrapped, spec)
+        for n in range(len(args)):
+            if n not in nums:
+                new_args[n] = _wrap_constants(args[n], interp)
+        if kwargs:
+            kwargs = _wrap_constants(kwargs, interp)
         with torch.enable_grad():  # as torch.func: grad works under an outer no_grad
             out = func(*new_args, **kwargs)
         out, aux = _split_aux(out, has_aux, who)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{who}: the function must return a tensor (the value to differentiate); got "
                 f"{type(out).__name__}. Use vjp for non-tensor or pytree outputs."
             )
         if out.dim() != 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"{who}: the function must return a scalar (0-dim) tensor, but returned shape "
                 f"{tuple(out.shape)}. Reduce it (e.g. .sum()), or use vjp/jacrev for non-scalar outputs."
             )
         if not (out.is_floating_point() or out.is_complex()):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{who}: the function's output must be floating point to differentiate; got {out.dtype}."
             )
         inputs = [w for group in diff_flat_all for w in group]
-        grads = _autograd_grad(out, inputs, None, interp)
+        create = _needs_graph(inputs, [out], skip_top=True) if interp.grad_below else _levels_live(skip_top=True)
+        grads = _autograd_grad(out, inputs, None, interp, create)
         grads = [_peel(g, interp) for g in grads]
         value = _peel(out, interp)
-        aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
+        aux = tree_map(lambda x: _peel(x, interp), aux)
     res = []
     i = 0
     for spec, group in zip(specs, diff_flat_all):
@@ -155,7 +212,7 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
     return g, value, aux
 
 
-def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, retain_graph: bool | None = None):
+def _autograd_grad(outputs, inputs, grad_outputs, interp, create: bool, retain_graph: bool | None = None):
     """torch.autograd.grad at this level; unused inputs get zeros."""
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     gouts = None if grad_outputs is None else list(grad_outputs)
@@ -167,7 +224,6 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
         sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
     else:
         sel_gouts = [gouts[i] for i in keep]
-    create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
         grads = _torch_autograd_grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
                                     allow_unused=True)
@@ -239,19 +295,44 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
         >>> torch.allclose(vjp_fn(torch.ones(2))[0], torch.cos(x))
         True
     """
-    with push_interpreter(GradInterpreter()) as interp:
-        flat, spec = tree_flatten(primals)
-        _check_diff_inputs(flat, "vjp")
+    return _vjp_impl(func, primals, None, has_aux, "vjp")
+
+
+def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
+    """vjp of ``func`` at ``primals`` with respect to the primals at ``argnums`` (all when
+    None; the others are wrapped as constants of the level, as torch.func's jacrev does).
+    ``vjp_fn`` returns a tuple with one entry per differentiated primal."""
+    nums = range(len(primals)) if argnums is None else argnums
+    interp = GradInterpreter()
+    with push_interpreter(interp):
+        diff = tuple(primals[n] for n in nums)
+        flat, spec = tree_flatten(diff)
+        _check_diff_inputs(flat, who)
         wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+        new_primals = list(primals)
+        for n, w in zip(nums, tree_unflatten(wrapped, spec)):
+            new_primals[n] = w
+        if argnums is not None:
+            for n in range(len(primals)):
+                if n not in nums:
+                    new_primals[n] = _wrap_constants(primals[n], interp)
         with torch.enable_grad():
-            out = func(*tree_unflatten(wrapped, spec))
-        out, aux = _split_aux(out, has_aux, "vjp")
+            out = func(*new_primals)
+        out, aux = _split_aux(out, has_aux, who)
         out_flat, out_spec = tree_flatten(out)
         for o in out_flat:
             if not isinstance(o, torch.Tensor):
-                raise TypeError(f"vjp: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}.")
+                raise ArgumentTypeError(
+                    f"{who}: the function's outputs must be tensors (or pytrees of tensors); got {type(o).__name__}."
+                )
+        if not out_flat:
+            raise ArgumentError(
+                f"{who}: the function returned no tensors ({out!r}), so there is nothing to differentiate; "
+                "return at least one tensor (as torch.func requires)."
+            )
         primal_out = tree_unflatten([_peel(o, interp) for o in out_flat], out_spec)
-        aux = tree_map(lambda x: _peel(x, interp) if isinstance(x, torch.Tensor) else x, aux)
+        aux = tree_map(lambda x: _peel(x, interp), aux)
+        grad_below = interp.grad_below
 
     # The level is over when vjp returns. vjp_fn runs the backward pass over the graph
     # recorded on its (now dead) wrappers: dispatch treats dead wrappers as their inner
@@ -261,18 +342,32 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
     def vjp_fn(cotangents, *, retain_graph: bool = True, create_graph: bool | None = None):
         ct_flat, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
-            raise ValueError(
+            raise ArgumentError(
                 f"vjp_fn: the cotangents must have the same structure as the function's output "
                 f"({out_spec}); got {ct_spec}."
             )
         for c, o in zip(ct_flat, out_flat):
-            if not isinstance(c, torch.Tensor) or c.shape != o.shape:
-                raise ValueError(
+            if not isinstance(c, torch.Tensor):
+                raise ArgumentTypeError(
                     f"vjp_fn: each cotangent must be a tensor of its output's shape {tuple(o.shape)}; got "
-                    f"{tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}."
+                    f"{type(c).__name__}."
                 )
+            if c.shape != o.shape:
+                raise ArgumentError(
+                    f"vjp_fn: each cotangent must be a tensor of its output's shape {tuple(o.shape)}; got "
+                    f"{tuple(c.shape)}."
+                )
+        # As torch.func: by default the backward pass is recorded when grad mode is on where
+        # vjp_fn is called (and is needed: an outer level, or a graph below to extend); under
+        # no_grad its result is a constant for every level below (forward AD still flows).
+        if create_graph is None:
+            create = torch.is_grad_enabled() and (
+                _levels_live(skip_top=False) or (grad_below and _needs_graph(wrapped, out_flat, skip_top=False)))
+        else:
+            create = bool(create_graph)
         # vjp_fn may be called again (jacrev chunks, user code): keep the graph by default
-        grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, outer=True, retain_graph=retain_graph)
+        with no_inference_mode():
+            grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, create, retain_graph=retain_graph)
         return tree_unflatten([_resolve_dead(g) for g in grads], spec)
 
     if has_aux:

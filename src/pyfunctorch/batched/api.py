@@ -158,7 +158,8 @@ def _rebuild_args(leaves, args_spec, flat_in, orig_args):
 
 def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False, rng=None, offset=0,
                orig_args=None):
-    versions = [x._version if isinstance(x, torch.Tensor) else None for x in flat_args]
+    # inference tensors (made under torch.inference_mode) have no version counter
+    versions = [x._version if isinstance(x, torch.Tensor) and not x.is_inference() else None for x in flat_args]
     interp = _new_level(B, randomness, rng, offset)
     try:
         with push_interpreter(interp):

@@ -104,10 +104,15 @@ def topk(op, args, kwargs, dims):
     return op(x, k, physical_dim(d, r), *args[3:], **kwargs), 0
 
 
+def _flat_examples(x):
+    """(B, numel of one example): unlike reshape(B, -1) also defined for B == 0."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 @batch_rule(aten.sum.default, aten.mean.default, aten.prod.default)
 def reduce_all(op, args, kwargs, dims):
     x = args[0]
-    flat = x.reshape(x.shape[0], -1)
+    flat = _flat_examples(x)
     dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
     if op is aten.sum.default:
         return aten.sum.dim_IntList(flat, [1], False, dtype=dtype), 0
@@ -119,7 +124,7 @@ def reduce_all(op, args, kwargs, dims):
 @batch_rule(aten.max.default, aten.min.default, aten.any.default, aten.all.default)
 def max_all(op, args, kwargs, dims):
     x = args[0]
-    flat = x.reshape(x.shape[0], -1)
+    flat = _flat_examples(x)
     if op is aten.max.default:
         return aten.amax.default(flat, [1]), 0
     if op is aten.min.default:
@@ -136,7 +141,7 @@ def argmax(op, args, kwargs, dims):
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     r = rank(x, 0)
     if d is None:
-        out = op(x.reshape(x.shape[0], -1), 1, False)
+        out = op(_flat_examples(x), 1, False)
         if keepdim:
             out = out.reshape((x.shape[0],) + (1,) * r)
         return out, 0
@@ -188,7 +193,7 @@ def aminmax(op, args, kwargs, dims):
     if d is None or r == 0:  # over all elements of each example
         if r == 0:
             physical_dim(d, r) if d is not None else None
-        mn, mx = op(x.reshape(x.shape[0], -1), dim=1, keepdim=False)
+        mn, mx = op(_flat_examples(x), dim=1, keepdim=False)
         if keepdim:
             shape = (x.shape[0],) + (1,) * r
             mn, mx = mn.reshape(shape), mx.reshape(shape)
@@ -201,7 +206,7 @@ def aminmax(op, args, kwargs, dims):
 def median_all(op, args, kwargs, dims):
     # the (lower) median of all elements of each example
     x = args[0]
-    flat = x.reshape(x.shape[0], -1)
+    flat = _flat_examples(x)
     dim_op = aten.median.dim if op is aten.median.default else aten.nanmedian.dim
     return dim_op(flat, 1)[0], 0
 
