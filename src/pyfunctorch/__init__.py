@@ -11,7 +11,8 @@ from .reverse import grad, grad_and_value, vjp
 from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
 from .batched import vmap
-from .errors import DataDependentError, EscapedTensorError, MixedTransformsError, PerformanceWarning, RandomnessError
+from .errors import (ArgumentError, ArgumentTypeError, BatchedWriteError, DataDependentError, EscapedTensorError,
+                     MixedTransformsError, PerformanceWarning, RandomnessError)
 from .control_flow import cond, scan, while_loop
 from .compile import compile
 from . import random
@@ -35,6 +36,9 @@ __all__ = [
     "scan",
     "compile",
     "random",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "BatchedWriteError",
     "EscapedTensorError",
     "MixedTransformsError",
     "DataDependentError",
