@@ -133,10 +133,32 @@ class WrapperInterpreter(Interpreter):
         ukwargs = {k: unwrap_level(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         if _state.jvp_depth:
             uargs, ukwargs = lift_mixed(uargs, ukwargs)
-        out = func(*uargs, **ukwargs)
+        out = _run_inner(func, uargs, ukwargs, self.level)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
         return wrap_level(out, self)
+
+
+def _differentiated_below(level: int) -> bool:
+    """Whether a differentiation level (grad/jvp) below ``level`` is live on this thread."""
+    for it in _state.stack:
+        if it.level >= level:
+            return False
+        if it.kind == "grad" or it.kind == "jvp":
+            return True
+    return False
+
+
+def _run_inner(func, args, kwargs, level: int):
+    """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
+    derivative formulas read non-differentiable statistics run decomposed when a lower
+    level differentiates them further (see ``_nested_decomp``)."""
+    decomp = _nested_decomp.NESTED_DECOMPOSITIONS.get(func)
+    if decomp is not None and _differentiated_below(level):
+        out = decomp(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    return func(*args, **kwargs)
 
 
 def unwrap_level(x, interp):
@@ -358,7 +380,10 @@ def _dispatch_with_dead(func, args, kwargs):
     rargs = _resolve_dead(args)
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
-        out = func(*rargs, **rkwargs)
+        if isinstance(exemplar._interp, WrapperInterpreter):
+            out = _run_inner(func, rargs, rkwargs, exemplar._interp.level)
+        else:
+            out = func(*rargs, **rkwargs)
     aliased = _mutated_returns(func)
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, out)
@@ -586,3 +611,5 @@ def _user_detach(original, args, kwargs):
 
 patch_while_active(torch.Tensor, "detach", _user_detach)
 patch_while_active(torch, "detach", _user_detach)
+
+from . import _nested_decomp  # noqa: E402  (needs detach_all_levels above)

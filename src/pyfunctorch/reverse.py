@@ -158,10 +158,18 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
     if not keep:
         return [torch.zeros_like(x._value) for x in inputs]
     sel_outs: list[Any] = [outs[i] for i in keep]
+    # The cotangents are lifted to this level (as functorch's are: they are wrappers of
+    # the current level there). Unlifted, (a) a dual of a lower jvp level would reach this
+    # level's backward kernels, whose forward-AD formulas (and jvp decompositions such as
+    # native_layer_norm_backward's) would then run on this level's wrappers, where
+    # autograd's internal detach aliases the inner value (trap 2) and the lower tangent
+    # comes out wrong; (b) a backward formula updating its incoming gradient in place
+    # (``gI.sub_(...)``) would write this level's derivative into a lower-level tensor.
     if gouts is None:
-        sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
+        sel_gouts = [GradTensor(torch.ones_like(o._value), interp) for o in sel_outs]
     else:
-        sel_gouts = [gouts[i] for i in keep]
+        sel_gouts = [g if isinstance(g, GradTensor) and g._interp is interp else GradTensor(g, interp)
+                     for g in (gouts[i] for i in keep)]
     create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
         grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
