@@ -139,25 +139,44 @@ class WrapperInterpreter(Interpreter):
         return wrap_level(out, self)
 
 
-def _differentiated_below(level: int) -> bool:
-    """Whether a differentiation level (grad/jvp) below ``level`` is live on this thread."""
+def _differentiated_below(level: int, kinds=("grad", "jvp")) -> bool:
+    """Whether a level of one of ``kinds`` below ``level`` is live on this thread."""
     for it in _state.stack:
         if it.level >= level:
             return False
-        if it.kind == "grad" or it.kind == "jvp":
+        if it.kind in kinds:
             return True
     return False
+
+
+_JVP_ONLY = ("jvp",)
 
 
 def _run_inner(func, args, kwargs, level: int):
     """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
     derivative formulas read non-differentiable statistics run decomposed when a lower
-    level differentiates them further (see ``_nested_decomp``)."""
+    level differentiates them further, and backward kernels without a usable forward-AD
+    formula when a lower jvp level is live (see ``_nested_decomp``)."""
     decomp = _nested_decomp.NESTED_DECOMPOSITIONS.get(func)
     if decomp is not None and _differentiated_below(level):
         out = decomp(*args, **kwargs)
         if out is not NotImplemented:
             return out
+    if _state.jvp_depth:
+        decomp = _nested_decomp.FORWARD_AD_DECOMPOSITIONS.get(func)
+        if decomp is not None and _differentiated_below(level, _JVP_ONLY):
+            return decomp(*args, **kwargs)
+        top, _ = _find_top(args, kwargs)
+        if top is not None and top.kind == "vmap":
+            # The op reaches a vmap level's wrappers next. torch has one forward-AD level,
+            # so autograd would run the formulas of any lower-level dual among the
+            # arguments right here, on the vmap wrappers -- giving those wrappers tangents
+            # of their own (later refused as tangents: "a forward grad that itself has a
+            # forward gradient"; or batched writes into unbatched tangent buffers). A vmap
+            # level records nothing: go straight to its dispatch, where the lower levels'
+            # autograd runs on the inner values as it should.
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                return func(*args, **kwargs)
     return func(*args, **kwargs)
 
 
@@ -552,6 +571,47 @@ def lift_mixed(args, kwargs):
     if not changed:
         return args, kwargs
     return new_args, new_kwargs
+
+
+def lift_into_live_levels(x, below: int):
+    """``x`` (an input, tangent or cotangent a transform at level ``below`` is about to
+    wrap) made a tensor of every live differentiation level under ``below`` that it does
+    not already belong to, as a constant there -- as in functorch, where every value
+    inside a transform is a tensor of that transform. Without it, a plain tangent buffer
+    (or a clone of a plain input) that a forward-AD formula or the user then updates in
+    place with values depending on an outer level would have to carry that level's
+    derivative on a tensor that cannot (the in-place write is refused or, worse, the
+    derivative lost). vmap levels are left as they are: only their inner values are lifted."""
+    levels = None
+    for it in _state.stack:
+        if it.level >= below:
+            break
+        if it.kind == "grad" or it.kind == "jvp":
+            if levels is None:
+                levels = []
+            levels.append(it)
+    if levels is None or not isinstance(x, torch.Tensor):
+        return x
+    return _lift_chain(x, levels)
+
+
+def _lift_chain(x, levels):
+    rest = levels
+    if isinstance(x, LevelTensor):
+        it = x._interp
+        if not it.alive:
+            return x
+        k = it.level
+        if it.kind == "vmap" and not getattr(x, "_lazy", False):
+            below = [i for i in levels if i.level < k]
+            inner = _lift_chain(x._value, below) if below else x._value
+            if inner is not x._value:
+                x = type(x)(inner, x._bdim, it)
+        # a grad/jvp wrapper keeps its inner value: it may carry its level's derivative
+        rest = [i for i in levels if i.level > k]
+    for it in rest:
+        x = it.lift(x)
+    return x
 
 
 def level_of(x: Any) -> int:

@@ -112,6 +112,23 @@ def _native_batch_norm_backward(grad_out, input, weight, running_mean, running_v
     return _masked(res, output_mask)
 
 
+# Backward kernels whose forward-AD formula torch lacks (huber) or computes through
+# efficient zero tangents that are then written in place (mse, smooth_l1, nll: "ZeroTensors
+# are immutable", "is_inplace_op INTERNAL ASSERT"). torch.func decomposes them too (its
+# jvp and vmap decompositions); here they run decomposed whenever a jvp level below the
+# level running them is live, so forward AD only meets primitive ops.
+_FORWARD_AD_OPS = (
+    aten.mse_loss_backward.default,
+    aten.smooth_l1_loss_backward.default,
+    aten.huber_loss_backward.default,
+    aten.nll_loss_backward.default,
+    aten.nll_loss2d_backward.default,
+    aten.soft_margin_loss_backward.default,
+    aten.binary_cross_entropy_backward.default,
+)
+FORWARD_AD_DECOMPOSITIONS = {op: torch._decomp.decomposition_table[op] for op in _FORWARD_AD_OPS
+                             if op in torch._decomp.decomposition_table}
+
 NESTED_DECOMPOSITIONS = {
     aten.native_layer_norm.default: _native_layer_norm,
     aten.native_layer_norm_backward.default: _native_layer_norm_backward,

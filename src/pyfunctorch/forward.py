@@ -106,6 +106,28 @@ class _jvp_level:
         return False
 
 
+def _vmap_levels(x) -> set:
+    out = set()
+    while isinstance(x, LevelTensor):
+        if x._interp.kind == "vmap" and x._interp.alive:
+            out.add(x._interp)
+        x = x._value
+    return out
+
+
+def _batched_like(t, p):
+    """The tangent ``t`` batched at every vmap level at which its primal ``p`` is (as
+    functorch's ``_make_dual`` batching rule does): forward-AD formulas update tangents in
+    place (``y.clone().mul_(x)`` inside ``vmap(jvp(...))``), and an unbatched tangent cannot
+    take per-example values."""
+    if not isinstance(p, LevelTensor) or not isinstance(t, torch.Tensor):
+        return t
+    missing = _vmap_levels(p) - _vmap_levels(t)
+    if not missing:
+        return t
+    return t + torch.zeros_like(p)
+
+
 def _check_primals_tangents(primals, tangents, who):
     if not isinstance(primals, (tuple, list)):
         raise TypeError(f"{who}: primals must be a tuple of the function's positional arguments; got {type(primals).__name__}. Use ({type(primals).__name__.lower()},) for one argument.")
@@ -138,7 +160,16 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
     """
     p_flat, p_spec, t_flat = _check_primals_tangents(primals, tangents, "jvp")
     with _jvp_level() as interp:
-        duals = [fwAD.make_dual(JvpTensor(p, interp), t) for p, t in zip(p_flat, t_flat)]
+        lift = _core.lift_into_live_levels
+        lvl = interp.level
+        # A tangent is a value at this level, as the primal is: wrapped (without a tangent of
+        # its own) so that it may carry the derivatives of lower levels inside; forward AD
+        # refuses a tangent that is itself a dual (torch has a single dual level).
+        duals = []
+        for p, t in zip(p_flat, t_flat):
+            p = lift(p, lvl)
+            t = lift(_batched_like(t, p), lvl)
+            duals.append(fwAD.make_dual(JvpTensor(p, interp), JvpTensor(t, interp)))
         out = func(*tree_unflatten(duals, p_spec))
         out, aux = _split_aux(out, has_aux, "jvp")
         out_flat, out_spec = tree_flatten(out)

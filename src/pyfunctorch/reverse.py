@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, peel, push_interpreter
+from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, level_of,
+                    lift_into_live_levels, peel, push_interpreter)
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 
 aten = torch.ops.aten
@@ -115,7 +116,7 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
         for n in nums:
             flat, spec = tree_flatten(args[n])
             _check_diff_inputs(flat, who)
-            wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+            wrapped = [GradTensor(lift_into_live_levels(x, interp.level), interp, requires_grad=True) for x in flat]
             diff_flat_all.append(wrapped)
             specs.append(spec)
             new_args[n] = tree_unflatten(wrapped, spec)
@@ -168,8 +169,8 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, outer: bool = False, r
     if gouts is None:
         sel_gouts = [GradTensor(torch.ones_like(o._value), interp) for o in sel_outs]
     else:
-        sel_gouts = [g if isinstance(g, GradTensor) and g._interp is interp else GradTensor(g, interp)
-                     for g in (gouts[i] for i in keep)]
+        # (a cotangent of a higher level -- vmap(vjp_fn) -- is peeled by that level first)
+        sel_gouts = [g if level_of(g) >= interp.level else GradTensor(g, interp) for g in (gouts[i] for i in keep)]
     create = _needs_graph(inputs, skip_top=not outer)
     with torch.enable_grad():
         grads = torch.autograd.grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
@@ -242,7 +243,7 @@ def vjp(func: Callable, *primals: Any, has_aux: bool = False):
     with push_interpreter(GradInterpreter()) as interp:
         flat, spec = tree_flatten(primals)
         _check_diff_inputs(flat, "vjp")
-        wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+        wrapped = [GradTensor(lift_into_live_levels(x, interp.level), interp, requires_grad=True) for x in flat]
         with torch.enable_grad():
             out = func(*tree_unflatten(wrapped, spec))
         out, aux = _split_aux(out, has_aux, "vjp")
