@@ -135,6 +135,9 @@ def _check_primals_tangents(primals, tangents, who):
         raise TypeError(f"{who}: tangents must be a tuple with the same structure as primals; got {type(tangents).__name__}.")
     p_flat, p_spec = tree_flatten(tuple(primals))
     t_flat, t_spec = tree_flatten(tuple(tangents))
+    if not p_flat:
+        raise RuntimeError(f"{who}: primals must contain at least one tensor to differentiate; got {tuple(primals)!r}. "
+                           "Pass the function's inputs as a tuple, e.g. (x,).")
     if p_spec != t_spec:
         raise ValueError(f"{who}: tangents must have the same structure as primals; got {t_spec} for primals {p_spec}.")
     _check_diff_inputs(p_flat, who)
@@ -159,7 +162,8 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         True
     """
     p_flat, p_spec, t_flat = _check_primals_tangents(primals, tangents, "jvp")
-    with _jvp_level() as interp:
+    # as torch.func: forward AD on even where it was switched off (autograd.Function.forward)
+    with fwAD._set_fwd_grad_enabled(True), _jvp_level() as interp:
         lift = _core.lift_into_live_levels
         lvl = interp.level
         # A tangent is a value at this level, as the primal is: wrapped (without a tangent of

@@ -139,16 +139,23 @@ def jacfwd(
                 return r[1], r[0], r[2]
             return r[1], r[0]
 
-        # The primal output (and aux) do not depend on the tangent, but a buffer the function
-        # wrote into is per-example under vmap: take example 0 rather than out_dims=None.
-        if has_aux:
-            t_out, out, aux = vmap(push, randomness=randomness)(*basis)
-            aux = tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, aux)
+        if total == 0:
+            # no input elements: no tangent to push; the Jacobian is empty (out.shape + (0...))
+            res = f(*diff)
+            out, aux = (res[0], res[1]) if has_aux else (res, None)
+            out_flat, out_spec = tree_flatten(out)
+            t_flat = [torch.zeros((0,) + tuple(o.shape), dtype=o.dtype, device=o.device) for o in out_flat]
         else:
-            t_out, out = vmap(push, randomness=randomness)(*basis)
-        out = tree_map(lambda t: t[0], out)
-        out_flat, out_spec = tree_flatten(out)
-        t_flat, _ = tree_flatten(t_out)
+            # The primal output (and aux) do not depend on the tangent, but a buffer the function
+            # wrote into is per-example under vmap: take example 0 rather than out_dims=None.
+            if has_aux:
+                t_out, out, aux = vmap(push, randomness=randomness)(*basis)
+                aux = tree_map(lambda t: t[0] if isinstance(t, torch.Tensor) else t, aux)
+            else:
+                t_out, out = vmap(push, randomness=randomness)(*basis)
+            out = tree_map(lambda t: t[0], out)
+            out_flat, out_spec = tree_flatten(out)
+            t_flat, _ = tree_flatten(t_out)
         in_groups, in_specs = _flatten_each(diff)
         blocks = []
         for t, o in zip(t_flat, out_flat):
