@@ -33,6 +33,7 @@ class _State(threading.local):
         self.stack: list[Interpreter] = []
         self.saved_attrs: list = []
         self.jvp_depth = 0
+        self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
 
 
 _state = _State()
@@ -95,7 +96,8 @@ class Interpreter:
             target = args[w] if isinstance(w, int) else kwargs.get(w)
             if target is None:
                 continue
-            if not (isinstance(target, LevelTensor) and target._interp is self) and self._writes_derivative(args, kwargs):
+            owned = isinstance(target, LevelTensor) and target._interp is self and not getattr(target, "_pyf_captured", False)
+            if not owned and self._writes_derivative(args, kwargs):
                 raise RuntimeError(
                     f"pyfunctorch.{self.kind}: the in-place operation {func} writes a value that depends on "
                     f"the inputs being differentiated into a tensor that came from outside the function. "
@@ -450,10 +452,15 @@ class LevelTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        top, dead = _find_top(args, kwargs)
-        if dead:
-            return _dispatch_with_dead(func, args, kwargs)
-        return top.dispatch(func, args, kwargs)
+        st = _state
+        st.dispatch_depth += 1
+        try:
+            top, dead = _find_top(args, kwargs)
+            if dead:
+                return _dispatch_with_dead(func, args, kwargs)
+            return top.dispatch(func, args, kwargs)
+        finally:
+            st.dispatch_depth -= 1
 
     @staticmethod
     def _same_shape(cls, value: torch.Tensor, interp: "Interpreter", requires_grad: bool = False):
@@ -560,7 +567,12 @@ def lift_mixed(args, kwargs):
         if isinstance(x, LevelTensor):
             if x._interp is not top and x._interp.level < top.level and _is_dual(x):
                 changed = True
-                return top.lift(x)
+                w = top.lift(x)
+                # a tensor captured from a lower level, not one of this level's own: an
+                # in-place write of this level's derivative into it would be lost with
+                # this temporary wrapper (check_mutation refuses it)
+                w._pyf_captured = True
+                return w
             return x
         if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
             return type(x)(lift(y) for y in x)
@@ -612,6 +624,35 @@ def _lift_chain(x, levels):
     for it in rest:
         x = it.lift(x)
     return x
+
+
+def own_fresh_results(out, args, kwargs):
+    """Fresh tensors computed inside a transformed function from lower-level tensors only
+    (``b = a.clone()``, ``b = a * 2`` with ``a`` captured from an outer transform) made
+    tensors of the differentiation levels above them, as in functorch, where every result
+    inside a transform belongs to it: an in-place write of an inner derivative into them
+    (``b[:2].copy_(y)``) is then recorded on the tensor the user holds. Views and returned
+    inputs stay as they are (a write through them must reach the captured tensor)."""
+    if _state.dispatch_depth:
+        return out  # an op our own dispatch runs on inner values, not the user's
+    st = _state.stack
+    if not st or not isinstance(out, LevelTensor):
+        return out
+    lvl = out._interp.level
+    if lvl >= st[-1].level or not out._interp.alive:
+        return out
+    levels = [it for it in st if it.level > lvl and (it.kind == "grad" or it.kind == "jvp")]
+    if not levels or out._is_view():
+        return out
+    for a in itertools.chain(args, kwargs.values()):
+        if a is out:
+            return out
+    # only the user's own code: torch internals and this library compute at lower levels
+    # on purpose (frames: this function, __torch_function__, the caller)
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return out
+    return _lift_chain(out, levels)
 
 
 def level_of(x: Any) -> int:

@@ -42,10 +42,16 @@ class JvpTensor(LevelTensor):
                 and not isinstance(args[1], bool) and isinstance(args[0], torch.Tensor):
             # trap 6: `x * 2` on a dual tensor is aten.mul.Tensor with a wrapped number, whose
             # forward formula goes through torch._refs (~120 us); the .Scalar overload is ~8 us.
-            return scalar_op(args[0], args[1])
+            out = scalar_op(args[0], args[1])
+            if isinstance(out, JvpTensor):
+                out = _core.own_fresh_results(out, args, kwargs)
+            return out
         args, kwargs = _core.lift_mixed(args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if isinstance(out, JvpTensor):
+            out = _core.own_fresh_results(out, args, kwargs)
+        return out
 
     def _describe(self) -> str:
         return f"JvpTensor[jvp level {self._interp.level}]"
