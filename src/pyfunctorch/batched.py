@@ -316,10 +316,16 @@ class VmapInterpreter(Interpreter):
         """A lazy tensor (made by a factory inside vmap) is unbatched for reading; the
         first in-place write into it (or a view of it) gives every example its own copy."""
         if info.aliased is not None:
-            for w in info.aliased:
-                target = args[w] if isinstance(w, int) else kwargs.get(w)
-                if isinstance(target, BatchedTensor) and target._lazy:
-                    _materialize(target._lazy_root)
+            # A write of values that are the same for every example (no argument batched
+            # here) goes into the shared buffer, which stays lazy: forward AD copies an
+            # unbatched primal into a tensor made inside jacfwd's vmap, and materializing it
+            # would make that primal batched while its tangent buffer is not.
+            if any(_batched_here(a, self) and not getattr(a, "_lazy", False)
+                   for a in itertools.chain(args, kwargs.values())):
+                for w in info.aliased:
+                    target = args[w] if isinstance(w, int) else kwargs.get(w)
+                    if isinstance(target, BatchedTensor) and target._lazy:
+                        _materialize(target._lazy_root)
             if not _has_lazy(args, kwargs, self):
                 return self.process(func, args, kwargs, info)
         roots = []

@@ -11,6 +11,7 @@ user calls and in ``process`` before an op runs on unwrapped values.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -80,8 +81,33 @@ _peel = peel
 # -- the single global dual level ---------------------------------------------------
 
 
+# torch has one forward-AD level for the whole process (``dual_level`` cannot nest, not
+# even from two threads). It is entered by the first jvp level live in any thread and left
+# by the last one: a count under a lock. Each jvp level of each thread has its own wrapper
+# objects, so the levels never share a tangent; leaving the dual level drops every
+# tangent, which is why it is only left when no jvp level is live anywhere.
+_dual_lock = threading.Lock()
+_dual_users = 0
+
+
+def _enter_shared_dual_level() -> None:
+    global _dual_users
+    with _dual_lock:
+        if _dual_users == 0:
+            fwAD.enter_dual_level()
+        _dual_users += 1
+
+
+def _exit_shared_dual_level() -> None:
+    global _dual_users
+    with _dual_lock:
+        _dual_users -= 1
+        if _dual_users == 0:
+            fwAD.exit_dual_level()
+
+
 class _jvp_level:
-    """Push a jvp interpreter, entering torch's one dual level for the outermost."""
+    """Push a jvp interpreter; the outermost of this thread takes a share of the dual level."""
 
     def __init__(self):
         self.interp = JvpInterpreter()
@@ -89,7 +115,7 @@ class _jvp_level:
     def __enter__(self):
         st = _core._state
         if st.jvp_depth == 0:
-            fwAD.enter_dual_level()
+            _enter_shared_dual_level()
         st.jvp_depth += 1
         self.ctx = push_interpreter(self.interp)
         try:
@@ -102,7 +128,7 @@ class _jvp_level:
         st = _core._state
         st.jvp_depth -= 1
         if st.jvp_depth == 0:
-            fwAD.exit_dual_level()
+            _exit_shared_dual_level()
 
     def __exit__(self, *exc):
         try:
