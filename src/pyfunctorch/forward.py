@@ -201,11 +201,14 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         # A tangent is a value at this level, as the primal is: wrapped (without a tangent of
         # its own) so that it may carry the derivatives of lower levels inside; forward AD
         # refuses a tangent that is itself a dual (torch has a single dual level).
+        # (only needed under another differentiation level: at the outermost one the
+        # tangents stay plain, and their formulas' ops never reach Python dispatch)
+        nested = _core._differentiated_below(lvl)
         duals = []
         for p, t in zip(p_flat, t_flat):
             p = lift(p, lvl)
             t = lift(_batched_like(t, p), lvl)
-            duals.append(fwAD.make_dual(JvpTensor(p, interp), JvpTensor(t, interp)))
+            duals.append(fwAD.make_dual(JvpTensor(p, interp), JvpTensor(t, interp) if nested else t))
         out = func(*tree_unflatten(duals, p_spec))
         out, aux = _split_aux(out, has_aux, "jvp")
         out_flat, out_spec = tree_flatten(out)
