@@ -429,12 +429,30 @@ def test_inplace_write_of_inner_derivative_into_captured_outer_dual_raises():
         assert torch.equal(a, a0)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="known gap: a composite torch call (F.linear, matmul) in user code mixing vmap wrappers "
-                          "with a captured lower-level dual runs that dual's forward formula on the vmap wrappers "
-                          "(torch's single forward-AD level); torch then asserts (is_inplace_op). Same on main.")
-def test_jacfwd_over_vmap_closure_composite_known_gap():
-    x, w = _t(4, 3, seed=90), _t(3, 2, seed=91)
-    f = lambda w: pf.vmap(lambda r: F.linear(r, w.T).tanh() @ torch.ones(2, dtype=D))(x)  # noqa: E731
-    g = lambda w: tf.vmap(lambda r: F.linear(r, w.T).tanh() @ torch.ones(2, dtype=D))(x)  # noqa: E731
+_VMAP_BODIES = {
+    "linear_wT_tanh_matmul": lambda r, w: F.linear(r, w.T).tanh() @ torch.ones(2, dtype=D),
+    "matmul_sin_sum": lambda r, w: (r @ w).sin().sum(),
+    "layer_norm": lambda r, w: F.layer_norm(r @ w, (2,)).sum(),
+    "index_and_scale": lambda r, w: (r.unsqueeze(0) @ w).sum() * w[0, 0],
+}
+
+
+@pytest.mark.parametrize("body", list(_VMAP_BODIES))
+def test_forward_transforms_over_vmap_closing_over_the_dual(body):
+    # a composite call (F.linear, matmul) mixing vmap wrappers with a captured dual of the
+    # outer jvp: on main torch asserted (is_inplace_op) -- the dual's formula ran on the
+    # vmap wrappers
+    x, w, v = _t(4, 3, seed=90), _t(3, 2, seed=91), _t(3, 2, seed=92)
+    fn = _VMAP_BODIES[body]
+    f = lambda w: pf.vmap(lambda r: fn(r, w))(x)  # noqa: E731
+    g = lambda w: tf.vmap(lambda r: fn(r, w))(x)  # noqa: E731
     assert_close(pf.jacfwd(f)(w), tf.jacfwd(g)(w))
+    assert_close(pf.jvp(f, (w,), (v,))[1], tf.jvp(g, (w,), (v,))[1])
+    assert_close(pf.hessian(lambda w: f(w).sum())(w), tf.hessian(lambda w: g(w).sum())(w))
+
+
+def test_inplace_into_captured_dual_with_batched_values_raises():
+    # writing per-example values into a captured (unbatched) dual: an error, as torch.func
+    x, w = _t(4, 3, seed=93), _t(3, seed=94)
+    with pytest.raises(RuntimeError):
+        pf.jvp(lambda w: pf.vmap(lambda r: w.clone().add_(r) + w.add_(r))(x), (w.clone(),), (w,))

@@ -168,17 +168,24 @@ def _run_inner(func, args, kwargs, level: int):
         decomp = _nested_decomp.FORWARD_AD_DECOMPOSITIONS.get(func)
         if decomp is not None and _differentiated_below(level, _JVP_ONLY):
             return decomp(*args, **kwargs)
-        top, _ = _find_top(args, kwargs)
-        if top is not None and top.kind == "vmap":
-            # The op reaches a vmap level's wrappers next. torch has one forward-AD level,
-            # so autograd would run the formulas of any lower-level dual among the
-            # arguments right here, on the vmap wrappers -- giving those wrappers tangents
-            # of their own (later refused as tangents: "a forward grad that itself has a
-            # forward gradient"; or batched writes into unbatched tangent buffers). A vmap
-            # level records nothing: go straight to its dispatch, where the lower levels'
-            # autograd runs on the inner values as it should.
-            with torch._C._AutoDispatchBelowADInplaceOrView():
-                return func(*args, **kwargs)
+        return call_op_at_vmap(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
+def call_op_at_vmap(func, args, kwargs):
+    """Call the aten op ``func``; when its next level is a vmap level, below autograd.
+
+    torch has one forward-AD level, so autograd would run the formulas of any lower-level
+    dual among the arguments right here, on the vmap wrappers -- giving those wrappers
+    tangents of their own (later refused as tangents: "a forward grad that itself has a
+    forward gradient"; or batched writes into unbatched tangent buffers). A vmap level
+    records nothing: go straight to its dispatch, where the lower levels' autograd runs on
+    the inner values as it should. (Only for single aten ops: a composite called below
+    autograd would skip the derivatives of its sub-ops on lower-level tensors.)"""
+    top, _ = _find_top(args, kwargs)
+    if top is not None and top.kind == "vmap":
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return func(*args, **kwargs)
     return func(*args, **kwargs)
 
 

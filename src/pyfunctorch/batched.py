@@ -340,7 +340,10 @@ class VmapInterpreter(Interpreter):
 
         pargs = tuple(plain(a) for a in args)
         pkwargs = {k: plain(v) for k, v in kwargs.items()}
-        out = func(*pargs, **pkwargs)
+        if _core._state.jvp_depth:  # a lazy tensor may stand for a lower-level dual
+            out = _core.call_op_at_vmap(func, pargs, pkwargs)
+        else:
+            out = func(*pargs, **pkwargs)
         if info.aliased is not None:
             return _return_aliases(info.aliased, args, kwargs, out)
         if not roots:

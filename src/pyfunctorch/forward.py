@@ -11,6 +11,7 @@ user calls and in ``process`` before an op runs on unwrapped values.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Callable
 
@@ -48,6 +49,7 @@ class JvpTensor(LevelTensor):
                 out = _core.own_fresh_results(out, args, kwargs)
             return out
         args, kwargs = _core.lift_mixed(args, kwargs)
+        args, kwargs = _lift_duals_into_vmap(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if isinstance(out, JvpTensor):
@@ -59,6 +61,41 @@ class JvpTensor(LevelTensor):
 
     def _escaped(self):
         return _core._resolve_dead(self._value)
+
+
+def _lift_duals_into_vmap(func, args, kwargs):
+    """A user call whose highest level is a vmap level, with a dual of a lower jvp level
+    among its arguments (``vmap(lambda x: F.linear(x, w))`` inside ``jacfwd`` over ``w``):
+    the dual is lifted into the vmap level as an unbatched (lazy) tensor, so autograd above
+    the vmap level sees no tangent -- with one forward-AD level it would run the dual's
+    formula on the vmap wrappers -- and the dual's own forward AD runs on the inner values,
+    where each of the call's aten ops meets it (``batched._process_lazy``). The tensor an
+    in-place call writes into is not lifted (the write must reach it)."""
+    top, _ = _core._find_top(args, kwargs)
+    if top is None or top.kind != "vmap" or _core._state.dispatch_depth:
+        return args, kwargs
+    # only the user's own code (frames: this function, __torch_function__, the caller)
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return args, kwargs
+    name = getattr(func, "__name__", "")
+    writes_first = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
+    changed = False
+
+    def lift(x):
+        nonlocal changed
+        if isinstance(x, LevelTensor) and x._interp.level < top.level and x._interp.alive and _core._is_dual(x):
+            changed = True
+            return top.wrap_created(x)
+        if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
+            return type(x)(lift(y) for y in x)
+        return x
+
+    new_args = tuple(a if (i == 0 and writes_first) else lift(a) for i, a in enumerate(args))
+    new_kwargs = {k: (v if k == "out" else lift(v)) for k, v in kwargs.items()} if kwargs else kwargs
+    if not changed:
+        return args, kwargs
+    return new_args, new_kwargs
 
 
 class JvpInterpreter(WrapperInterpreter):
