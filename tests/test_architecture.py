@@ -15,9 +15,9 @@ PKG = "pyfunctorch"
 #: layer of each top-level module/package (docs/architecture.md); a module may import only
 #: modules of its own layer or below
 LAYERS = {
-    "errors": 0, "_pytree": 0, "random": 0, "_traced_random": 0,
-    "_core": 1,
-    "batching": 2,
+    "errors": 0, "_pytree": 0, "random": 0, "_traced_random": 0, "_compiler": 0,
+    "_core": 1, "_entries": 1,
+    "batching": 2, "_nested_decomp": 2,
     "batched": 3, "reverse": 3, "forward": 3,
     "jacobians": 4, "functional": 4, "control_flow": 4, "_autograd_compat": 4, "custom_function": 4,
     "compile": 4, "_coverage": 4,

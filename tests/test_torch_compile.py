@@ -1,6 +1,6 @@
 """torch.compile around pyfunctorch transforms: correct, no recompiles, no warnings.
 
-The transforms are opaque to dynamo (``_core.opaque_to_compiler``): each one is a graph
+The transforms are opaque to dynamo (``_compiler.opaque_to_compiler``): each one is a graph
 break that runs eagerly, so dynamo never guards on per-call state such as the level
 counter. Oracle: torch.func (and plain eager pyfunctorch is never the oracle).
 """

@@ -15,7 +15,6 @@ confusion.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import sys
 import threading
@@ -43,6 +42,7 @@ class _State(threading.local):
         self.stack: list[Interpreter] = []
         self.saved_attrs: list = []
         self.jvp_depth = 0
+        self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
 
 
 _state = _State()
@@ -108,7 +108,8 @@ class Interpreter:
             target = args[w] if isinstance(w, int) else kwargs.get(w)
             if target is None:
                 continue
-            if not (isinstance(target, LevelTensor) and target._interp is self) and self._writes_derivative(args, kwargs):
+            owned = isinstance(target, LevelTensor) and target._interp is self and not getattr(target, "_pyf_captured", False)
+            if not owned and self._writes_derivative(args, kwargs):
                 raise RuntimeError(
                     f"pyfunctorch.{self.kind}: the in-place operation {func} writes a value that depends on "
                     f"the inputs being differentiated into a tensor that came from outside the function. "
@@ -147,10 +148,65 @@ class WrapperInterpreter(Interpreter):
         ukwargs = {k: unwrap_level(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         if _state.jvp_depth:
             uargs, ukwargs = lift_mixed(uargs, ukwargs)
-        out = func(*uargs, **ukwargs)
+        out = _run_inner(func, uargs, ukwargs, self.level)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
         return wrap_level(out, self)
+
+
+def _differentiated_below(level: int, kinds=("grad", "jvp")) -> bool:
+    """Whether a level of one of ``kinds`` below ``level`` is live on this thread."""
+    for it in _state.stack:
+        if it.level >= level:
+            return False
+        if it.kind in kinds:
+            return True
+    return False
+
+
+_JVP_ONLY = ("jvp",)
+
+
+#: ops whose derivative formulas read non-differentiable statistics: decomposed when a lower
+#: level differentiates them further; and backward kernels without a usable forward-AD
+#: formula, decomposed under a lower jvp level (filled by ``_nested_decomp``)
+NESTED_DECOMPOSITIONS: dict = {}
+FORWARD_AD_DECOMPOSITIONS: dict = {}
+
+
+def _run_inner(func, args, kwargs, level: int):
+    """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
+    derivative formulas read non-differentiable statistics run decomposed when a lower
+    level differentiates them further, and backward kernels without a usable forward-AD
+    formula when a lower jvp level is live (see ``_nested_decomp``)."""
+    decomp = NESTED_DECOMPOSITIONS.get(func)
+    if decomp is not None and _differentiated_below(level):
+        out = decomp(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    if _state.jvp_depth:
+        decomp = FORWARD_AD_DECOMPOSITIONS.get(func)
+        if decomp is not None and _differentiated_below(level, _JVP_ONLY):
+            return decomp(*args, **kwargs)
+        return call_op_at_vmap(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
+def call_op_at_vmap(func, args, kwargs):
+    """Call the aten op ``func``; when its next level is a vmap level, below autograd.
+
+    torch has one forward-AD level, so autograd would run the formulas of any lower-level
+    dual among the arguments right here, on the vmap wrappers -- giving those wrappers
+    tangents of their own (later refused as tangents: "a forward grad that itself has a
+    forward gradient"; or batched writes into unbatched tangent buffers). A vmap level
+    records nothing: go straight to its dispatch, where the lower levels' autograd runs on
+    the inner values as it should. (Only for single aten ops: a composite called below
+    autograd would skip the derivatives of its sub-ops on lower-level tensors.)"""
+    top, _ = _find_top(args, kwargs)
+    if top is not None and top.kind == "vmap":
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return func(*args, **kwargs)
+    return func(*args, **kwargs)
 
 
 def unwrap_level(x, interp):
@@ -249,23 +305,6 @@ def _uninstall_patches() -> None:
         _patch_saved = []
 
 
-def opaque_to_compiler(fn: Callable) -> Callable:
-    """Make a transform entry point one opaque eager call for ``torch.compile``.
-
-    Dynamo tracing into a transform would see per-call state (fresh levels, wrapper
-    subclasses, the patched torch entry points) and recompile on every call; and a graph
-    it compiled while a level is live would run torch internals under the transform.
-    While dynamo traces (``torch.compiler.is_compiling()``), the call is routed through
-    ``torch.compiler.disable``: a graph break, and the transform with everything it calls
-    runs eagerly. Outside compilation this costs one extra Python call."""
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(fn)(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return entry
 
 
 @contextmanager
@@ -462,7 +501,10 @@ def _dispatch_with_dead(func, args, kwargs):
     rargs = _resolve_dead(args)
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
-        out = func(*rargs, **rkwargs)
+        if isinstance(exemplar._interp, WrapperInterpreter):
+            out = _run_inner(func, rargs, rkwargs, exemplar._interp.level)
+        else:
+            out = func(*rargs, **rkwargs)
     aliased = _mutated_returns(func)
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, out)
@@ -510,10 +552,15 @@ class LevelTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        top, dead = _find_top(args, kwargs)
-        if dead:
-            return _dispatch_with_dead(func, args, kwargs)
-        return top.dispatch(func, args, kwargs)
+        st = _state
+        st.dispatch_depth += 1
+        try:
+            top, dead = _find_top(args, kwargs)
+            if dead:
+                return _dispatch_with_dead(func, args, kwargs)
+            return top.dispatch(func, args, kwargs)
+        finally:
+            st.dispatch_depth -= 1
 
     @staticmethod
     def _same_shape(cls, value: torch.Tensor, interp: "Interpreter", requires_grad: bool = False):
@@ -624,7 +671,12 @@ def lift_mixed(args, kwargs):
         if isinstance(x, LevelTensor):
             if x._interp is not top and x._interp.level < top.level and _is_dual(x):
                 changed = True
-                return top.lift(x)
+                w = top.lift(x)
+                # a tensor captured from a lower level, not one of this level's own: an
+                # in-place write of this level's derivative into it would be lost with
+                # this temporary wrapper (check_mutation refuses it)
+                w._pyf_captured = True
+                return w
             return x
         if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
             return type(x)(lift(y) for y in x)
@@ -637,53 +689,92 @@ def lift_mixed(args, kwargs):
     return new_args, new_kwargs
 
 
+def lift_into_live_levels(x, below: int):
+    """``x`` (an input, tangent or cotangent a transform at level ``below`` is about to
+    wrap) made a tensor of every live differentiation level under ``below`` that it does
+    not already belong to, as a constant there -- as in functorch, where every value
+    inside a transform is a tensor of that transform. Without it, a plain tangent buffer
+    (or a clone of a plain input) that a forward-AD formula or the user then updates in
+    place with values depending on an outer level would have to carry that level's
+    derivative on a tensor that cannot (the in-place write is refused or, worse, the
+    derivative lost). vmap levels are left as they are: only their inner values are lifted."""
+    levels = None
+    for it in _state.stack:
+        if it.level >= below:
+            break
+        if it.kind == "grad" or it.kind == "jvp":
+            if levels is None:
+                levels = []
+            levels.append(it)
+    if levels is None or not isinstance(x, torch.Tensor):
+        return x
+    return _lift_chain(x, levels)
+
+
+def _lift_chain(x, levels):
+    rest = levels
+    if isinstance(x, LevelTensor):
+        it = x._interp
+        if not it.alive:
+            return x
+        k = it.level
+        if it.kind == "vmap" and not getattr(x, "_lazy", False):
+            below = [i for i in levels if i.level < k]
+            inner = _lift_chain(x._value, below) if below else x._value
+            if inner is not x._value:
+                x = type(x)(inner, x._bdim, it)
+        # a grad/jvp wrapper keeps its inner value: it may carry its level's derivative
+        rest = [i for i in levels if i.level > k]
+    for it in rest:
+        x = it.lift(x)
+    return x
+
+
+def own_fresh_results(out, args, kwargs):
+    """Fresh tensors computed inside a transformed function from lower-level tensors only
+    (``b = a.clone()``, ``b = a * 2`` with ``a`` captured from an outer transform) made
+    tensors of the differentiation levels above them, as in functorch, where every result
+    inside a transform belongs to it: an in-place write of an inner derivative into them
+    (``b[:2].copy_(y)``) is then recorded on the tensor the user holds. Views and returned
+    inputs stay as they are (a write through them must reach the captured tensor)."""
+    if _state.dispatch_depth:
+        return out  # an op our own dispatch runs on inner values, not the user's
+    st = _state.stack
+    if not st or not isinstance(out, LevelTensor):
+        return out
+    lvl = out._interp.level
+    if lvl >= st[-1].level or not out._interp.alive:
+        return out
+    levels = [it for it in st if it.level > lvl and (it.kind == "grad" or it.kind == "jvp")]
+    if not levels or out._is_view():
+        return out
+    for a in itertools.chain(args, kwargs.values()):
+        if a is out:
+            return out
+    # only the user's own code: torch internals and this library compute at lower levels
+    # on purpose (frames: this function, __torch_function__, the caller); an entry point
+    # patched while transforms are live (Tensor.clone) decides itself (_entries.clone_entry)
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return out
+    return _lift_chain(out, levels)
+
+
+def own_fresh_result_of_user_call(out):
+    """``own_fresh_results`` for a result the caller knows the user's code asked for."""
+    st = _state.stack
+    if _state.dispatch_depth or not st or not isinstance(out, LevelTensor):
+        return out
+    lvl = out._interp.level
+    if lvl >= st[-1].level or not out._interp.alive or out._is_view():
+        return out
+    levels = [it for it in st if it.level > lvl and (it.kind == "grad" or it.kind == "jvp")]
+    return _lift_chain(out, levels) if levels else out
+
+
 def level_of(x: Any) -> int:
     """The level of ``x`` (0 for a plain tensor)."""
     return x._interp.level if isinstance(x, LevelTensor) else 0
-
-
-# -- tensors created inside a transformed function ----------------------------------
-
-
-def factory_entry(original, args, kwargs):
-    """Factories called inside transforms (torch.zeros, arange, ...) return tensors that
-    belong to every live level (lifted from the bottom up), so writing transformed data
-    into them works per example (vmap) and stays differentiable (grad/jvp)."""
-    out = original(*args, **kwargs)
-    if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor) or out.requires_grad:
-        return out
-    # Only the user's own code: torch internals (decompositions, nn.functional) and
-    # this library create scratch tensors that must stay plain.
-    caller = sys._getframe(2).f_globals.get("__name__", "")
-    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
-        return out
-    if out.layout != torch.strided or not out.is_contiguous():
-        return out
-    for interp in _state.stack:
-        out = interp.wrap_created(out)
-    return out
-
-
-def clone_entry(original, args, kwargs):
-    """A clone, made in the user's function, of a tensor from outside (a captured constant)
-    is created inside: it belongs to the live differentiation levels, so writing
-    differentiated data into it is recorded (as torch.func, whose every op output inside a
-    grad level is that level's tensor). Clones of level tensors already are. vmap levels
-    keep such a clone unbatched, as torch.func: writing batched data into it is the error
-    torch.func raises."""
-    out = original(*args, **kwargs)
-    if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor):
-        return out
-    caller = sys._getframe(2).f_globals.get("__name__", "")
-    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
-        return out
-    if out.layout != torch.strided or not out.is_contiguous():
-        return out
-    for interp in _state.stack:
-        if isinstance(interp, WrapperInterpreter):  # the differentiation levels (grad, jvp)
-            out = interp.wrap_created(out)
-    return out
-
 
 
 # -- the user's detach: cut every differentiation level (trap 2) ---------------------
@@ -696,23 +787,3 @@ def detach_all_levels(x: torch.Tensor) -> torch.Tensor:
             return detach_all_levels(x._escaped())
         return x._detached()
     return x.detach()
-
-
-# Python code of torch's saved-tensor hooks (non-reentrant checkpoint recomputation
-# save_on_cpu) detaches what autograd saves; autograd then re-attaches only the top
-# level's graph when it unpacks. That detach is autograd's own (trap 2): detaching
-# every level there would cut the lower levels' graphs, and hessian / jacrev(grad)
-# through checkpoint would be 0.
-_AUTOGRAD_INTERNAL_DETACH = ("torch.utils.checkpoint",)
-
-
-def user_detach(original, args, kwargs):
-    # autograd's internal detach (saving outputs for backward) never comes through
-    # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
-    x = args[0]
-    if isinstance(x, LevelTensor) and not kwargs and len(args) == 1:
-        if sys._getframe(2).f_globals.get("__name__", "") in _AUTOGRAD_INTERNAL_DETACH:
-            return original(x)
-        return detach_all_levels(x)
-    return original(*args, **kwargs)
-

@@ -11,13 +11,16 @@ user calls and in ``process`` before an op runs on unwrapped values.
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _core
-from ._core import Interpreter, LevelTensor, WrapperInterpreter, opaque_to_compiler, peel, push_interpreter
+from ._compiler import opaque_to_compiler
+from ._core import Interpreter, LevelTensor, WrapperInterpreter, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError, ArgumentTypeError
 from .reverse import _check_diff_inputs, _split_aux
@@ -43,16 +46,58 @@ class JvpTensor(LevelTensor):
                 and not isinstance(args[1], bool) and isinstance(args[0], torch.Tensor):
             # trap 6: `x * 2` on a dual tensor is aten.mul.Tensor with a wrapped number, whose
             # forward formula goes through torch._refs (~120 us); the .Scalar overload is ~8 us.
-            return scalar_op(args[0], args[1])
+            out = scalar_op(args[0], args[1])
+            if isinstance(out, JvpTensor):
+                out = _core.own_fresh_results(out, args, kwargs)
+            return out
         args, kwargs = _core.lift_mixed(args, kwargs)
+        args, kwargs = _lift_duals_into_vmap(func, args, kwargs)
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if isinstance(out, JvpTensor):
+            out = _core.own_fresh_results(out, args, kwargs)
+        return out
 
     def _describe(self) -> str:
         return f"JvpTensor[jvp level {self._interp.level}]"
 
     def _escaped(self):
         return _core._resolve_dead(self._value)
+
+
+def _lift_duals_into_vmap(func, args, kwargs):
+    """A user call whose highest level is a vmap level, with a dual of a lower jvp level
+    among its arguments (``vmap(lambda x: F.linear(x, w))`` inside ``jacfwd`` over ``w``):
+    the dual is lifted into the vmap level as an unbatched (lazy) tensor, so autograd above
+    the vmap level sees no tangent -- with one forward-AD level it would run the dual's
+    formula on the vmap wrappers -- and the dual's own forward AD runs on the inner values,
+    where each of the call's aten ops meets it (``batched._process_lazy``). The tensor an
+    in-place call writes into is not lifted (the write must reach it)."""
+    top, _ = _core._find_top(args, kwargs)
+    if top is None or top.kind != "vmap" or _core._state.dispatch_depth:
+        return args, kwargs
+    # only the user's own code (frames: this function, __torch_function__, the caller)
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
+        return args, kwargs
+    name = getattr(func, "__name__", "")
+    writes_first = (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
+    changed = False
+
+    def lift(x):
+        nonlocal changed
+        if isinstance(x, LevelTensor) and x._interp.level < top.level and x._interp.alive and _core._is_dual(x):
+            changed = True
+            return top.wrap_created(x)
+        if isinstance(x, (list, tuple)) and x and any(isinstance(y, LevelTensor) for y in x):
+            return type(x)(lift(y) for y in x)
+        return x
+
+    new_args = tuple(a if (i == 0 and writes_first) else lift(a) for i, a in enumerate(args))
+    new_kwargs = {k: (v if k == "out" else lift(v)) for k, v in kwargs.items()} if kwargs else kwargs
+    if not changed:
+        return args, kwargs
+    return new_args, new_kwargs
 
 
 class JvpInterpreter(WrapperInterpreter):
@@ -75,8 +120,33 @@ _peel = peel
 # -- the single global dual level ---------------------------------------------------
 
 
+# torch has one forward-AD level for the whole process (``dual_level`` cannot nest, not
+# even from two threads). It is entered by the first jvp level live in any thread and left
+# by the last one: a count under a lock. Each jvp level of each thread has its own wrapper
+# objects, so the levels never share a tangent; leaving the dual level drops every
+# tangent, which is why it is only left when no jvp level is live anywhere.
+_dual_lock = threading.Lock()
+_dual_users = 0
+
+
+def _enter_shared_dual_level() -> None:
+    global _dual_users
+    with _dual_lock:
+        if _dual_users == 0:
+            fwAD.enter_dual_level()
+        _dual_users += 1
+
+
+def _exit_shared_dual_level() -> None:
+    global _dual_users
+    with _dual_lock:
+        _dual_users -= 1
+        if _dual_users == 0:
+            fwAD.exit_dual_level()
+
+
 class _jvp_level:
-    """Push a jvp interpreter, entering torch's one dual level for the outermost."""
+    """Push a jvp interpreter; the outermost of this thread takes a share of the dual level."""
 
     def __init__(self):
         self.interp = JvpInterpreter()
@@ -84,7 +154,7 @@ class _jvp_level:
     def __enter__(self):
         st = _core._state
         if st.jvp_depth == 0:
-            fwAD.enter_dual_level()
+            _enter_shared_dual_level()
         st.jvp_depth += 1
         self.ctx = push_interpreter(self.interp)
         try:
@@ -97,7 +167,7 @@ class _jvp_level:
         st = _core._state
         st.jvp_depth -= 1
         if st.jvp_depth == 0:
-            fwAD.exit_dual_level()
+            _exit_shared_dual_level()
 
     def __exit__(self, *exc):
         try:
@@ -107,6 +177,28 @@ class _jvp_level:
         return False
 
 
+def _vmap_levels(x) -> set:
+    out = set()
+    while isinstance(x, LevelTensor):
+        if x._interp.kind == "vmap" and x._interp.alive:
+            out.add(x._interp)
+        x = x._value
+    return out
+
+
+def _batched_like(t, p):
+    """The tangent ``t`` batched at every vmap level at which its primal ``p`` is (as
+    functorch's ``_make_dual`` batching rule does): forward-AD formulas update tangents in
+    place (``y.clone().mul_(x)`` inside ``vmap(jvp(...))``), and an unbatched tangent cannot
+    take per-example values."""
+    if not isinstance(p, LevelTensor) or not isinstance(t, torch.Tensor):
+        return t
+    missing = _vmap_levels(p) - _vmap_levels(t)
+    if not missing:
+        return t
+    return t + torch.zeros_like(p)
+
+
 def _check_primals_tangents(primals, tangents, who):
     if not isinstance(primals, (tuple, list)):
         raise ArgumentTypeError(f"{who}: primals must be a tuple of the function's positional arguments; got {type(primals).__name__}. Use ({type(primals).__name__.lower()},) for one argument.")
@@ -114,6 +206,9 @@ def _check_primals_tangents(primals, tangents, who):
         raise ArgumentTypeError(f"{who}: tangents must be a tuple with the same structure as primals; got {type(tangents).__name__}.")
     p_flat, p_spec = tree_flatten(tuple(primals))
     t_flat, t_spec = tree_flatten(tuple(tangents))
+    if not p_flat:
+        raise RuntimeError(f"{who}: primals must contain at least one tensor to differentiate; got {tuple(primals)!r}. "
+                           "Pass the function's inputs as a tuple, e.g. (x,).")
     if p_spec != t_spec:
         raise ArgumentError(f"{who}: tangents must have the same structure as primals; got {t_spec} for primals {p_spec}.")
     _check_diff_inputs(p_flat, who)
@@ -139,8 +234,21 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         True
     """
     p_flat, p_spec, t_flat = _check_primals_tangents(primals, tangents, "jvp")
-    with _jvp_level() as interp:
-        duals = [fwAD.make_dual(JvpTensor(p, interp), t) for p, t in zip(p_flat, t_flat)]
+    # as torch.func: forward AD on even where it was switched off (autograd.Function.forward)
+    with fwAD._set_fwd_grad_enabled(True), _jvp_level() as interp:
+        lift = _core.lift_into_live_levels
+        lvl = interp.level
+        # A tangent is a value at this level, as the primal is: wrapped (without a tangent of
+        # its own) so that it may carry the derivatives of lower levels inside; forward AD
+        # refuses a tangent that is itself a dual (torch has a single dual level).
+        # (only needed under another differentiation level: at the outermost one the
+        # tangents stay plain, and their formulas' ops never reach Python dispatch)
+        nested = _core._differentiated_below(lvl)
+        duals = []
+        for p, t in zip(p_flat, t_flat):
+            p = lift(p, lvl)
+            t = lift(_batched_like(t, p), lvl)
+            duals.append(fwAD.make_dual(JvpTensor(p, interp), JvpTensor(t, interp) if nested else t))
         out = func(*tree_unflatten(duals, p_spec))
         out, aux = _split_aux(out, has_aux, "jvp")
         out_flat, out_spec = tree_flatten(out)

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ._core import opaque_to_compiler
+from ._compiler import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError
 from .reverse import _check_argnums, _check_diff_inputs, _vjp_impl

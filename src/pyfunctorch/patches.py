@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from . import _core
+from . import _core, _entries
 from ._autograd_compat import backward_entry, grad_entry
 from .batched.fallbacks import tensor_split_entry
 from .batched.randomness import DROPOUTS, random_entry_point
@@ -46,18 +46,18 @@ _RANDOM_METHODS = ("normal_", "uniform_", "random_", "exponential_", "cauchy_", 
 _RNNS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "rnn_tanh_cell", "rnn_relu_cell", "gru_cell", "lstm_cell")
 
 PATCHES: tuple[Patch, ...] = (
-    Patch(torch, _FACTORIES, _core.factory_entry,
+    Patch(torch, _FACTORIES, _entries.factory_entry,
           "tensors the user's function creates belong to every live level, so writing transformed data "
           "into them works per example (vmap) and stays differentiable (grad/jvp)"),
-    Patch(torch.Tensor, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), _core.factory_entry,
+    Patch(torch.Tensor, ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"), _entries.factory_entry,
           "as the factories above"),
-    Patch(torch.Tensor, ("clone",), _core.clone_entry,
+    Patch(torch.Tensor, ("clone",), _entries.clone_entry,
           "a clone of a captured (outside) tensor made in the user's function belongs to the live grad/jvp "
           "levels, so differentiated writes into it are recorded (as torch.func); vmap keeps it unbatched"),
-    Patch(torch, ("clone",), _core.clone_entry, "as Tensor.clone"),
-    Patch(torch.Tensor, ("detach",), _core.user_detach,
+    Patch(torch, ("clone",), _entries.clone_entry, "as Tensor.clone"),
+    Patch(torch.Tensor, ("detach",), _entries.user_detach,
           "a user's x.detach() cuts every level; autograd's internal detach (a C++ call) must not (trap 2)"),
-    Patch(torch, ("detach",), _core.user_detach, "as Tensor.detach"),
+    Patch(torch, ("detach",), _entries.user_detach, "as Tensor.detach"),
     Patch(torch, _RANDOM_FUNCTIONS, random_entry_point,
           "random factories have no tensor argument and never reach a BatchedTensor: vmap's randomness "
           "flag is applied here (trap 7)"),

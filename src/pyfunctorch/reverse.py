@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, no_inference_mode,
-                    opaque_to_compiler, peel, push_interpreter)
+from . import _nested_decomp  # noqa: F401  (registers the nested-differentiation decompositions)
+from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, level_of,
+                    lift_into_live_levels, no_inference_mode, peel, push_interpreter)
+from ._compiler import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError, ArgumentTypeError
 
@@ -171,7 +173,7 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
         for n in nums:
             flat, spec = tree_flatten(args[n])
             _check_diff_inputs(flat, who)
-            wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+            wrapped = [GradTensor(lift_into_live_levels(x, interp.level), interp, requires_grad=True) for x in flat]
             diff_flat_all.append(wrapped)
             specs.append(spec)
             new_args[n] = tree_unflatten(wrapped, spec)
@@ -220,10 +222,18 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, create: bool, retain_g
     if not keep:
         return [torch.zeros_like(x._value) for x in inputs]
     sel_outs: list[Any] = [outs[i] for i in keep]
+    # The cotangents are lifted to this level (as functorch's are: they are wrappers of
+    # the current level there). Unlifted, (a) a dual of a lower jvp level would reach this
+    # level's backward kernels, whose forward-AD formulas (and jvp decompositions such as
+    # native_layer_norm_backward's) would then run on this level's wrappers, where
+    # autograd's internal detach aliases the inner value (trap 2) and the lower tangent
+    # comes out wrong; (b) a backward formula updating its incoming gradient in place
+    # (``gI.sub_(...)``) would write this level's derivative into a lower-level tensor.
     if gouts is None:
-        sel_gouts = [torch.ones_like(o._value) for o in sel_outs]
+        sel_gouts = [GradTensor(torch.ones_like(o._value), interp) for o in sel_outs]
     else:
-        sel_gouts = [gouts[i] for i in keep]
+        # (a cotangent of a higher level -- vmap(vjp_fn) -- is peeled by that level first)
+        sel_gouts = [g if level_of(g) >= interp.level else GradTensor(g, interp) for g in (gouts[i] for i in keep)]
     with torch.enable_grad():
         grads = _torch_autograd_grad(sel_outs, inputs, sel_gouts, retain_graph=retain_graph, create_graph=create,
                                     allow_unused=True)
@@ -308,7 +318,7 @@ def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
         diff = tuple(primals[n] for n in nums)
         flat, spec = tree_flatten(diff)
         _check_diff_inputs(flat, who)
-        wrapped = [GradTensor(x, interp, requires_grad=True) for x in flat]
+        wrapped = [GradTensor(lift_into_live_levels(x, interp.level), interp, requires_grad=True) for x in flat]
         new_primals = list(primals)
         for n, w in zip(nums, tree_unflatten(wrapped, spec)):
             new_primals[n] = w

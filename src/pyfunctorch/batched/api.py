@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _core
+from .._compiler import opaque_to_compiler
 from .._core import push_interpreter
 from .._pytree import broadcast_prefix, tree_flatten, tree_map, tree_unflatten
 from ..errors import DataDependentError, PerExampleSignal, PerformanceWarning
@@ -57,7 +58,7 @@ def vmap(
     _check_dims_type(out_dims, "out_dims")
 
     @functools.wraps(func)
-    @_core.opaque_to_compiler
+    @opaque_to_compiler
     def vmapped(*args, **kwargs):
         flat_args, args_spec = tree_flatten(args)
         flat_in = _leaf_in_dims(in_dims, args, flat_args, func)

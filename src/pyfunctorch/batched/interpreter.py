@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import _core
@@ -193,10 +195,16 @@ class VmapInterpreter(Interpreter):
         """A lazy tensor (made by a factory inside vmap) is unbatched for reading; the
         first in-place write into it (or a view of it) gives every example its own copy."""
         if info.aliased is not None:
-            for w in info.aliased:
-                target = args[w] if isinstance(w, int) else kwargs.get(w)
-                if isinstance(target, BatchedTensor) and target._lazy:
-                    materialize_lazy(target._lazy_root)
+            # A write of values that are the same for every example (no argument batched
+            # here) goes into the shared buffer, which stays lazy: forward AD copies an
+            # unbatched primal into a tensor made inside jacfwd's vmap, and materializing it
+            # would make that primal batched while its tangent buffer is not.
+            if any(batched_here(a, self) and not getattr(a, "_lazy", False)
+                   for a in itertools.chain(args, kwargs.values())):
+                for w in info.aliased:
+                    target = args[w] if isinstance(w, int) else kwargs.get(w)
+                    if isinstance(target, BatchedTensor) and target._lazy:
+                        materialize_lazy(target._lazy_root)
             if not has_lazy(args, kwargs, self):
                 return self.process(func, args, kwargs, info)
         roots = []
@@ -211,7 +219,10 @@ class VmapInterpreter(Interpreter):
 
         pargs = tuple(plain(a) for a in args)
         pkwargs = {k: plain(v) for k, v in kwargs.items()}
-        out = func(*pargs, **pkwargs)
+        if _core._state.jvp_depth:  # a lazy tensor may stand for a lower-level dual
+            out = _core.call_op_at_vmap(func, pargs, pkwargs)
+        else:
+            out = func(*pargs, **pkwargs)
         if info.aliased is not None:
             return _return_aliases(info.aliased, args, kwargs, out)
         if not roots:
