@@ -31,7 +31,7 @@ failure):
 
 Case seeds are plain integers (``random.Random(seed)``), so a report's case is
 reproduced by its seed. The pytest entry points use hypothesis (derandomized);
-``PYFUNCTORCH_FUZZ_EXAMPLES`` sets the CI slice's case count (default 150) and
+``PYFUNCTORCH_FUZZ_EXAMPLES`` sets the CI slice's case count (default 300) and
 ``PYFUNCTORCH_FUZZ_EXAMPLES_SLOW`` the slow run's (default 3000).
 """
 
@@ -131,6 +131,8 @@ def _argnums_for(D, nargs):
 
 
 def gen_case(D) -> Case:
+    # the rare options come with the largest draw: hypothesis starts from (and shrinks
+    # toward) the smallest values, which must be the common path
     nargs = D.choice([1, 2])
     depth = D.choice([1, 2, 2, 3, 3])
     layers = []
@@ -141,12 +143,12 @@ def gen_case(D) -> Case:
             if all(c is None for c in codes):
                 codes[D.int(0, nargs - 1)] = D.choice([0, -1, 1])
             as_int = len(set(codes)) == 1 and D.int(0, 1) == 1
-            out = D.choice([0, -1, 1, -2, 2, 0, -1]) if D.int(0, 24) else None
-            batch = D.choice([2, 1, 3, 0]) if D.int(0, 15) else 0
+            out = D.choice([0, -1, 1, -2, 2, 0, -1]) if D.int(0, 24) < 24 else None
+            batch = D.choice([2, 1, 3, 0]) if D.int(0, 15) < 15 else 0
             layers.append(Layer("vmap", in_dims=tuple(codes), in_dims_int=as_int, out_dim=out, batch=batch))
         else:
             an = 0 if kind == "vjp" or kind == "jvp" else _argnums_for(D, nargs)
-            aux = kind in AUX_KINDS and D.int(0, 5) == 0
+            aux = kind in AUX_KINDS and D.int(0, 5) == 5
             layers.append(Layer(kind, argnums=an, has_aux=aux))
     rank = D.int(0, 3)
     xs = tuple(D.int(1, 3) for _ in range(rank))
@@ -164,7 +166,7 @@ def gen_case(D) -> Case:
     ops = tuple((D.choice(OP_NAMES), D.int(0, 7)) for _ in range(nops))
     dtype = D.choice(["float64", "float32"])
     seed = D.int(0, 2**16)
-    comp = D.int(0, 3) == 0
+    comp = D.int(0, 3) == 3
     return Case(tuple(shapes), ops, tuple(layers), dtype, seed, comp)
 
 
@@ -382,7 +384,7 @@ def _op(name, h, y, k, salt):
         return h.unsqueeze(d), f"unsqueeze({d})"
     if name == "layer_norm":
         n = h.shape[-1]
-        if n == 1:
+        if n <= 2:  # n=2 normalizes to +-1: higher derivatives are pure rounding noise
             return h, "skip"
         w = _const((n,), h.dtype, salt) + 1.0
         b = _const((n,), h.dtype, salt + 1)
@@ -876,6 +878,8 @@ class Outcome:
 
 BAD_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "limitation",
              "compile_limitation", "internal_error_both", "disagree3")
+# the kinds that fail the CI slice (unless KNOWN); the others are reported by the script
+CI_FAIL_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "fuzzer_error")
 OK_KINDS = ("pass", "pass_tf_error", "pass_tf_differs", "both_error", "unverified", "imprecise", "skip")
 
 
@@ -1083,13 +1087,45 @@ class Known:
     pattern: str  # a regex searched in Outcome.sig
     reproducer: Case
     reason: str
+    batch0: bool = False  # only cases with a vmap of batch size 0
 
 
-KNOWN: list[Known] = []
+def _L(kind, **kw):
+    return Layer(kind, **kw)
 
 
-def known_match(o: Outcome) -> Known | None:
+# Each entry: a class of failure found by the full run, with its shrunk reproducer (see
+# the report for the plain-torch form). Keep this small; remove an entry once fixed.
+KNOWN: list[Known] = [
+    Known("batch0", r"^internal_error", Case(((),), (("mean", 0),), (_L("vmap", batch=0), _L("vmap", batch=1))),
+          "vmap over a batch of size 0: reshape(0, -1) / select(0) inside rules (reduce_all, plain, "
+          "new_zeros_with_same_feature_meta, jacobians)", batch0=True),
+    Known("zero_tensor_immutable", r"ZeroTensors are immutable",
+          Case(((),), (("mse_loss", 0),), (_L("jacfwd"), _L("jacrev"))),
+          "jacfwd(jacrev(mse_loss)): in-place write into a ZeroTensor tangent"),
+    Known("forward_grad_reset", r"is_inplace_op INTERNAL ASSERT|forward grad that itself has a forward gradient",
+          Case(((),), (("mse_loss", 0),), (_L("jacfwd"), _L("jacfwd"))),
+          "jacfwd(jacfwd(mse_loss)): a forward grad re-set on a tensor that has one"),
+    Known("dot_unallocated", r"data is not allocated yet",
+          Case(((2,),), (("matmul_y", 0),), (_L("jacfwd"), _L("hessian"))),
+          "jacfwd(hessian(x @ c)): batching/linalg.py dot sees a storage-less tensor"),
+    Known("onednn_reorder", r"reorder primitive",
+          Case(((2,),), (("gelu", 0),), (_L("jacrev"),), dtype="float32"),
+          "jacrev(gelu) in float32: oneDNN reorder error"),
+    Known("custom_function_jvp", r"implement the jvp function for custom autograd.Function",
+          Case(((), ()), (("clamp_t", 0), ("reshape", 6), ("sigmoid", 2)),
+               (_L("hessian", argnums=(1, 0)), _L("jacfwd", has_aux=True), _L("hessian"))),
+          "hessian(jacfwd(hessian(clamp(x, y-0.2, y+0.5)))): forward AD reaches an autograd.Function without jvp"),
+    Known("saved_tensor_version", r"modified by an inplace operation",
+          Case(((),), (("norm", 0),), (_L("grad"), _L("hessian")), dtype="float32"),
+          "grad(hessian(vector_norm(x + 0.1))): a saved MaskedFill output is modified in place"),
+]
+
+
+def known_match(case: Case, o: Outcome) -> Known | None:
     for k in KNOWN:
+        if k.batch0 and not any(L.kind == "vmap" and L.batch == 0 for L in case.layers):
+            continue
         if re.search(k.pattern, o.sig):
             return k
     return None
@@ -1100,13 +1136,19 @@ def known_match(o: Outcome) -> Known | None:
 # ---------------------------------------------------------------------------------------
 
 if pytest is not None:
-    _N_CI = int(os.environ.get("PYFUNCTORCH_FUZZ_EXAMPLES", "150"))
+    _N_CI = int(os.environ.get("PYFUNCTORCH_FUZZ_EXAMPLES", "300"))
     _N_SLOW = int(os.environ.get("PYFUNCTORCH_FUZZ_EXAMPLES_SLOW", "3000"))
     _HC = list(HealthCheck)
 
     def _check(case: Case):
         o = evaluate(case)
-        if o.bad and known_match(o) is None:
+        collect = os.environ.get("PYFUNCTORCH_FUZZ_COLLECT")  # a file: log failures, do not raise
+        if collect and o.kind not in OK_KINDS:
+            with open(collect, "a") as fh:
+                known = known_match(case, o)
+                fh.write(f"{o.kind}\t{known.id if known else '-'}\t{o.sig}\t{case!r}\n")
+            return
+        if o.kind in CI_FAIL_KINDS and known_match(case, o) is None:
             raise AssertionError(f"{o.kind}: {describe(case)}\n  {o.detail}\n  case={case!r}\n{o.tb[-3000:]}")
 
     @settings(max_examples=_N_CI, deadline=None, derandomize=True, database=None, suppress_health_check=_HC)
@@ -1159,8 +1201,39 @@ if pytest is not None:
 # ---------------------------------------------------------------------------------------
 
 
+def _worker(start, end, all_compile):
+    """Run seeds start..end-1, one JSON line per case (a 'start' line first, so that the
+    parent can name the seed that killed the process: torch.func itself aborts on a few
+    compositions)."""
+    import json
+
+    for s in range(start, end):
+        print(json.dumps({"start": s}), flush=True)
+        c = case_from_seed(s)
+        try:
+            o = evaluate(c, True if all_compile else None)
+        except Exception as e:  # noqa: BLE001  (a fuzzer bug must not stop the run)
+            o = Outcome("fuzzer_error", repr(e), f"fuzzer_error: {type(e).__name__}: {_norm_msg(e)}")
+        print(json.dumps({"seed": s, "kind": o.kind, "sig": o.sig, "detail": o.detail[:500]}), flush=True)
+
+
+def _shrink_worker(seed, sig, budget):
+    import json
+
+    c = shrink(case_from_seed(seed), sig, budget)
+    print(json.dumps({"shrunk": describe(c), "case": repr(c)}), flush=True)
+
+
+def _spawn(args):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
 def _main(argv):
     import argparse
+    import json
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", type=int, help="run N cases (seeds start..start+N-1)")
@@ -1170,9 +1243,17 @@ def _main(argv):
     p.add_argument("--shrink-budget", type=float, default=20.0, help="seconds per shrink")
     p.add_argument("--time-limit", type=float, default=1e9, help="stop after this many seconds")
     p.add_argument("--all-compile", action="store_true", help="compile-check every passing case")
+    p.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--shrink-one", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    if a.worker:
+        _worker(a.worker[0], a.worker[1], a.all_compile)
+        return 0
+    if a.shrink_one:
+        _shrink_worker(int(a.shrink_one[0]), a.shrink_one[1], a.shrink_budget)
+        return 0
     if a.case is not None:
         c = case_from_seed(a.case)
         print(describe(c))
@@ -1182,39 +1263,60 @@ def _main(argv):
         print(o.tb)
         return 0
     n = a.report or 200
+    end = a.start + n
     counts: dict = {}
     groups: dict = {}
     t0 = time.time()
     ran = 0
-    for s in range(a.start, a.start + n):
-        if time.time() - t0 > a.time_limit:
-            break
-        c = case_from_seed(s)
-        try:
-            o = evaluate(c, True if a.all_compile else None)
-        except Exception as e:  # noqa: BLE001  (a fuzzer bug must not stop the run)
-            o = Outcome("fuzzer_error", repr(e), f"fuzzer_error: {type(e).__name__}: {_norm_msg(e)}")
-        ran += 1
-        counts[o.kind] = counts.get(o.kind, 0) + 1
-        if o.kind not in OK_KINDS:
-            groups.setdefault(o.sig, []).append((s, c, o))
-        if ran % 100 == 0:
-            print(f"[{ran} cases, {time.time() - t0:.0f}s] {dict(sorted(counts.items()))}", flush=True)
+    pos = a.start
+    while pos < end and time.time() - t0 < a.time_limit:
+        proc = _spawn(["--worker", str(pos), str(end)] + (["--all-compile"] if a.all_compile else []))
+        current = None
+        for line in proc.stdout:
+            rec = json.loads(line)
+            if "start" in rec:
+                current = rec["start"]
+                if time.time() - t0 > a.time_limit:
+                    proc.kill()
+                    break
+                continue
+            current = None
+            pos = rec["seed"] + 1
+            ran += 1
+            counts[rec["kind"]] = counts.get(rec["kind"], 0) + 1
+            if rec["kind"] not in OK_KINDS:
+                groups.setdefault(rec["sig"], []).append(rec)
+            if ran % 100 == 0:
+                print(f"[{ran} cases, {time.time() - t0:.0f}s] {dict(sorted(counts.items()))}", flush=True)
+        proc.wait()
+        if current is not None and proc.returncode != 0:  # the process died inside a case
+            ran += 1
+            counts["process_crash"] = counts.get("process_crash", 0) + 1
+            groups.setdefault(f"process_crash: exit code {proc.returncode}", []).append(
+                {"seed": current, "kind": "process_crash", "detail": f"the process died (exit code {proc.returncode})"})
+            pos = current + 1
     el = time.time() - t0
-    print(f"\n== {ran} cases in {el:.0f}s (seeds {a.start}..{a.start + ran - 1})")
+    print(f"\n== {ran} cases in {el:.0f}s (seeds {a.start}..{pos - 1})")
     for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:22s} {v}")
     print(f"\n== {len(groups)} distinct failure signatures")
     for sig, items in sorted(groups.items(), key=lambda kv: (kv[0].split(':')[0], -len(kv[1]))):
-        s, c, o = items[0]
+        rec = items[0]
+        s = rec["seed"]
         print(f"\n[{len(items)}x] {sig}")
-        print(f"  seeds: {[i[0] for i in items[:12]]}")
-        print(f"  e.g. seed {s}: {describe(c)}")
-        print(f"  {o.detail[:400]}")
-        if a.shrink:
-            m = shrink(c, sig, a.shrink_budget)
-            print(f"  shrunk: {describe(m)}")
-            print(f"  shrunk case: {m!r}")
+        print(f"  seeds: {[i['seed'] for i in items[:12]]}")
+        print(f"  e.g. seed {s}: {describe(case_from_seed(s))}")
+        print(f"  {rec['detail'][:400]}")
+        if a.shrink and rec["kind"] != "process_crash":
+            sp = _spawn(["--shrink-one", str(s), sig, "--shrink-budget", str(a.shrink_budget)])
+            out = sp.stdout.read()
+            sp.wait()
+            try:
+                res = json.loads(out.strip().splitlines()[-1])
+                print(f"  shrunk: {res['shrunk']}")
+                print(f"  shrunk case: {res['case']}")
+            except (ValueError, IndexError):
+                print(f"  (shrinking died, exit code {sp.returncode})")
         sys.stdout.flush()
     return 0
 
