@@ -1097,25 +1097,12 @@ def _L(kind, **kw):
 # Each entry: a class of failure found by the full run, with its shrunk reproducer (see
 # the report for the plain-torch form). Keep this small; remove an entry once fixed.
 KNOWN: list[Known] = [
-    Known("batch0", r"^internal_error", Case(((),), (("mean", 0),), (_L("vmap", batch=0), _L("vmap", batch=1))),
-          "vmap over a batch of size 0: reshape(0, -1) / select(0) inside rules (reduce_all, plain, "
-          "new_zeros_with_same_feature_meta, jacobians)", batch0=True),
-    Known("zero_tensor_immutable", r"ZeroTensors are immutable",
-          Case(((),), (("mse_loss", 0),), (_L("jacfwd"), _L("jacrev"))),
-          "jacfwd(jacrev(mse_loss)): in-place write into a ZeroTensor tangent"),
-    Known("forward_grad_reset", r"is_inplace_op INTERNAL ASSERT|forward grad that itself has a forward gradient",
-          Case(((),), (("mse_loss", 0),), (_L("jacfwd"), _L("jacfwd"))),
-          "jacfwd(jacfwd(mse_loss)): a forward grad re-set on a tensor that has one"),
     Known("dot_unallocated", r"data is not allocated yet",
           Case(((2,),), (("matmul_y", 0),), (_L("jacfwd"), _L("hessian"))),
           "jacfwd(hessian(x @ c)): batching/linalg.py dot sees a storage-less tensor"),
     Known("onednn_reorder", r"reorder primitive",
           Case(((2,),), (("gelu", 0),), (_L("jacrev"),), dtype="float32"),
           "jacrev(gelu) in float32: oneDNN reorder error"),
-    Known("custom_function_jvp", r"implement the jvp function for custom autograd.Function",
-          Case(((), ()), (("clamp_t", 0), ("sigmoid", 0)), (_L("grad", argnums=1), _L("jacfwd"), _L("hessian"))),
-          "grad(jacfwd(hessian(...)), argnums=1): `h + tanh(y).mean()` goes torch._refs.add -> prims.add, whose "
-          "generated autograd.Function has no jvp, under forward AD"),
     Known("saved_tensor_version", r"modified by an inplace operation",
           Case(((),), (("norm", 0),), (_L("grad"), _L("hessian")), dtype="float32"),
           "grad(hessian(vector_norm(x + 0.1))): a saved MaskedFill output is modified in place"),
