@@ -20,6 +20,8 @@ def random_op(interp: "Interpreter", func, args, kwargs):
     if mode == "error":
         raise randomness_error(func)
     aliased = _mutated_returns(func)
+    if interp.batch_size == 0:
+        return _empty_batch_draw(interp, func, args, kwargs, aliased)
     uargs, dims = interp._unwrap_args(args)
     any_batched = any(d is not None for d in dims)
     if mode == "same":
@@ -67,6 +69,27 @@ def random_op(interp: "Interpreter", func, args, kwargs):
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, None)
     return stack_results(interp, func, outs)
+
+
+def _empty_batch_draw(interp, func, args, kwargs, aliased):
+    """A random op on an empty batch draws nothing: an empty result of one example's shape
+    (found on meta tensors), or, in place, nothing to write."""
+    if aliased is not None:
+        return _return_aliases(aliased, args, kwargs, None)
+
+    def meta(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        if isinstance(x, (list, tuple)):
+            return type(x)(meta(y) for y in x)
+        return x
+
+    out = func(*meta(tuple(args)), **{k: meta(v) for k, v in kwargs.items() if k != "generator"})
+    device = _device_of(args)
+    if isinstance(out, torch.Tensor):
+        return BatchedTensor(torch.empty((0,) + tuple(out.shape), dtype=out.dtype, device=device), 0, interp)
+    return type(out)(BatchedTensor(torch.empty((0,) + tuple(o.shape), dtype=o.dtype, device=device), 0, interp)
+                     for o in out)
 
 
 def _device_of(args):
@@ -148,7 +171,11 @@ def random_entry_point(original, args, kwargs):
     for lv in different:  # outermost first
         lv_keys = example_keys(lv)
         keys = [k if prev is None else _random.fold_in(prev, k) for prev in keys for k in lv_keys]
-    draws = torch.stack([original(*args, **dict(kwargs, generator=_random.generator_for(k))) for k in keys])
+    if not keys:  # an empty batch: no draws, an empty result of the draw's shape
+        one = original(*args, **dict(kwargs, device="meta"))
+        draws = torch.empty((0,) + tuple(one.shape), dtype=one.dtype, device=kwargs.get("device"))
+    else:
+        draws = torch.stack([original(*args, **dict(kwargs, generator=_random.generator_for(k))) for k in keys])
     out = draws.reshape(tuple(lv.batch_size for lv in different) + draws.shape[1:])
     for lv in different:  # outermost first: each level peels one leading dim
         out = BatchedTensor(out, 0, lv)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels
+from ._registry import batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked
 
 aten = torch.ops.aten
 
@@ -95,6 +95,7 @@ for _core_rank, _names in _FOLD_N.items():
 
 
 @batch_rule(aten.constant_pad_nd.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+@per_example_checked  # (each example needs the op's minimum rank: the batch dim must not count)
 def trailing_dims(op, args, kwargs, dims):
     """Ops that touch only trailing dims and accept any number of leading ones: the batch
     dim rides along (constant_pad_nd's decomposition would write into an unbatched buffer)."""

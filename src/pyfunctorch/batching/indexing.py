@@ -16,10 +16,12 @@ Most rules reduce to two tricks:
 from __future__ import annotations
 
 
+import math
+
 import torch
 
 from ..errors import batched_write_error
-from ._registry import normalize_args, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
+from ._registry import normalize_args, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -554,11 +556,17 @@ batch_rule(aten.diagonal_scatter.default)(
 def as_strided_scatter(op, args, kwargs, dims):
     # As views.as_strided: each example addresses its own contiguous storage region. The
     # offset is absolute, i.e. relative to the storage offset the (logical) self reports.
+    # One batched call only where that is exact: each example of self contiguous, the
+    # default offset, and the strided window inside the example (else it would reach into
+    # the next example's storage where the loop raises): otherwise run per example.
     args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
-    rel = (args[4] if args[4] is not None else args[0].storage_offset()) - args[0].storage_offset()
-    x = materialize(args[0], dims[0], B).contiguous()
-    src = materialize(args[1], dims[1], B)
     size, stride = tuple(args[2]), tuple(args[3])
-    per = x[0].numel()
-    return op(x, src, (B,) + size, (per,) + stride, x.storage_offset() + rel), 0
+    x = materialize(args[0], dims[0], B)
+    per = math.prod(x.shape[1:])
+    extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(n > 0 for n in size) else 0
+    if B and (args[4] is not None or not x.select(0, 0).is_contiguous() or extent > per or min(stride, default=0) < 0):
+        return loop_examples(op, args, dims, B)
+    x = x.contiguous()
+    src = materialize(args[1], dims[1], B)
+    return op(x, src, (B,) + size, (per,) + stride, x.storage_offset()), 0

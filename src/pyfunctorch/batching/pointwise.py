@@ -132,3 +132,24 @@ def copy(op, args, kwargs, dims):
     if dims[1] is not None:
         src = pad_to_rank(src, 0, rank(self_, 0))
     return op(self_, src, *args[2:], **kwargs), 0
+
+
+@batch_rule(aten.fill.Tensor, aten.fill_.Tensor)
+def fill_tensor(op, args, kwargs, dims):
+    # a batched fill value (0-dim per example) fills each example with its own value
+    self_, value = args[0], args[1]
+    if dims[1] is None:
+        return op(self_, value), 0
+    if value.dim() != 1:
+        raise RuntimeError(f"fill_ only supports 0-dimension value tensor but got tensor with {value.dim() - 1} "
+                           "dimensions.")
+    if op is aten.fill_.Tensor and dims[0] is None:
+        raise batched_write_error(op)
+    B = value.shape[0]
+    r = rank(self_, dims[0])
+    v = value.reshape((B,) + (1,) * r)
+    if op is aten.fill_.Tensor:
+        self_.copy_(v)  # broadcasts over the example's dims, casts to self's dtype
+        return self_, 0
+    shape = self_.shape[1:] if dims[0] is not None else self_.shape
+    return v.to(self_.dtype).expand((B,) + tuple(shape)).clone(), 0
