@@ -507,3 +507,59 @@ def test_per_example_check_error_is_the_kernels_own():
     with pytest.raises(RuntimeError) as theirs:
         torch.linalg.inv(torch.randn(2))
     assert str(ours.value) == str(theirs.value)
+
+
+# -- 3. kron with negative in_dims, tensor_split with tensor sections ------------------------
+
+@pytest.mark.parametrize("sa,sb,in_dims", [
+    ((3, 4), (5,), (-1, None)), ((3, 4), (2, 4), -1), ((4,), (4,), -1), ((2, 3, 4), (4,), (-1, 0)),
+    ((2, 4), (2, 3, 4), -1), ((2, 3, 4), (3, 2), (-1, None)), ((2, 3, 4), (2, 3, 4), (1, 1)),
+])
+def test_kron_any_in_dims_matches_loop(sa, sb, in_dims):
+    a, b = torch.randn(sa, dtype=torch.float64), torch.randn(sb, dtype=torch.float64)
+    torch.testing.assert_close(vmap(torch.kron, in_dims=in_dims)(a, b), loop(torch.kron, (a, b), in_dims))
+
+
+@pytest.mark.parametrize("f", [
+    lambda t: torch.tensor_split(t, torch.tensor([1, 4])),
+    lambda t: torch.tensor_split(t, torch.tensor(3)),
+    lambda t: torch.tensor_split(t, tensor_indices_or_sections=torch.tensor([1])),
+    lambda t: t.tensor_split(torch.tensor([2]), 0),
+    lambda t: torch.tensor_split(t.reshape(2, 3), torch.tensor([1]), dim=-1),
+    lambda t: torch.tensor_split(t, torch.arange(1, 3)),
+], ids=["indices", "sections", "keyword", "method", "dim", "created_inside"])
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_tensor_split_with_tensor_sections_matches_loop(f, in_dim):
+    x = torch.randn(3, 6) if in_dim == 0 else torch.randn(6, 3)
+    out = vmap(f, in_dims=in_dim)(x)
+    ref = [f(xi) for xi in x.unbind(in_dim)]
+    assert len(out) == len(ref[0])
+    for k, o in enumerate(out):
+        torch.testing.assert_close(o, torch.stack([r[k] for r in ref]))
+
+
+def test_tensor_split_with_batched_sections_is_per_example():
+    x = torch.randn(3, 6)
+    idx = torch.tensor([[1, 2], [1, 2], [1, 2]])
+    out = vmap(lambda t, i: torch.tensor_split(t, i))(x, idx)
+    ref = [torch.tensor_split(x[b], idx[b]) for b in range(3)]
+    for k, o in enumerate(out):
+        torch.testing.assert_close(o, torch.stack([r[k] for r in ref]))
+
+
+# -- 12. randomness='different': chunk-size invariant (documented in docs/differences.md) ----
+
+def test_randomness_different_is_chunk_invariant_unlike_torch_func():
+    x = torch.zeros(6)
+    f = lambda t: t + torch.rand(()) + 10 * torch.rand(())  # noqa: E731
+    torch.manual_seed(0)
+    a = vmap(f, randomness="different")(x)
+    torch.manual_seed(0)
+    b = vmap(f, randomness="different", chunk_size=4)(x)
+    assert torch.equal(a, b)
+    assert len(set(a.tolist())) == 6
+    torch.manual_seed(0)
+    ta = torch.func.vmap(f, randomness="different")(x)
+    torch.manual_seed(0)
+    tb = torch.func.vmap(f, randomness="different", chunk_size=4)(x)
+    assert not torch.equal(ta, tb)  # the documented difference: torch.func depends on chunk_size

@@ -15,7 +15,9 @@ aten = torch.ops.aten
             aten.view_copy.default)
 def view(op, args, kwargs, dims):
     x, size = args[0], args[1]
-    if op is aten._reshape_alias.default:
+    if op is aten._reshape_alias.default or op is aten._unsafe_view.default:
+        # (composites apply _unsafe_view to tensors they just computed: contiguous per example
+        # in the loop, while the physical value may keep a permuted batch layout)
         return x.reshape((x.shape[0],) + tuple(size)), 0
     if op is aten.view.default and not x.is_contiguous():
         try:
