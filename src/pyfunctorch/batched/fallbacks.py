@@ -52,6 +52,13 @@ def loop_fallback(interp: "Interpreter", func, args, kwargs):
             stacklevel=2,
         )
     aliased = _mutated_returns(func)
+    if aliased is not None and torch.Tag.inplace_view in func.tags:
+        # per example it would change the metadata of a temporary slice only (trap 4)
+        raise RuntimeError(
+            f"vmap: {func} changes a tensor's shape or strides in place and has no batching rule; running it "
+            "once per example would leave the batched tensor unchanged. Nothing was modified. Use its "
+            "out-of-place form (e.g. `x = x.squeeze(0)` instead of `x.squeeze_(0)`)."
+        )
     if aliased is not None:
         for w in aliased:
             target = args[w] if isinstance(w, int) else kwargs[w]
