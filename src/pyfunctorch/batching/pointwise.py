@@ -52,6 +52,14 @@ def _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace):
     computes in (torch's result_type rules over the *logical* ranks); in place, self keeps
     its dtype and only the other operands are cast. ``args`` are the rule's arguments,
     ``new`` the same padded to a common rank (the ones cast and returned)."""
+    first = args[tensor_pos[0]].dtype
+    for i in tensor_pos:
+        if args[i].dtype is not first:
+            break
+    else:  # one dtype (the common case): nothing to promote
+        return new
+    if not any(dims[i] is not None and args[i].dim() == 1 for i in tensor_pos):
+        return new
     name = op.overloadpacket.__name__
     if name in _NO_PROMOTION:
         return new
@@ -59,8 +67,6 @@ def _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace):
     tensor_pos = [i for i in tensor_pos if i not in skip]
     first = args[tensor_pos[0]].dtype
     if all(args[i].dtype is first for i in tensor_pos):
-        return new
-    if not any(dims[i] is not None and args[i].dim() == 1 for i in tensor_pos):
         return new
     if name in _OWN_SCALAR_RULES:
         return None
