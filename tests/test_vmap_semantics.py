@@ -464,6 +464,13 @@ _RANK_OPS = {
     "topk_dim1": lambda t: t.topk(1, 1)[0], "argmax_dim1": lambda t: t.argmax(1), "std_dim1": lambda t: t.std(1),
     "logsumexp_dim1": lambda t: t.logsumexp(1), "mode_dim1": lambda t: t.mode(1)[0],
     "kthvalue_dim1": lambda t: t.kthvalue(1, 1)[0], "transpose": lambda t: t.transpose(0, 1),
+    "gather_2d_index": lambda t: t.gather(0, torch.zeros(1, 1, dtype=torch.long)),
+    "max_pool2d": lambda t: torch.nn.functional.max_pool2d(t, 1),
+    "avg_pool1d": lambda t: torch.nn.functional.avg_pool1d(t, 1),
+    "unfold_im2col": lambda t: torch.nn.functional.unfold(t, 1),
+    "searchsorted": lambda t: torch.searchsorted(t, torch.zeros(1, dtype=t.dtype)),
+    "conv1d": lambda t: torch.nn.functional.conv1d(t, torch.ones(1, 1, 1, dtype=t.dtype)),
+    "group_norm": lambda t: torch.nn.functional.group_norm(t, 1),
 }
 
 

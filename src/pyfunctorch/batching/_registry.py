@@ -265,8 +265,13 @@ def _example_meta(a, d):
     return a
 
 
-def check_example(op, args, kwargs, dims) -> None:
-    """Raise the op's own error if one example's arguments are invalid for it (see above)."""
+def check_example(op, args, kwargs, dims, kernel: bool = False) -> None:
+    """Raise the op's own error if one example's arguments are invalid for it (see above).
+    ``kernel=True``: skip the meta kernel (one that checks less than the kernel) and run the
+    kernel on the first example (for rare argument shapes only: it costs a real call)."""
+    if kernel:
+        _first_example(op, args, kwargs, dims)
+        return
     if kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         return  # (batched keyword tensors: not checked)
     try:
@@ -306,13 +311,18 @@ def check_example(op, args, kwargs, dims) -> None:
             return
     # the example is invalid for the op: its own kernel on the first example raises the
     # op's own error (meta kernels sometimes word it differently)
-    B = batch_size_of(args, dims)
-    if B:
-        op(*[a.select(0, 0) if isinstance(a, torch.Tensor) and d is not None else
-             ([b.select(0, 0) if e is not None else b for b, e in zip(a, d)] if isinstance(d, list) else a)
-             for a, d in zip(args, dims)], **kwargs)
+    if batch_size_of(args, dims):
+        _first_example(op, args, kwargs, dims)
         return  # (the kernel accepts what its meta kernel refused: trust the kernel)
     raise err[0](*err[1])
+
+
+def _first_example(op, args, kwargs, dims):
+    if not batch_size_of(args, dims):
+        return
+    op(*[a.select(0, 0) if isinstance(a, torch.Tensor) and d is not None else
+         ([b.select(0, 0) if e is not None else b for b, e in zip(a, d)] if isinstance(d, list) else a)
+         for a, d in zip(args, dims)], **kwargs)
 
 
 def per_example_checked(rule: Callable) -> Callable:

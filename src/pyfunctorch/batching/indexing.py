@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..errors import batched_write_error
-from ._registry import normalize_args, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
+from ._registry import normalize_args, check_example, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -217,6 +217,8 @@ def gather(op, args, kwargs, dims):
     x, d, index = args[0], args[1], args[2]
     B = batch_size_of(args, dims)
     r = rank(x, dims[0])
+    if r == 0:  # (flattening would hide an index of the wrong rank: the op's own check)
+        check_example(op, args, kwargs, dims)
     x_p, i_p = _flatten_scalars(r, materialize(x, dims[0], B), materialize(index, dims[2], B))
     out = op(x_p, physical_dim(d, r), i_p, *args[3:], **kwargs)
     return out.reshape((B,) + index.shape[dims[2] is not None:]), 0
@@ -450,6 +452,8 @@ def searchsorted(op, args, kwargs, dims, kwarg_dims=None):
         seq, dims[0] = seq.gather(-1, sorter), 0
     B = batch_size_of([seq, values], dims)
     seq_rank = rank(seq, dims[0])
+    if seq_rank == 0 and dims[0] is not None:  # 0-dim boundaries per example: the op's own error
+        check_example(op, [seq, values], kwargs, dims, kernel=True)
     if dims[0] is None:  # only the values are batched (contiguous: avoids torch's copy warning)
         return op(seq, values.contiguous(), **kwargs), 0
     if kwargs.get("sorter") is not None:  # an unbatched sorter goes with the batched sequence
