@@ -471,7 +471,19 @@ _RANK_OPS = {
     "searchsorted": lambda t: torch.searchsorted(t, torch.zeros(1, dtype=t.dtype)),
     "conv1d": lambda t: torch.nn.functional.conv1d(t, torch.ones(1, 1, 1, dtype=t.dtype)),
     "group_norm": lambda t: torch.nn.functional.group_norm(t, 1),
+    "split": lambda t: t.split(1, 0)[0], "chunk": lambda t: t.chunk(1)[0], "cat": lambda t: torch.cat([t, t]),
+    "tensor_split": lambda t: t.tensor_split(2)[0],
 }
+
+
+@pytest.mark.parametrize("f", [lambda t: t.split(1, 0), lambda t: torch.cat([t, t]), lambda t: t.chunk(1),
+                               lambda t: t.tensor_split(2)], ids=["split", "cat", "chunk", "tensor_split"])
+def test_scalar_examples_raise_the_ops_own_error(f):
+    with pytest.raises(RuntimeError) as theirs:
+        f(torch.zeros(()))
+    with pytest.raises(RuntimeError) as ours:
+        vmap(f)(torch.zeros(3))
+    assert str(ours.value) == str(theirs.value)
 
 
 @pytest.mark.parametrize("name", sorted(_RANK_OPS))

@@ -122,6 +122,8 @@ def narrow(op, args, kwargs, dims):
             aten.chunk.default, aten.unsafe_chunk.default, aten.tensor_split.sections, aten.tensor_split.indices)
 def split(op, args, kwargs, dims):
     x, size = args[0], args[1]
+    if rank(x, 0) == 0:  # the op's own error ("split expects at least a 1-dimensional tensor")
+        check_example(op, args, kwargs, dims, kernel=True)
     d = args[2] if len(args) > 2 else kwargs.pop("dim", 0)
     return op(x, size, physical_dim(d, rank(x, 0)), **kwargs), 0
 
@@ -165,6 +167,8 @@ def cat(op, args, kwargs, dims):
     tensors, tdims = args[0], dims[0]
     d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     B = batch_size_of([tensors], [tdims])
+    if any(rank(t, e) == 0 for t, e in zip(tensors, tdims)):  # torch's own error
+        check_example(op, args, kwargs, dims, kernel=True)
     # legacy: 1-d empty tensors are skipped by cat whatever their rank
     keep = [(t, e) for t, e in zip(tensors, tdims) if not (rank(t, e) == 1 and t.shape[-1] == 0 and t.numel() == 0)]
     if not keep:
