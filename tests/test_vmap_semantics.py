@@ -582,3 +582,50 @@ def test_randomness_different_is_chunk_invariant_unlike_torch_func():
     torch.manual_seed(0)
     tb = torch.func.vmap(f, randomness="different", chunk_size=4)(x)
     assert not torch.equal(ta, tb)  # the documented difference: torch.func depends on chunk_size
+
+
+# -- on every device --------------------------------------------------------------------
+
+def test_device_semantics(device):
+    # autograd with in_dims != 0
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    (vmap(torch.sin, in_dims=1)(x).sum() + (x ** 2).sum()).backward()
+    torch.testing.assert_close(x.grad, x.detach().cos() + 2 * x.detach())
+    # empty batches keep the device
+    for f, shapes in [(torch.sum, [(3,)]), (torch.matmul, [(3, 4), (4, 2)]), (grad(lambda t: (t ** 2).sum()), [(3,)])]:
+        out = vmap(f)(*[torch.randn((0,) + s, device=device) for s in shapes])
+        one = f(*[torch.randn(s, device=device) for s in shapes])
+        assert out.shape == (0,) + one.shape and out.device == one.device
+    assert vmap(lambda t: t + torch.rand(3, device=device), randomness="different")(
+        torch.randn(0, 3, device=device)).device.type == torch.device(device).type
+    # randomness='same' across chunks
+    z = torch.zeros(5, 3, device=device)
+    g = lambda t: t + torch.rand(3, device=device) + torch.rand_like(t)  # noqa: E731
+    torch.manual_seed(3)
+    ref = vmap(g, randomness="same")(z)
+    torch.manual_seed(3)
+    out = vmap(g, randomness="same", chunk_size=2)(z)
+    torch.testing.assert_close(out, ref)
+    assert (out == out[0]).all()
+    # batched fill value, promotion with a batched 0-dim operand
+    v = torch.randn(3, device=device)
+    torch.testing.assert_close(vmap(lambda t, s: t.clone().fill_(s))(torch.zeros(3, 4, device=device), v),
+                               v[:, None].expand(3, 4))
+    a = torch.randint(0, 5, (3, 2), dtype=torch.uint8, device=device)
+    b = torch.randint(-3, 3, (3,), dtype=torch.int8, device=device)
+    out = vmap(torch.add)(a, b)
+    ref = loop(torch.add, (a, b))
+    assert out.dtype == ref.dtype == torch.uint8 and torch.equal(out, ref)
+    h = torch.randn(3, 5, device=device).to(torch.bfloat16)
+    w = torch.randn(3, 4, device=device)
+    f2 = lambda p, q: p * q.sum()  # noqa: E731
+    out = vmap(f2)(h, w)
+    ref = loop(f2, (h, w))
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    # rank checks
+    with pytest.raises(RuntimeError):
+        vmap(torch.linalg.det)(torch.randn(3, 3, device=device))
+    # in-place view ops with in_dims != 0
+    y = torch.randn(3, 4, 1, device=device)
+    out = vmap(lambda t: t.squeeze_(-1) * 2, in_dims=1)(y)
+    torch.testing.assert_close(out, loop(lambda t: t.squeeze(-1) * 2, y, 1))
