@@ -22,6 +22,7 @@ GUIDE_PAGES = [
     "index.md",
     "getting-started.md",
     "coming-from-torch-func.md",
+    "differences.md",
     "transforms/vmap.md",
     "transforms/grad.md",
     "transforms/vjp.md",

@@ -176,6 +176,12 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
             raise  # another vmap level's business (or unclaimed: an ordinary DataDependentError)
         if strict:
             raise DataDependentError(str(signal) + " (strict=True: not falling back to a per-example loop)") from None
+        if B == 0:
+            raise DataDependentError(
+                str(signal) + " The batch is empty (batch size 0), so there is no example to run the function "
+                "on and the outputs' shapes are unknown. Skip the call for an empty batch, or make the "
+                "control flow independent of the data."
+            ) from None
         mutated = [i for i, (x, v) in enumerate(zip(flat_args, versions)) if v is not None and x._version != v]
         if mutated:
             raise DataDependentError(
@@ -220,11 +226,11 @@ def _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, k
     """vmap's definition: call ``func`` on each example and stack the results."""
     same_rng = randomness == "same"
     if same_rng:
-        rng = torch.get_rng_state()
+        states = _rng_states()
     outs = []
     for b in range(B):
         if same_rng:
-            torch.set_rng_state(rng)  # every example sees the same draws
+            _set_rng_states(states)  # every example sees the same draws
         example = [x if d is None else x.select(d, b) for x, d in zip(flat_args, flat_in)]
         # A size-1 vmap level keeps the randomness flag in force for random factories.
         with push_interpreter(_new_level(1, randomness, rng, offset + b)) as one:
@@ -322,7 +328,7 @@ def _unwrap_out(interp, o, d, func):
         )
     if d is None:
         if isinstance(o, BatchedTensor) and o._interp is interp and o._lazy:
-            return o._value.select(0, 0)  # created inside and never written per example
+            return o._lazy_plain  # created inside and never written per example
         if isinstance(o, BatchedTensor) and o._interp is interp:
             raise ValueError(
                 f"vmap({_name(func)}): out_dims is None for an output that depends on the batched "
@@ -341,7 +347,12 @@ def _unwrap_out(interp, o, d, func):
 def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_size, B, kwargs, strict=False, rng=None):
     starts = list(range(0, B, chunk_size))
     pieces = []
+    # randomness='same': one draw for the whole batch, so every chunk replays the first
+    # chunk's draws (the generators end where one unchunked call leaves them)
+    same = _rng_states() if randomness == "same" else None
     for s in starts:
+        if same is not None:
+            _set_rng_states(same)
         n = min(chunk_size, B - s)
         chunk = [x if d is None else x.narrow(d, s, n) for x, d in zip(flat_args, flat_in)]
         pieces.append(_vmap_impl(func, chunk, args_spec, flat_in, out_dims, randomness, n, kwargs, strict, rng, s))
@@ -355,6 +366,19 @@ def _chunked(func, flat_args, args_spec, flat_in, out_dims, randomness, chunk_si
         else:
             res.append(torch.cat([c[i] for c in cols], dim=d))
     return tree_unflatten(res, spec)
+
+
+def _rng_states():
+    """The states of torch's default generators (CPU, and CUDA where it is in use)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _name(func) -> str:

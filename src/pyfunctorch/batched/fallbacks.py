@@ -52,6 +52,13 @@ def loop_fallback(interp: "Interpreter", func, args, kwargs):
             stacklevel=2,
         )
     aliased = _mutated_returns(func)
+    if aliased is not None and torch.Tag.inplace_view in func.tags:
+        # per example it would change the metadata of a temporary slice only (trap 4)
+        raise RuntimeError(
+            f"vmap: {func} changes a tensor's shape or strides in place and has no batching rule; running it "
+            "once per example would leave the batched tensor unchanged. Nothing was modified. Use its "
+            "out-of-place form (e.g. `x = x.squeeze(0)` instead of `x.squeeze_(0)`)."
+        )
     if aliased is not None:
         for w in aliased:
             target = args[w] if isinstance(w, int) else kwargs[w]
@@ -120,6 +127,7 @@ def lazy_wrap(plain: torch.Tensor, interp: "Interpreter", root=None) -> BatchedT
     it as unbatched; the first write gives each example its own memory (materialize_lazy)."""
     w = BatchedTensor(plain.unsqueeze(0).expand((interp.batch_size,) + plain.shape), 0, interp)
     w._lazy = True
+    w._lazy_plain = plain  # the one value every example reads (also when B == 0)
     if root is None:
         root = w
         w._lazy_views = []
@@ -130,10 +138,28 @@ def lazy_wrap(plain: torch.Tensor, interp: "Interpreter", root=None) -> BatchedT
     return w
 
 
+def _non_overlapping(shape, stride) -> bool:
+    dims = sorted((st, n) for n, st in zip(shape, stride) if n > 1)
+    need = 1
+    for st, n in dims:
+        if st < need:
+            return False
+        need = st * n
+    return True
+
+
 def materialize_lazy(root: BatchedTensor) -> None:
     if not root._lazy:
         return
-    C = root._value.contiguous()
+    v = root._value
+    if type(v) is torch.Tensor and not root.is_contiguous() and _non_overlapping(root.shape, root.stride()):
+        # keep each example's own layout (new_empty_strided's strides): every example a
+        # copy of the root's dense per-example storage, one example after the other
+        span = 1 + sum((n - 1) * st for n, st in zip(root.shape, root.stride())) if root.numel() else 1
+        C = torch.empty_strided(v.shape, (span,) + tuple(root.stride()), dtype=v.dtype, device=v.device)
+        C.copy_(v)
+    else:
+        C = v.contiguous()
     B = C.shape[0]
     members = [root] + [r() for r in root._lazy_views]
     for w in members:

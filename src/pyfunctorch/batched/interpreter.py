@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from .. import _core
-from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor, _InplaceViewAliases, _mutated_returns, _return_aliases
 from ..batching import BATCH_RULES, lookup as _lookup_rule
 from .user_rules import custom_op_vmap, custom_op_vmap_fn
 from ..errors import BatchedWriteError, PerExampleSignal, data_dependent
@@ -27,10 +27,11 @@ class _OpInfo:
     """Per-op decisions of the vmap dispatcher, cached on the OpOverload itself
     (``func._pyf_vmap``: an attribute read is ~3x cheaper than hashing the op)."""
 
-    __slots__ = ("kind", "rule", "aliased", "view", "out_variant")
+    __slots__ = ("kind", "rule", "aliased", "view", "out_variant", "inplace_view")
 
     def __init__(self, kind, rule, aliased, func=None):
         self.kind, self.rule, self.aliased = kind, rule, aliased
+        self.inplace_view = type(aliased) is _InplaceViewAliases
         rets = func._schema.returns if func is not None else ()
         self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
         self.out_variant = _functional_of_out(func) if func is not None and kind is _RULE else None
@@ -88,6 +89,10 @@ def invalidate_op_cache() -> None:
         op.__dict__.pop("_pyf_vmap", None)
 
 
+class _GiveUp(Exception):
+    pass
+
+
 class VmapInterpreter(Interpreter):
     kind = "vmap"
 
@@ -109,6 +114,8 @@ class VmapInterpreter(Interpreter):
         except AttributeError:
             info = _op_info(func)
         try:
+            if info.inplace_view:
+                return self._inplace_view(func, args, kwargs, info)
             if info.rule is not None and self.bottom and not kwargs:
                 # Fast path: plain values, nothing to record -> no key guard needed.
                 uargs, dims, needs_autograd = self._unwrap_args_checked(args)
@@ -125,6 +132,78 @@ class VmapInterpreter(Interpreter):
             if signal.interp is None:
                 signal.interp = self
             raise
+        except Exception:
+            if self.batch_size == 0:  # rules reshape(B, -1), loops stack nothing ...
+                out = self._empty_batch(func, args, kwargs, info)
+                if out is not NotImplemented:
+                    return out
+            raise
+
+    def _empty_batch(self, func, args, kwargs, info):
+        """An op on an empty batch (B = 0) that its rule or fallback could not run: run it on
+        meta tensors holding one example, and return empty results of that shape per example
+        (as torch.func does). NotImplemented where that cannot be done (then the op's own
+        error stands): a tensor of another level among the arguments, an unbatched output."""
+        device = []
+
+        def meta(x):
+            if isinstance(x, BatchedTensor) and x._interp is self:
+                v = x._value
+                if type(v) is not torch.Tensor:
+                    raise _GiveUp
+                device.append(v.device)
+                shape = list(v.shape)
+                shape[x._bdim] = 1
+                return BatchedTensor(torch.empty(shape, dtype=v.dtype, device="meta"), x._bdim, self)
+            if isinstance(x, LevelTensor):
+                raise _GiveUp
+            if isinstance(x, torch.Tensor):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            if isinstance(x, (list, tuple)):
+                return type(x)(meta(y) for y in x)
+            return x
+
+        def real(o):
+            if isinstance(o, BatchedTensor) and o._interp is self:
+                shape = list(o._value.shape)
+                shape[o._bdim] = 0
+                return BatchedTensor(torch.empty(shape, dtype=o.dtype, device=device[0]), o._bdim, self)
+            if isinstance(o, torch.Tensor):
+                raise _GiveUp  # an unbatched result computed from meta values
+            if isinstance(o, (list, tuple)):
+                return type(o)(real(p) for p in o)
+            return o
+
+        try:
+            margs = meta(tuple(args))
+            mkwargs = {k: meta(v) for k, v in kwargs.items()}
+            self.batch_size = 1
+            try:
+                with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+                    out = self.process(func, margs, mkwargs, info)
+            finally:
+                self.batch_size = 0
+            if info.aliased is not None:  # nothing to write in an empty batch
+                return args[info.aliased[0]] if len(info.aliased) == 1 and isinstance(info.aliased[0], int) \
+                    else _return_aliases(info.aliased, args, kwargs, None)
+            return real(out)
+        except Exception:
+            return NotImplemented
+
+    def _inplace_view(self, func, args, kwargs, info):
+        """``squeeze_``, ``transpose_``, ``as_strided_`` ... on a batched tensor (trap 4): the
+        rule changes the metadata of a fresh view of the physical value (batch dim in front),
+        which becomes the wrapper's value; the caller's tensor (an input's physical value)
+        keeps its own metadata, as each example's view does in the loop. The wrapper's
+        per-example metadata is then fixed by replaying the op on it (``_return_aliases``)."""
+        target = args[0]
+        if isinstance(target, BatchedTensor) and target._interp is self:
+            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+                v = target._value
+                target._value = v.movedim(target._bdim, 0) if target._bdim else v.view(v.shape)
+                target._bdim = 0
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
+            return self.process(func, args, kwargs, info)
 
     # -- lifting a lower-level tensor: an unbatched constant needs no wrapper ----
     def lift(self, tensor):
@@ -212,7 +291,7 @@ class VmapInterpreter(Interpreter):
         def plain(x):
             if isinstance(x, BatchedTensor) and x._lazy and x._interp is self:
                 roots.append(x._lazy_root)
-                return x._value.select(0, 0)
+                return x._lazy_plain
             if isinstance(x, (list, tuple)):
                 return type(x)(plain(y) for y in x)
             return x
@@ -238,7 +317,8 @@ class VmapInterpreter(Interpreter):
             # A fresh tensor computed from tensors made inside the function is itself made
             # inside (`y = torch.zeros(3) * 2; y.add_(x)`; dropout's empty_like(x).bernoulli_):
             # it stays lazy, so a later batched write gives each example its own copy.
-            return lazy_wrap(o.contiguous(), self)
+            # (its own layout, as the example's op gives it: new_empty_strided's strides)
+            return lazy_wrap(o, self)
 
         return lazify(out)
 
@@ -253,9 +333,11 @@ class VmapInterpreter(Interpreter):
         for a in args:
             if type(a) is BatchedTensor and a._interp is self:
                 v = a._value
+                # (read requires_grad before moving the batch dim: this runs with autograd
+                # excluded, so the moved view would not require grad)
+                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg()
                 if a._bdim != 0:
                     v = v.movedim(a._bdim, 0)
-                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg()
                 uargs.append(v)
                 dims.append(0)
             elif isinstance(a, torch.Tensor):

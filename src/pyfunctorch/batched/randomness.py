@@ -21,6 +21,8 @@ def random_op(interp: "Interpreter", func, args, kwargs):
     if mode == "error":
         raise randomness_error(func)
     aliased = _mutated_returns(func)
+    if interp.batch_size == 0:
+        return _empty_batch_draw(interp, func, args, kwargs, aliased)
     uargs, dims = interp._unwrap_args(args)
     any_batched = any(d is not None for d in dims)
     if mode == "same":
@@ -79,6 +81,27 @@ def random_op(interp: "Interpreter", func, args, kwargs):
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, None)
     return stack_results(interp, func, outs)
+
+
+def _empty_batch_draw(interp, func, args, kwargs, aliased):
+    """A random op on an empty batch draws nothing: an empty result of one example's shape
+    (found on meta tensors), or, in place, nothing to write."""
+    if aliased is not None:
+        return _return_aliases(aliased, args, kwargs, None)
+
+    def meta(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        if isinstance(x, (list, tuple)):
+            return type(x)(meta(y) for y in x)
+        return x
+
+    out = func(*meta(tuple(args)), **{k: meta(v) for k, v in kwargs.items() if k != "generator"})
+    device = _device_of(args)
+    if isinstance(out, torch.Tensor):
+        return BatchedTensor(torch.empty((0,) + tuple(out.shape), dtype=out.dtype, device=device), 0, interp)
+    return type(out)(BatchedTensor(torch.empty((0,) + tuple(o.shape), dtype=o.dtype, device=device), 0, interp)
+                     for o in out)
 
 
 def _device_of(args):
@@ -162,7 +185,10 @@ def random_entry_point(original, args, kwargs):
         lv_keys = example_keys(lv)
         keys = [k if prev is None else _random.fold_in(prev, k) for prev in keys for k in lv_keys]
     draws = None
-    if _traced_random.tracing():  # pyfunctorch.compile is tracing: the same loop, as one recorded op
+    if not keys:  # an empty batch: no draws, an empty result of the draw's shape
+        one = original(*args, **dict(kwargs, device="meta"))
+        draws = torch.empty((0,) + tuple(one.shape), dtype=one.dtype, device=kwargs.get("device"))
+    elif _traced_random.tracing():  # pyfunctorch.compile is tracing: the same loop, as one recorded op
         try:
             draws = _traced_random.keyed_draws(original, list(args), [None] * len(args), kwargs,
                                                _traced_random.stacked_keys(keys), False, None)

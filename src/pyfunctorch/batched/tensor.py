@@ -56,7 +56,9 @@ class BatchedTensor(LevelTensor):
         return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
 
     def _tolist(self):
-        if self._lazy or self._interp.batch_size == 1:  # one value for every example
+        if self._lazy:  # one value for every example
+            return self._lazy_plain.tolist()
+        if self._interp.batch_size == 1:
             return self._value.select(self._bdim, 0).tolist()
         raise data_dependent("tolist", self._interp)
 

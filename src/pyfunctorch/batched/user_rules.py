@@ -23,7 +23,7 @@ def _unwrap_batched(x, interp):
     """(physical value, bdim) for a top-level argument; nested containers give nested dims."""
     if isinstance(x, BatchedTensor) and x._interp is interp:
         if x._lazy:  # created inside, never written per example: unbatched
-            return x._value.select(0, 0), None
+            return x._lazy_plain, None
         return x._value, x._bdim
     if isinstance(x, (tuple, list)) and any(isinstance(y, torch.Tensor) for y in x):
         pairs = [_unwrap_batched(y, interp) for y in x]

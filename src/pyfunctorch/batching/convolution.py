@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels
+from ._registry import batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example
 
 aten = torch.ops.aten
 
@@ -46,7 +46,10 @@ def fold_into_n(core: int):
         B = batch_size_of(args, dims)
         tpos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         first = args[tpos[0]]
-        has_n = rank(first, dims[tpos[0]]) > core
+        r = rank(first, dims[tpos[0]])
+        if not core <= r <= core + 1:  # (the batch dim must not stand in for N or C)
+            check_example(op, args, kwargs, dims)  # the op's own error for one example
+        has_n = r > core
         new = list(args)
         # (torch's adaptive_max_pool3d_backward reads an expanded, stride-0 input or indices
         # out of bounds and crashes: backward kernels that take indices get real copies)
@@ -95,6 +98,7 @@ for _core_rank, _names in _FOLD_N.items():
 
 
 @batch_rule(aten.constant_pad_nd.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+@per_example_checked  # (each example needs the op's minimum rank: the batch dim must not count)
 def trailing_dims(op, args, kwargs, dims):
     """Ops that touch only trailing dims and accept any number of leading ones: the batch
     dim rides along (constant_pad_nd's decomposition would write into an unbatched buffer)."""

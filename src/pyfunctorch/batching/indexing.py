@@ -16,10 +16,12 @@ Most rules reduce to two tricks:
 from __future__ import annotations
 
 
+import math
+
 import torch
 
 from ..errors import batched_write_error
-from ._registry import normalize_args, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
+from ._registry import normalize_args, check_example, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -215,6 +217,8 @@ def gather(op, args, kwargs, dims):
     x, d, index = args[0], args[1], args[2]
     B = batch_size_of(args, dims)
     r = rank(x, dims[0])
+    if r == 0:  # (flattening would hide an index of the wrong rank: the op's own check)
+        check_example(op, args, kwargs, dims)
     x_p, i_p = _flatten_scalars(r, materialize(x, dims[0], B), materialize(index, dims[2], B))
     out = op(x_p, physical_dim(d, r), i_p, *args[3:], **kwargs)
     return out.reshape((B,) + index.shape[dims[2] is not None:]), 0
@@ -448,6 +452,8 @@ def searchsorted(op, args, kwargs, dims, kwarg_dims=None):
         seq, dims[0] = seq.gather(-1, sorter), 0
     B = batch_size_of([seq, values], dims)
     seq_rank = rank(seq, dims[0])
+    if seq_rank == 0 and dims[0] is not None:  # 0-dim boundaries per example: the op's own error
+        check_example(op, [seq, values], kwargs, dims, kernel=True)
     if dims[0] is None:  # only the values are batched (contiguous: avoids torch's copy warning)
         return op(seq, values.contiguous(), **kwargs), 0
     if kwargs.get("sorter") is not None:  # an unbatched sorter goes with the batched sequence
@@ -554,11 +560,17 @@ batch_rule(aten.diagonal_scatter.default)(
 def as_strided_scatter(op, args, kwargs, dims):
     # As views.as_strided: each example addresses its own contiguous storage region. The
     # offset is absolute, i.e. relative to the storage offset the (logical) self reports.
+    # One batched call only where that is exact: each example of self contiguous, the
+    # default offset, and the strided window inside the example (else it would reach into
+    # the next example's storage where the loop raises): otherwise run per example.
     args, kwargs, dims = normalize_args(op, args, kwargs, dims)
     B = batch_size_of(args, dims)
-    rel = (args[4] if args[4] is not None else args[0].storage_offset()) - args[0].storage_offset()
-    x = materialize(args[0], dims[0], B).contiguous()
-    src = materialize(args[1], dims[1], B)
     size, stride = tuple(args[2]), tuple(args[3])
-    per = x[0].numel()
-    return op(x, src, (B,) + size, (per,) + stride, x.storage_offset() + rel), 0
+    x = materialize(args[0], dims[0], B)
+    per = math.prod(x.shape[1:])
+    extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if all(n > 0 for n in size) else 0
+    if B and (args[4] is not None or not x.select(0, 0).is_contiguous() or extent > per or min(stride, default=0) < 0):
+        return loop_examples(op, args, dims, B)
+    x = x.contiguous()
+    src = materialize(args[1], dims[1], B)
+    return op(x, src, (B,) + size, (per,) + stride, x.storage_offset()), 0

@@ -14,6 +14,7 @@ from ._registry import (
     batch_size_of,
     materialize,
     non_out_overloads,
+    per_example_checked,
     per_example_signal,
     pad_to_rank,
     rank,
@@ -22,6 +23,7 @@ from ._registry import (
 aten = torch.ops.aten
 
 @batch_rule(aten.mm.default, aten.bmm.default)
+@per_example_checked  # (matmul would broadcast over an example's extra dims)
 def mm(op, args, kwargs, dims):
     # Logical shapes are exact for mm/bmm, so matmul's broadcasting over the leading batch
     # dim gives the per-example products. With only the right operand batched, matmul
@@ -34,6 +36,7 @@ def mm(op, args, kwargs, dims):
 
 
 @batch_rule(aten.mv.default)
+@per_example_checked  # (matmul would broadcast over an example's extra dims)
 def mv(op, args, kwargs, dims):
     a, v = args
     if dims[0] is None:  # unbatched matrix: one (B, k) @ (k, n) product
@@ -42,6 +45,7 @@ def mv(op, args, kwargs, dims):
 
 
 @batch_rule(aten.dot.default, aten.vdot.default)
+@per_example_checked  # (matmul would broadcast over an example's extra dims)
 def dot(op, args, kwargs, dims):
     a, b = args
     if op is aten.vdot.default:
@@ -93,6 +97,7 @@ def _coeff(v, name, dtype, op):
 
 
 @batch_rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default, aten.addbmm.default, aten.addr.default)
+@per_example_checked  # (matmul would broadcast over an example's extra dims)
 def addmm(op, args, kwargs, dims):
     bias, a, b = args[:3]
     if op is aten.addr.default:  # promotes its operands (as 2-D tensors: a 0-dim bias counts too)
@@ -132,6 +137,7 @@ def addmm(op, args, kwargs, dims):
 
 
 @batch_rule(aten.linalg_cross.default)
+@per_example_checked
 def linalg_cross(op, args, kwargs, dims):
     # elementwise over every dim but ``dim``, broadcasting: an unbatched operand gets a size-1
     # batch dim (the ranks must match), ``dim`` counts from the end or moves past the batch dim.
@@ -168,7 +174,8 @@ def batch_agnostic(op, args, kwargs, dims):
     return op(*args, **kwargs), 0
 
 
-batch_rule(*non_out_overloads(*_BATCH_AGNOSTIC))(batch_agnostic)
+# (checked per example: the op would read the batch dim as one of its own batch dims)
+batch_rule(*non_out_overloads(*_BATCH_AGNOSTIC))(per_example_checked(batch_agnostic))
 
 
 @batch_rule(aten._linalg_check_errors.default)
@@ -236,6 +243,7 @@ def _lstsq_driver(A, kwargs):
 
 
 @batch_rule(aten.linalg_lstsq.default)
+@per_example_checked
 def lstsq(op, args, kwargs, dims):
     A, b = args[0], args[1]
     da, db = dims[0], dims[1]
@@ -292,6 +300,7 @@ def _expand_factor(LD, piv, batch):
 
 
 @batch_rule(aten.linalg_ldl_solve.default)
+@per_example_checked
 def ldl_solve(op, args, kwargs, dims):
     LD, piv, rhs = args
     dl, dp, dr = dims
@@ -324,6 +333,7 @@ def ldl_solve(op, args, kwargs, dims):
 
 
 @batch_rule(aten.linalg_pinv.atol_rtol_tensor, batched_kwargs=True)
+@per_example_checked
 def pinv(op, args, kwargs, dims, kwarg_dims=None):
     kwarg_dims = kwarg_dims or {}
     A, dA = args[0], dims[0]

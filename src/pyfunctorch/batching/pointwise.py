@@ -12,31 +12,86 @@ from __future__ import annotations
 import torch
 
 from ..errors import batched_write_error
-from ._registry import batch_rule, non_out_overloads, overloads, pad_to_rank, rank
+from ._registry import batch_rule, batch_size_of, check_example, non_out_overloads, overloads, pad_to_rank, rank
 
 aten = torch.ops.aten
 
 
-def _promote_logical_scalars(args, dims, tensor_pos):
+def _combine_categories(higher, lower):
+    """torch's ``combine_categories`` (TypeProperties.cpp): a result of a higher-priority
+    group of operands (dimensioned > 0-dim) keeps its dtype unless the lower group is of a
+    higher category (bool < integral < floating < complex)."""
+    if higher is None:
+        return lower
+    if lower is None or higher.is_complex:
+        return higher
+    if lower.is_complex:
+        return _COMPLEX_OF.get(higher, lower) if higher.is_floating_point else lower
+    if higher.is_floating_point:
+        return higher
+    if higher is torch.bool or lower.is_floating_point:
+        return torch.promote_types(higher, lower)
+    return higher
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+_COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128,
+               torch.bfloat16: torch.complex64}
+#: operands that do not take part in type promotion: where's condition
+_NOT_PROMOTED = {"where": (0,)}
+#: ops whose tensor operands are not promoted together (the op converts or requires dtypes)
+_NO_PROMOTION = {"masked_fill", "masked_fill_", "copy_", "_to_copy", "fill", "fill_"}
+#: ops with rules of their own for a 0-dim operand of another dtype (lerp's weight): per example
+_OWN_SCALAR_RULES = {"lerp", "lerp_"}
+
+
+def _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace):
     """Physically a batched 0-dim tensor has 1 dim, which would change type promotion
-    (0-dim tensors rank below dimensioned ones). Cast every tensor operand to the
-    dtype the per-example op would compute in."""
-    tensor_pos = [i for i in tensor_pos if args[i].dtype is not torch.bool]  # masks/conditions keep their dtype
-    dtypes = {args[i].dtype for i in tensor_pos}
-    if len(dtypes) == 1:
-        return args
-    if not any(dims[i] is not None and args[i].dim() == 1 for i in tensor_pos):
-        return args
-    metas = [torch.empty((1,) * rank(args[i], dims[i]), dtype=args[i].dtype) for i in tensor_pos]
-    dt = metas[0].dtype
-    acc = metas[0]
-    for m in metas[1:]:
-        dt = torch.result_type(acc, m)
-        acc = torch.empty((1,) * max(acc.dim(), m.dim()), dtype=dt)
-    args = list(args)
+    (0-dim tensors rank below dimensioned ones: ``uint8 (n,) + int8 0-dim`` is uint8, while
+    two dimensioned tensors give int16). Cast the operands to the dtype the per-example op
+    computes in (torch's result_type rules over the *logical* ranks); in place, self keeps
+    its dtype and only the other operands are cast. ``args`` are the rule's arguments,
+    ``new`` the same padded to a common rank (the ones cast and returned)."""
+    first = args[tensor_pos[0]].dtype
     for i in tensor_pos:
-        args[i] = args[i].to(dt)
-    return args
+        if args[i].dtype is not first:
+            break
+    else:  # one dtype (the common case): nothing to promote
+        return new
+    if not any(dims[i] is not None and args[i].dim() == 1 for i in tensor_pos):
+        return new
+    name = op.overloadpacket.__name__
+    if name in _NO_PROMOTION:
+        return new
+    skip = _NOT_PROMOTED.get(name, ())
+    tensor_pos = [i for i in tensor_pos if i not in skip]
+    first = args[tensor_pos[0]].dtype
+    if all(args[i].dtype is first for i in tensor_pos):
+        return new
+    if name in _OWN_SCALAR_RULES:
+        return None
+    # the per-example op may refuse these dtypes (heaviside, in-place narrowing): its error
+    check_example(op, args, kwargs, dims)
+    dim_dt = zero_dt = None
+    for i in tensor_pos:
+        dt = args[i].dtype
+        if args[i].dim() - (dims[i] is not None) > 0:
+            dim_dt = dt if dim_dt is None else torch.promote_types(dim_dt, dt)
+        else:
+            zero_dt = dt if zero_dt is None else torch.promote_types(zero_dt, dt)
+    dt = _combine_categories(dim_dt, zero_dt)
+    if inplace and dt is not args[0].dtype:
+        return None  # computed in a wider dtype than self's, then written: per example
+    new = list(new)
+    for i in tensor_pos:
+        # (bool operands stay bool: they never change a promotion, and ops check for them)
+        if new[i].dtype is not dt and new[i].dtype is not torch.bool and not (inplace and i == 0):
+            if dt in _REDUCED and dims[i] is not None and args[i].dim() == 1:
+                # a 0-dim operand is a CPU scalar to a half-type kernel, read in its math
+                # type in kernel-specific ways (mul: float32; add: rounded): per example
+                return None
+            new[i] = new[i].to(dt)
+    return new
 
 
 def broadcasting_rule(op, args, kwargs, dims):
@@ -54,9 +109,16 @@ def broadcasting_rule(op, args, kwargs, dims):
     for i in tensor_pos:
         if dims[i] is not None:
             new[i] = pad_to_rank(args[i], 0, r)
-    if not inplace:
-        new = _promote_logical_scalars(new, dims, tensor_pos)
-    return op(*new, **kwargs), 0
+    promoted = _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace)
+    if promoted is None:  # exact only per example
+        B = batch_size_of(args, dims)
+        ex = [[a.select(0, b) if d is not None else a for a, d in zip(args, dims)] for b in range(B)]
+        if inplace:
+            for e in ex:
+                op(*e, **kwargs)
+            return args[0], 0
+        return torch.stack([op(*e, **kwargs) for e in ex]), 0
+    return op(*promoted, **kwargs), 0
 
 
 #: Elementwise ops (every overload, out= excluded by the dispatcher) -- add one name to add an op.
@@ -132,3 +194,24 @@ def copy(op, args, kwargs, dims):
     if dims[1] is not None:
         src = pad_to_rank(src, 0, rank(self_, 0))
     return op(self_, src, *args[2:], **kwargs), 0
+
+
+@batch_rule(aten.fill.Tensor, aten.fill_.Tensor)
+def fill_tensor(op, args, kwargs, dims):
+    # a batched fill value (0-dim per example) fills each example with its own value
+    self_, value = args[0], args[1]
+    if dims[1] is None:
+        return op(self_, value), 0
+    if value.dim() != 1:
+        raise RuntimeError(f"fill_ only supports 0-dimension value tensor but got tensor with {value.dim() - 1} "
+                           "dimensions.")
+    if op is aten.fill_.Tensor and dims[0] is None:
+        raise batched_write_error(op)
+    B = value.shape[0]
+    r = rank(self_, dims[0])
+    v = value.reshape((B,) + (1,) * r)
+    if op is aten.fill_.Tensor:
+        self_.copy_(v)  # broadcasts over the example's dims, casts to self's dtype
+        return self_, 0
+    shape = self_.shape[1:] if dims[0] is not None else self_.shape
+    return v.to(self_.dtype).expand((B,) + tuple(shape)).clone(), 0

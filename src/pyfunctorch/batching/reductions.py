@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, materialize, normalize_args, physical_dim, rank
+from ._registry import batch_rule, batch_size_of, materialize, normalize_args, physical_dim, rank, wrap_dim
 
 aten = torch.ops.aten
 
@@ -50,6 +50,10 @@ def dim_rule(pos: int, name: str = "dim", none_means_all: bool = True):
 def _on_scalars(op, args, kwargs, pos, name):
     """Per-example 0-dim inputs: torch accepts dim 0/-1 (or none) on a scalar. Give each
     example a size-1 dim, run the op over it, and drop that dim from the outputs."""
+    given = args[pos] if len(args) > pos else kwargs.get(name)
+    for d in given if isinstance(given, (list, tuple)) else (given,):
+        if d is not None:
+            wrap_dim(d, 0)  # only 0 and -1 name a scalar's dim (torch's IndexError otherwise)
     args = [a.unsqueeze(1) if isinstance(a, torch.Tensor) and a.dim() == 1 else a for a in args]
     schema_arg = next((a for a in op._schema.arguments if a.name == name), None)
     as_list = schema_arg is not None and ("List" in str(schema_arg.type) or "[]" in str(schema_arg.type))
@@ -99,6 +103,7 @@ def topk(op, args, kwargs, dims):
     d = args[2] if len(args) > 2 else kwargs.pop("dim", -1)
     r = rank(x, 0)
     if r == 0:
+        wrap_dim(d, 0)
         values, indices = op(x.unsqueeze(1), k, 1, *args[3:], **kwargs)
         return (values.squeeze(1), indices.squeeze(1)), 0
     return op(x, k, physical_dim(d, r), *args[3:], **kwargs), 0
@@ -146,6 +151,7 @@ def argmax(op, args, kwargs, dims):
             out = out.reshape((x.shape[0],) + (1,) * r)
         return out, 0
     if r == 0:
+        wrap_dim(d, 0)
         return op(x.unsqueeze(1), 1, keepdim).reshape(x.shape[0]), 0
     return op(x, physical_dim(d, r), keepdim), 0
 

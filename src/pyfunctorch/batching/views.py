@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._registry import batch_rule, overloads, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
+from ._registry import batch_rule, check_example, overloads, per_example_checked, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
 
 aten = torch.ops.aten
 
@@ -13,14 +15,17 @@ aten = torch.ops.aten
             aten.view_copy.default)
 def view(op, args, kwargs, dims):
     x, size = args[0], args[1]
-    if op is aten._reshape_alias.default:
+    if op is aten._reshape_alias.default or op is aten._unsafe_view.default:
+        # (composites apply _unsafe_view to tensors they just computed: contiguous per example
+        # in the loop, while the physical value may keep a permuted batch layout)
         return x.reshape((x.shape[0],) + tuple(size)), 0
     if op is aten.view.default and not x.is_contiguous():
-        # the logical view may exist even though the physical batch layout forbids it
         try:
             return x.view((x.shape[0],) + tuple(size)), 0
         except RuntimeError:
-            pass
+            # the physical layout refuses: so does each example's (its error), unless the
+            # example's own layout allows the view (then a copy of the batch)
+            check_example(op, args, kwargs, dims)
         return x.reshape((x.shape[0],) + tuple(size)), 0
     return op(x, (x.shape[0],) + tuple(size)), 0
 
@@ -41,6 +46,10 @@ def expand(op, args, kwargs, dims):
 def permute(op, args, kwargs, dims):
     x, perm = args[0], args[1]
     r = rank(x, 0)
+    if len(perm) != r:
+        raise RuntimeError("permute(sparse_coo): number of dimensions in the tensor input does not match the "
+                           f"length of the desired ordering of dimensions i.e. input.dim() = {r} is not equal to "
+                           f"len(dims) = {len(perm)}")
     return op(x, [0] + [wrap_dim(d, r) + 1 for d in perm]), 0
 
 
@@ -55,6 +64,7 @@ def transpose(op, args, kwargs, dims):
 
 
 @batch_rule(aten.t.default, aten.t_copy.default, aten.t_.default)
+@per_example_checked  # (t refuses more than 2 dims)
 def t(op, args, kwargs, dims):
     x = args[0]
     if rank(x, 0) < 2:
@@ -80,6 +90,9 @@ def squeeze(op, args, kwargs, dims):
         pdims = [i + 1 for i in range(r) if x.shape[i + 1] == 1]
     else:
         ds = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        if r == 0:
+            for d in ds:
+                wrap_dim(d, 0)  # torch accepts 0 and -1 on a scalar (validates the rest)
         pdims = [physical_dim(d, r) for d in ds] if r > 0 else []
     name = "squeeze_" if op._schema.is_mutable else "squeeze"
     return getattr(x, name)(pdims) if pdims else (x if name == "squeeze" else x), 0
@@ -109,6 +122,8 @@ def narrow(op, args, kwargs, dims):
             aten.chunk.default, aten.unsafe_chunk.default, aten.tensor_split.sections, aten.tensor_split.indices)
 def split(op, args, kwargs, dims):
     x, size = args[0], args[1]
+    if rank(x, 0) == 0:  # the op's own error ("split expects at least a 1-dimensional tensor")
+        check_example(op, args, kwargs, dims, kernel=True)
     d = args[2] if len(args) > 2 else kwargs.pop("dim", 0)
     return op(x, size, physical_dim(d, rank(x, 0)), **kwargs), 0
 
@@ -152,6 +167,8 @@ def cat(op, args, kwargs, dims):
     tensors, tdims = args[0], dims[0]
     d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     B = batch_size_of([tensors], [tdims])
+    if any(rank(t, e) == 0 for t, e in zip(tensors, tdims)):  # torch's own error
+        check_example(op, args, kwargs, dims, kernel=True)
     # legacy: 1-d empty tensors are skipped by cat whatever their rank
     keep = [(t, e) for t, e in zip(tensors, tdims) if not (rank(t, e) == 1 and t.shape[-1] == 0 and t.numel() == 0)]
     if not keep:
@@ -205,11 +222,15 @@ def unfold(op, args, kwargs, dims):
 
 
 @batch_rule(*overloads(aten.to), aten._to_copy.default, aten.type_as.default,
-            aten.alias.default, aten.detach.default, aten.lift_fresh.default, aten.contiguous.default,
-            aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default)
+            aten.alias.default, aten.detach.default, aten.lift_fresh.default, aten.contiguous.default)
 def trailing_only(op, args, kwargs, dims):
     """Ops that only touch trailing dims (or none): the batch dim rides along."""
     return op(*args, **kwargs), 0
+
+
+# (tril/triu need 2 dims per example: the batch dim must not count as one)
+batch_rule(aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default)(
+    per_example_checked(trailing_only))
 
 
 @batch_rule(aten.as_strided.default)
@@ -222,3 +243,50 @@ def as_strided(op, args, kwargs, dims):
     if offset is None:
         offset = x.storage_offset()
     return x.as_strided((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
+
+
+@batch_rule(aten.as_strided_.default)
+def as_strided_(op, args, kwargs, dims):
+    # in place, as as_strided above (the dispatcher hands the rule a fresh view to restride)
+    x, size, stride = args[0], tuple(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", None)
+    if offset is None:
+        offset = x.storage_offset()
+    return x.as_strided_((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
+
+
+def _storage_change_error(op, what):
+    return RuntimeError(
+        f"vmap: {op} {what} inside vmap is not supported: each example would need storage of its own, "
+        "which one batched tensor cannot hold (and running it per example would leave the batch "
+        "unchanged). Nothing was modified. Use an out-of-place op instead (`x = x.new_empty(size)`, "
+        "`x = x.reshape(size)`, `x = src.clone()`)."
+    )
+
+
+@batch_rule(aten.resize_.default, aten.resize_as_.default)
+def resize_(op, args, kwargs, dims):
+    # a resize to the shape the example already has changes nothing (out= paths do this)
+    x = args[0]
+    if dims[0] is None:
+        from ..errors import batched_write_error
+        raise batched_write_error(op)
+    if op is aten.resize_.default:
+        size = tuple(args[1])
+    else:
+        size = tuple(args[1].shape[1:] if dims[1] is not None else args[1].shape)
+    if size == tuple(x.shape[1:]):
+        return x, 0
+    if x.shape[0] and x.select(0, 0).is_contiguous() and math.prod(size) <= math.prod(x.shape[1:]):
+        # shrinking a contiguous example keeps its first elements in place: a restride
+        strides = [1] * len(size)
+        for i in range(len(size) - 2, -1, -1):
+            strides[i] = strides[i + 1] * max(size[i + 1], 1)
+        return x.as_strided_((x.shape[0],) + size, (x.stride(0),) + tuple(strides), x.storage_offset()), 0
+    raise _storage_change_error(op, f"to a new shape {size} (from {tuple(x.shape[1:])}) that needs more "
+                                    "memory per example, or of a non-contiguous example,")
+
+
+@batch_rule(*overloads(aten.set_))
+def set_(op, args, kwargs, dims):
+    raise _storage_change_error(op, "(pointing a tensor at another storage)")

@@ -35,7 +35,7 @@ def _wrap_tree(x, d, interp):
 def _unwrap_tree(x, interp):
     if isinstance(x, BatchedTensor) and x._interp is interp:
         if x._lazy:
-            return x._value.select(0, 0), None
+            return x._lazy_plain, None
         return x._value, x._bdim
     if isinstance(x, (tuple, list)):
         pairs = [_unwrap_tree(y, interp) for y in x]
@@ -215,7 +215,7 @@ class _CtxSave(_WrappedCtx):
         for t in tensors:
             if isinstance(t, BatchedTensor) and t._interp is self._pyf_interp:
                 if t._lazy:
-                    vals.append(t._value.select(0, 0))
+                    vals.append(t._lazy_plain)
                     dims.append(None)
                 else:
                     vals.append(t._value)
