@@ -151,41 +151,13 @@ def sweep_scalars(op: str, rank: int) -> list[str]:
 # the sweeps that fail today (issue 11 item 9: per-example 0-dim tensors promote as
 # dimensioned tensors under vmap): 28 of the 84 pair sweeps, 608 of 13,056 combinations
 # (python tests/test_vmap_promotion.py lists them). Non-strict: remove entries once fixed.
-FAILING_TODAY: set = {
-    ('add', '0d_nd', 'bb'),
-    ('add', '0d_nd', 'bn'),
-    ('add', 'nd_0d', 'bb'),
-    ('add', 'nd_0d', 'nb'),
-    ('mul', '0d_nd', 'bb'),
-    ('mul', '0d_nd', 'bn'),
-    ('mul', 'nd_0d', 'bb'),
-    ('mul', 'nd_0d', 'nb'),
-    ('sub', '0d_nd', 'bb'),
-    ('sub', '0d_nd', 'bn'),
-    ('sub', 'nd_0d', 'bb'),
-    ('sub', 'nd_0d', 'nb'),
-    ('div', '0d_nd', 'bb'),
-    ('div', '0d_nd', 'bn'),
-    ('div', 'nd_0d', 'bb'),
-    ('div', 'nd_0d', 'nb'),
-    ('maximum', '0d_nd', 'bb'),
-    ('maximum', '0d_nd', 'bn'),
-    ('maximum', 'nd_0d', 'bb'),
-    ('maximum', 'nd_0d', 'nb'),
-    ('where', '0d_nd', 'bb'),
-    ('where', '0d_nd', 'bn'),
-    ('where', 'nd_0d', 'bb'),
-    ('where', 'nd_0d', 'nb'),
-    ('scale_plus_sum', 'nd_nd', 'bb'),
-    ('scale_plus_sum', 'nd_nd', 'nb'),
-    ('scale_plus_sum', 'nd_0d', 'bb'),
-    ('scale_plus_sum', 'nd_0d', 'nb'),
-}
+FAILING_TODAY: set = set()  # (was 28 sweeps, 608 combinations, before the fix)
 
 
 def _xfail_if_failing(key):
-    if key in FAILING_TODAY:
-        return [pytest.mark.xfail(strict=False, reason="issue 11 item 9, being fixed")]
+    # every combination matches the loop since the promotion fix (issue 11 item 9); keep
+    # FAILING_TODAY empty: a combination that fails again is a regression
+    assert key not in FAILING_TODAY
     return []
 
 
