@@ -463,3 +463,19 @@ def test_linalg_cross(device, dt):
     check(lambda x, y: torch.cross(x, y, dim=-1), (0, None), x, y[0])
     with pytest.raises(RuntimeError, match="same number of dimensions"):
         pf.vmap(f)(x, y[:, 0])
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_kernels_that_round_in_their_own_order_match_bit_for_bit(device, dt):
+    """addmv/addbmm/addr kernels accumulate and round in an order that differs between ops,
+    devices and torch releases: the rule's imitation is probed once against the kernel, and
+    where it differs (addmv on CPU in torch 2.13) the kernel runs per example."""
+    import warnings
+
+    M, a, b = torch.randn(B, 6, dtype=dt, device=device), torch.randn(B, 6, 8, dtype=dt, device=device), \
+        torch.randn(B, 8, dtype=dt, device=device)
+    f = lambda M, a, b: torch.addmv(M, a, b, beta=0.3, alpha=0.7)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
+        assert torch.equal(pf.vmap(f, in_dims=(None, 0, None))(M[0], a, b[0]), loop_vmap(f, (None, 0, None))(M[0], a, b[0]))
