@@ -30,6 +30,7 @@ process writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -1153,8 +1154,7 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
 
 def worker(args):
     torch.set_num_threads(1)
-    torch.backends.cuda.matmul.allow_tf32 = False  # (a GPU run compares in true float32)
-    torch.backends.cudnn.allow_tf32 = False
+    _no_tf32()
     names = args.ops.split(",") if args.ops else None
     ops = load_ops(names, _dtype(args.dtype))
     ops = [o for i, o in enumerate(ops) if i % args.nworkers == args.worker]
@@ -1220,6 +1220,15 @@ def _device_available(device):
     kind = torch.device(device).type
     return kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or \
         (hasattr(torch, kind) and getattr(getattr(torch, kind), "is_available", lambda: False)())
+
+
+def _no_tf32():
+    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
+    plain assignments to the cuDNN flags: allow them for this one change)."""
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    with (allow() if allow is not None else contextlib.nullcontext()):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ through vmap's per-example loop fallback) and exits 1 if any model fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -153,6 +154,15 @@ def check(name, model, make_x, B, device, dtype, rtol, atol):
     return ok
 
 
+def _no_tf32():
+    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
+    plain assignments to the cuDNN flags: allow them for this one change)."""
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    with (allow() if allow is not None else contextlib.nullcontext()):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,9 +175,7 @@ def main(argv=None):
         return 0
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    # TF32 would make both sides differ from each other by ~1e-3: compare in true float32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    _no_tf32()  # (TF32 would make both sides differ from each other by ~1e-3)
     rtol, atol = (1e-3, 1e-4) if dtype == torch.float32 else (1e-7, 1e-9)
     print(f"gpu_models: torch {torch.__version__}, device {args.device}, {args.dtype}, "
           f"{'small' if args.small else 'full'} sizes", flush=True)

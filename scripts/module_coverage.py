@@ -37,6 +37,7 @@ The harness is importable (tests/test_module_db.py uses ``run_config``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import signal
@@ -423,6 +424,15 @@ def write_markdown(recs, path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def _no_tf32():
+    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
+    plain assignments to the cuDNN flags: allow them for this one change)."""
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    with (allow() if allow is not None else contextlib.nullcontext()):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modules", help="comma-separated module names (e.g. nn.GRU,nn.Linear)")
@@ -444,8 +454,7 @@ def main(argv=None):
         ap.error("--device cuda: CUDA is not available here")
     if DEVICE != "cpu" or DTYPE is not None:
         a.no_write = True
-        torch.backends.cuda.matmul.allow_tf32 = False  # compare in true float32
-        torch.backends.cudnn.allow_tf32 = False
+        _no_tf32()
     torch.set_num_threads(1)
     infos = module_infos(a.modules.split(",") if a.modules else None)
     t0 = time.time()

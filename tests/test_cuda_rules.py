@@ -276,3 +276,11 @@ def test_cudnn_batch_norm_forward_and_backward_on_cpu_values(training):
         ref = loop_vmap(lambda g, x, sm, sv: aten.native_batch_norm_backward(
             g, x, w, None, None, sm, sv, True, 1e-5, [True, True, True]))(g, x, want[1], want[2])
         assert_close(got, ref)
+
+
+def test_raw_efficient_kernel_with_variable_lengths_runs_per_example(fake):
+    # cu_seqlens describe the packed problems of one call: no fold, one call per example
+    q = cuda(B, 1, 8, H, E)
+    cu = torch.empty(3, device="cuda", dtype=torch.int32)
+    check_against_loop(
+        lambda q: aten._efficient_attention_forward(q, q, q, None, cu, cu, 5, 5, 0.0, 0, True), q)

@@ -156,6 +156,9 @@ def sdpa_flash_cpu_backward(op, args, kwargs, dims, kwarg_dims=None):
 # randomness='different' (see batched/interpreter.py: _OpInfo.resolve): the folded call draws
 # independently for every example.
 
+#: keyword tensors of the raw kernels that describe each problem of the batch (a fold would
+#: need them repeated per example): such calls run per example
+_PER_PROBLEM_KWARGS = ("seqlen_k", "seqused_k", "block_table", "alibi_slopes")
 _MEM_EFF_ALIGN = 16  # elements: the efficient kernel's alignment of the bias rows (torch's pad_bias)
 
 
@@ -256,7 +259,8 @@ def _cuda_attention_rule(spec):
         args, dims = list(args), list(dims)
         B = batch_size_of(args, dims)
         if any(i < len(args) and (dims[i] is not None or args[i] is not None) for i in spec.varlen) or \
-                any(i < len(args) and dims[i] is not None for i in spec.whole):
+                any(i < len(args) and dims[i] is not None for i in spec.whole) or \
+                any(kwargs.get(k) is not None for k in _PER_PROBLEM_KWARGS):
             return _per_example(op, args, kwargs, dims, B)
         _check_attention_dropout(_dropout_p(op, args, kwargs))
         if spec.bias is not None and spec.bias < len(args) and args[spec.bias] is not None:
