@@ -284,3 +284,10 @@ def test_raw_efficient_kernel_with_variable_lengths_runs_per_example(fake):
     cu = torch.empty(3, device="cuda", dtype=torch.int32)
     check_against_loop(
         lambda q: aten._efficient_attention_forward(q, q, q, None, cu, cu, 5, 5, 0.0, 0, True), q)
+
+
+def test_fused_dropout_backward_kernel(fake):
+    # _fused_dropout's backward: _masked_scale(grad, mask, 1/p), elementwise
+    g, mask = cuda(B, 4, 5), cuda(B, 4, 5, dtype=torch.uint8)
+    check_against_loop(lambda g, m: aten._masked_scale(g, m, 2.0), g, mask)
+    check_against_loop(lambda g: aten._masked_scale(g, mask.select(0, 0), 2.0), g)
