@@ -291,3 +291,11 @@ def test_fused_dropout_backward_kernel(fake):
     g, mask = cuda(B, 4, 5), cuda(B, 4, 5, dtype=torch.uint8)
     check_against_loop(lambda g, m: aten._masked_scale(g, m, 2.0), g, mask)
     check_against_loop(lambda g: aten._masked_scale(g, mask.select(0, 0), 2.0), g)
+
+
+def test_sdpa_backend_choice_is_the_examples_choice():
+    # (devices other than CPU/CUDA dispatch this op from SDPA; random-tagged with a dropout_p)
+    q, m = torch.randn(B, N, H, L, E), torch.zeros(B, L, S, dtype=torch.bool)
+    f = lambda q, m: q * aten._fused_sdp_choice(q, q, q, m, 0.0)  # noqa: E731
+    with no_fallback():
+        assert_close(pf.vmap(f)(q, m), loop_vmap(f)(q, m))

@@ -286,3 +286,14 @@ for _name, _spec in _CUDA_ATTENTION.items():
     _packet = getattr(aten, _name, None)
     if _packet is not None and hasattr(_packet, "default"):
         batch_rule(_packet.default)(_cuda_attention_rule(_spec))
+
+
+if hasattr(aten, "_fused_sdp_choice"):
+
+    @batch_rule(aten._fused_sdp_choice.default, batched_kwargs=True)
+    def fused_sdp_choice(op, args, kwargs, dims, kwarg_dims=None):
+        # which kernel SDPA takes depends on shapes, dtypes and flags, the same for every
+        # example: ask for example 0 (devices whose SDPA dispatches this op, not a C++ stub)
+        one = [a.select(0, 0) if d is not None else a for a, d in zip(args, dims)]
+        kw = {k: (v.select(0, 0) if (kwarg_dims or {}).get(k) is not None else v) for k, v in kwargs.items()}
+        return op(*one, **kw), None
