@@ -30,6 +30,7 @@ process writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "build" / "opdb_coverage"
+#: the device of the sample inputs (``--device``; a GPU run needs ``--device cuda``)
+DEVICE = "cpu"
 DOCS = ROOT / "docs"
 
 BATCH = 3  # examples per vmap level
@@ -171,7 +174,7 @@ def load_ops(names=None, dtype=torch.float32):
     name, if given)."""
     from torch.testing._internal.common_methods_invocations import op_db
 
-    ops = [o for o in op_db if dtype in o.supported_dtypes("cpu")]
+    ops = [o for o in op_db if dtype in o.supported_dtypes(DEVICE)]
     if names is not None:
         want = set(names)
         ops = [o for o in ops if op_key(o) in want or o.name in want]
@@ -317,13 +320,13 @@ def _variant(t: torch.Tensor, idx: int, mode: str, seed: int) -> torch.Tensor:
         else:
             v = (torch.randperm(n, generator=g) + 1).to(t.dtype)
         v[: 2 * idx] = 0
-        return v.reshape(t.shape)
+        return v.reshape(t.shape).to(t.device)
     if t.is_floating_point() or t.is_complex():
         rdt = t.real.dtype if t.is_complex() else t.dtype
         noise = 1 + NOISE * torch.randn(t.shape, generator=g, dtype=torch.float64)
-        return (t.detach() * noise.to(rdt)).to(t.dtype)
+        return (t.detach() * noise.to(device=t.device, dtype=rdt)).to(t.dtype)
     if mode == "vary":
-        perm = torch.randperm(t.numel(), generator=g)
+        perm = torch.randperm(t.numel(), generator=g).to(t.device)
         return t.detach().reshape(-1)[perm].reshape(t.shape).clone()
     return t.detach().clone()
 
@@ -619,7 +622,7 @@ def _pick_samples(op, dtype, k, requires_grad=False):
     inputs (the first ones are often all tiny or 0-dim); and a note if generation raised."""
     pool = []
     err = None
-    it = iter(op.sample_inputs("cpu", dtype, requires_grad=requires_grad))
+    it = iter(op.sample_inputs(DEVICE, dtype, requires_grad=requires_grad))
     while len(pool) < SAMPLE_POOL:
         try:
             pool.append(next(it))
@@ -934,9 +937,9 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
     reason = static_skip_reason(key, op.name)
     if reason is None and not op.supports_autograd:
         reason = "no autograd support"
-    if reason is None and dtype not in op.supported_dtypes("cpu"):
+    if reason is None and dtype not in op.supported_dtypes(DEVICE):
         reason = f"no {dtype}"
-    if reason is None and dtype.is_complex and not getattr(op, "supports_complex_autograd", lambda _d: True)("cpu"):
+    if reason is None and dtype.is_complex and not getattr(op, "supports_complex_autograd", lambda _d: True)(DEVICE):
         reason = "no complex autograd"
     if reason is not None:
         res["skip"] = reason
@@ -945,7 +948,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
     seed = zlib.crc32(key.encode()) % 100_000
     torch.manual_seed(seed)
     try:
-        it = iter(op.sample_inputs("cpu", dtype, requires_grad=True))
+        it = iter(op.sample_inputs(DEVICE, dtype, requires_grad=True))
     except Exception as e:  # noqa: BLE001
         res["skip"] = f"sample_inputs raises: {type(e).__name__}"
         return res
@@ -985,7 +988,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 if not diff_outs:
                     raise _LoopError("no differentiable outputs")
                 g = torch.Generator().manual_seed(seed + si)
-                cts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in ref_out]
+                cts = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in ref_out]
                 ref_grads = torch.autograd.grad([o for o in ref_out if o.requires_grad],
                                                 xs, [c for o, c in zip(ref_out, cts) if o.requires_grad],
                                                 allow_unused=True)
@@ -1004,9 +1007,9 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         # vjp
         def vjp_case():
             out, vjp_fn = pyfunctorch.vjp(fd, *primals)
-            _compare(tuple(out), tuple(o.detach() for o, m in zip(ref_out, mask) if m), 1e-7, 1e-7)
+            _compare(tuple(out), tuple(o.detach() for o, m in zip(ref_out, mask) if m), *_ad_tol(dtype))
             grads = vjp_fn(tuple(cts_d))
-            _compare(tuple(grads), tuple(ref_grads), 1e-7, 1e-7)
+            _compare(tuple(grads), tuple(ref_grads), *_ad_tol(dtype))
             return vjp_fn
 
         vjp_fn = _ad_case(res, si, "vjp", vjp_case)
@@ -1015,7 +1018,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None:
             def vmap_vjp_case():
                 g2 = torch.Generator().manual_seed(seed + 100 + si)
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g2, dtype=c.dtype) for c in cts_d)
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g2, dtype=c.dtype).to(c.device) for c in cts_d)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(vjp_fn)(bcts)
@@ -1025,7 +1028,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                     outs = fd(*xs)
                     gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
                     want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
-                _compare(tuple(got), _stack_nested(want, (BATCH,)), 1e-7, 1e-7)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
 
             _ad_case(res, si, "vmap(vjp_fn)", vmap_vjp_case)
 
@@ -1033,7 +1036,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if op.supports_forward_ad:
             def jvp_case():
                 g3 = torch.Generator().manual_seed(seed + 200 + si)
-                tangents = tuple(torch.randn(x.shape, generator=g3, dtype=x.dtype) for x in primals)
+                tangents = tuple(torch.randn(x.shape, generator=g3, dtype=x.dtype).to(x.device) for x in primals)
                 out, tout = pyfunctorch.jvp(fd, tuple(primals), tangents)
                 with fwAD.dual_level():
                     duals = [fwAD.make_dual(x, t) for x, t in zip(primals, tangents)]
@@ -1043,15 +1046,15 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                         torch.zeros_like(o) if fwAD.unpack_dual(o).tangent is None else fwAD.unpack_dual(o).tangent.clone()
                         for o in ref
                     )
-                _compare(tuple(out), ref_p, 1e-7, 1e-7)
-                _compare(tuple(tout), ref_t, 1e-7, 1e-7)
+                _compare(tuple(out), ref_p, *_ad_tol(dtype))
+                _compare(tuple(tout), ref_t, *_ad_tol(dtype))
 
             _ad_case(res, si, "jvp", jvp_case)
 
             # vmap over jvp with a batch of tangents (jacfwd's path) vs forward AD per tangent
             def vmap_jvp_case():
                 g5 = torch.Generator().manual_seed(seed + 400 + si)
-                btans = tuple(torch.randn((BATCH,) + x.shape, generator=g5, dtype=x.dtype) for x in primals)
+                btans = tuple(torch.randn((BATCH,) + x.shape, generator=g5, dtype=x.dtype).to(x.device) for x in primals)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(lambda *t: pyfunctorch.jvp(fd, tuple(primals), t)[1])(*btans)
@@ -1061,7 +1064,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                         ref = fd(*[fwAD.make_dual(x, t[b]) for x, t in zip(primals, btans)])
                         want.append(tuple(torch.zeros_like(o) if fwAD.unpack_dual(o).tangent is None
                                           else fwAD.unpack_dual(o).tangent.clone() for o in ref))
-                _compare(tuple(got), _stack_nested(want, (BATCH,)), 1e-7, 1e-7)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
 
             _ad_case(res, si, "vmap(jvp)", vmap_jvp_case)
 
@@ -1070,9 +1073,9 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None:
             def vmap_over_vjp_case():
                 g4 = torch.Generator().manual_seed(seed + 300 + si)
-                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g4, dtype=x.dtype))
+                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g4, dtype=x.dtype).to(x.device))
                                                for _ in range(BATCH - 1)]) for x in primals)
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g4, dtype=c.dtype) for c in cts_d)
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g4, dtype=c.dtype).to(c.device) for c in cts_d)
                 want = []
                 for b in range(BATCH):
                     xs = [x[b].clone().requires_grad_() for x in bxs]
@@ -1089,7 +1092,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(per_example)(bxs, bcts)
-                _compare(tuple(got), _stack_nested(want, (BATCH,)), 1e-7, 1e-7)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
 
             _ad_case(res, si, "vmap(vjp)", vmap_over_vjp_case)
     res["time"] = round(time.time() - t0, 2)
@@ -1151,6 +1154,7 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
 
 def worker(args):
     torch.set_num_threads(1)
+    _no_tf32()
     names = args.ops.split(",") if args.ops else None
     ops = load_ops(names, _dtype(args.dtype))
     ops = [o for i, o in enumerate(ops) if i % args.nworkers == args.worker]
@@ -1206,15 +1210,39 @@ def read_results(paths):
     return list(by_op.values())
 
 
+def _ad_tol(dtype):
+    """(atol, rtol) of the AD sweep: tight in float64/complex128; float32 (a GPU run, TF32 off)
+    looser, by the dtype's resolution."""
+    return (1e-7, 1e-7) if dtype in (torch.float64, torch.complex128) else (1e-4, 1e-4)
+
+
+def _device_available(device):
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or \
+        (hasattr(torch, kind) and getattr(getattr(torch, kind), "is_available", lambda: False)())
+
+
+def _no_tf32():
+    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
+    plain assignments to the cuDNN flags: allow them for this one change)."""
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    with (allow() if allow is not None else contextlib.nullcontext()):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", help="comma-separated OpInfo names (name or name.variant)")
     ap.add_argument("--quick", action="store_true", help=f"the representative slice ({len(QUICK_OPS)} ops, 3 samples)")
     ap.add_argument("--ad", action="store_true", help="AD coverage (vjp, vmap(vjp_fn), jvp) instead of vmap")
-    ap.add_argument("--dtype", default="float32",
+    ap.add_argument("--dtype", default=None,
                     help="the dtype of the sample inputs (vmap sweep: default float32, e.g. complex64, int64; "
-                         "--ad: float64 (default) or complex128); a full sweep in another dtype writes "
-                         "docs/coverage_DTYPE.md (docs/coverage_ad_complex128.md)")
+                         "--ad: float64 (default), complex128, or float32 (a GPU run)); a full sweep in another "
+                         "dtype writes docs/coverage_DTYPE.md (docs/coverage_ad_complex128.md)")
+    ap.add_argument("--device", default="cpu",
+                    help="device of the sample inputs (default cpu; cuda on a GPU machine). A sweep on another "
+                         "device never writes docs/ and keeps its results apart (build/opdb_coverage/*-DEVICE)")
     ap.add_argument("--samples", type=int, default=None, help=f"sample inputs per op (default {SAMPLES_PER_OP})")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--resume", action="store_true", help="keep the results of an interrupted run")
@@ -1238,17 +1266,24 @@ def main(argv=None):
     if isinstance(args.kinds, str):
         args.kinds = tuple(args.kinds.split(","))
 
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu" and not args.worker and not _device_available(DEVICE):
+        ap.error(f"--device {DEVICE}: no such device here")
+    default = "float64" if args.ad else "float32"
+    if args.dtype is None:
+        args.dtype = default
     if args.worker is not None:
         worker(args)
         return 0
 
     full = not args.ops
-    if args.ad and args.dtype == "float32":
-        args.dtype = "float64"  # the AD sweep's default
-    if args.ad and args.dtype not in ("float64", "complex128"):
-        ap.error("--ad runs in float64 (default) or complex128")
-    default = "float64" if args.ad else "float32"
+    if args.ad and args.dtype not in ("float64", "complex128", "float32"):
+        ap.error("--ad runs in float64 (default), complex128 or float32")
     tag = ("ad" if args.ad else "vmap") + ("" if args.dtype == default else "-" + args.dtype)
+    if DEVICE != "cpu":
+        tag += "-" + DEVICE.replace(":", "")
+        args.no_docs, args.write_docs = True, False
     if not full:
         tag += "-" + ("quick" if args.quick else f"{zlib.crc32(args.ops.encode()):08x}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -1263,7 +1298,7 @@ def main(argv=None):
         base += ["--ops", args.ops]
     if args.ad:
         base.append("--ad")
-    base += ["--dtype", args.dtype]
+    base += ["--dtype", args.dtype, "--device", DEVICE]
     if args.verbose:
         base.append("-v")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -37,6 +37,7 @@ The harness is importable (tests/test_module_db.py uses ``run_config``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import signal
@@ -81,8 +82,15 @@ def module_infos(names=None):
     return infos
 
 
+#: the device and dtype of the sweep (``--device``, ``--dtype``); dtype None: float64 where the
+#: module supports it, else float32
+DEVICE, DTYPE = "cpu", None
+
+
 def dtype_for(info):
-    dts = info.supported_dtypes("cpu")
+    dts = info.supported_dtypes(DEVICE)
+    if DTYPE is not None:
+        return DTYPE
     return torch.float64 if torch.float64 in dts else torch.float32
 
 
@@ -96,7 +104,7 @@ def _spread(n, k):
 def configs(info, mode, max_configs=None):
     """``[(index, ModuleInput)]`` for ``info`` in ``mode`` ('train' or 'eval')."""
     torch.manual_seed(0)
-    mis = info.module_inputs_func(info, device="cpu", dtype=dtype_for(info), requires_grad=False,
+    mis = info.module_inputs_func(info, device=DEVICE, dtype=dtype_for(info), requires_grad=False,
                                   training=mode == "train")
     mis = list(mis)
     if max_configs is None:
@@ -145,12 +153,12 @@ def _variants(x, B):
     out = [x]
     for _ in range(B - 1):
         if x.is_floating_point():
-            out.append(x * (0.8 + 0.2 * torch.rand(x.shape, generator=g, dtype=x.dtype)))
+            out.append(x * (0.8 + 0.2 * torch.rand(x.shape, generator=g, dtype=x.dtype).to(x.device)))
         elif x.dtype is torch.bool:
-            out.append(torch.rand(x.shape, generator=g) < 0.5)
+            out.append((torch.rand(x.shape, generator=g) < 0.5).to(x.device))
         elif x.numel():
             lo, hi = int(x.min()), int(x.max())
-            out.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+            out.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype).to(x.device))
         else:
             out.append(x.clone())
     return torch.stack(out)
@@ -416,6 +424,15 @@ def write_markdown(recs, path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def _no_tf32():
+    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
+    plain assignments to the cuDNN flags: allow them for this one change)."""
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
+    with (allow() if allow is not None else contextlib.nullcontext()):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modules", help="comma-separated module names (e.g. nn.GRU,nn.Linear)")
@@ -425,8 +442,19 @@ def main(argv=None):
                          "in eval mode; 0: all ~2000 configs, ~1 min)")
     ap.add_argument("--no-torch-func", action="store_true", help="skip the torch.func comparison")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/module_coverage.md")
+    ap.add_argument("--device", default="cpu", help="device of the modules and inputs (cuda on a GPU machine; "
+                                                       "then docs/module_coverage.md is not written)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                    help="dtype of every config (default: float64 where the module supports it, else float32)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = a.device, (getattr(torch, a.dtype) if a.dtype else None)
+    if torch.device(DEVICE).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here")
+    if DEVICE != "cpu" or DTYPE is not None:
+        a.no_write = True
+        _no_tf32()
     torch.set_num_threads(1)
     infos = module_infos(a.modules.split(",") if a.modules else None)
     t0 = time.time()

@@ -38,9 +38,9 @@ VECTOR = {
 SHAPES = [(3,), (2, 3)]
 
 
-def _rand(shape, batch=False):
+def _rand(shape, batch=False, device="cpu"):
     s = ((B,) if batch else ()) + tuple(shape)
-    return (torch.rand(s, dtype=DT) - 0.5) * 2
+    return (torch.rand(s, dtype=DT, device=device) - 0.5) * 2
 
 
 params_scalar = pytest.mark.parametrize("fname", sorted(SCALAR))
@@ -55,9 +55,9 @@ params_shape = pytest.mark.parametrize("shape", SHAPES, ids=str)
 
 @params_scalar
 @params_shape
-def test_vmap_grad(fname, shape):
+def test_vmap_grad(device, fname, shape):
     f = SCALAR[fname]
-    xb = _rand(shape, batch=True)
+    xb = _rand(shape, batch=True, device=device)
     got = pf.vmap(pf.grad(f))(xb)
     assert_close(got, tf.vmap(tf.grad(f))(xb))
     assert_close(got, loop_vmap(tf.grad(f))(xb))
@@ -65,18 +65,18 @@ def test_vmap_grad(fname, shape):
 
 @params_scalar
 @params_shape
-def test_grad_vmap(fname, shape):
+def test_grad_vmap(device, fname, shape):
     f = SCALAR[fname]
-    xb = _rand(shape, batch=True)
+    xb = _rand(shape, batch=True, device=device)
     got = pf.grad(lambda xb: pf.vmap(f)(xb).sum())(xb)
     assert_close(got, tf.grad(lambda xb: tf.vmap(f)(xb).sum())(xb))
 
 
 @params_scalar
 @params_shape
-def test_grad_grad_grad(fname, shape):
+def test_grad_grad_grad(device, fname, shape):
     f = SCALAR[fname]
-    x = _rand(shape)
+    x = _rand(shape, device=device)
 
     def third(M):
         g1 = lambda x: M.grad(f)(x).sin().sum()  # noqa: E731
@@ -89,9 +89,9 @@ def test_grad_grad_grad(fname, shape):
 @params_scalar
 @params_shape
 @pytest.mark.parametrize("outer,inner", [("jacfwd", "jacrev"), ("jacrev", "jacrev"), ("jacfwd", "jacfwd"), ("jacrev", "jacfwd")])
-def test_jacobian_of_jacobian(fname, shape, outer, inner):
+def test_jacobian_of_jacobian(device, fname, shape, outer, inner):
     f = SCALAR[fname]
-    x = _rand(shape)
+    x = _rand(shape, device=device)
     got = getattr(pf, outer)(getattr(pf, inner)(f))(x)
     want = tf.jacfwd(tf.jacrev(f))(x)
     assert_close(got, want)
@@ -99,27 +99,27 @@ def test_jacobian_of_jacobian(fname, shape, outer, inner):
 
 @params_scalar
 @params_shape
-def test_jvp_grad(fname, shape):
+def test_jvp_grad(device, fname, shape):
     f = SCALAR[fname]
-    x, t = _rand(shape), _rand(shape)
+    x, t = _rand(shape, device=device), _rand(shape, device=device)
     got = pf.jvp(pf.grad(f), (x,), (t,))
     assert_close(got, tf.jvp(tf.grad(f), (x,), (t,)))
 
 
 @params_scalar
 @params_shape
-def test_grad_jvp(fname, shape):
+def test_grad_jvp(device, fname, shape):
     f = SCALAR[fname]
-    x, t = _rand(shape), _rand(shape)
+    x, t = _rand(shape, device=device), _rand(shape, device=device)
     got = pf.grad(lambda x: pf.jvp(f, (x,), (t,))[1])(x)
     assert_close(got, tf.grad(lambda x: tf.jvp(f, (x,), (t,))[1])(x))
 
 
 @params_vector
 @params_shape
-def test_jvp_jvp(fname, shape):
+def test_jvp_jvp(device, fname, shape):
     g = VECTOR[fname]
-    x, t1, t2 = _rand(shape), _rand(shape), _rand(shape)
+    x, t1, t2 = _rand(shape, device=device), _rand(shape, device=device), _rand(shape, device=device)
 
     def run(M):
         return M.jvp(lambda x: M.jvp(g, (x,), (t1,))[1], (x,), (t2,))
@@ -129,36 +129,36 @@ def test_jvp_jvp(fname, shape):
 
 @params_vector
 @params_shape
-def test_vmap_jvp(fname, shape):
+def test_vmap_jvp(device, fname, shape):
     g = VECTOR[fname]
-    xb, tb = _rand(shape, True), _rand(shape, True)
+    xb, tb = _rand(shape, True, device=device), _rand(shape, True, device=device)
     run = lambda M: M.vmap(lambda x, t: M.jvp(g, (x,), (t,)))(xb, tb)  # noqa: E731
     assert_close(run(pf), run(tf))
 
 
 @params_vector
 @params_shape
-def test_vmap_jvp_unbatched_tangent(fname, shape):
+def test_vmap_jvp_unbatched_tangent(device, fname, shape):
     g = VECTOR[fname]
-    xb, t = _rand(shape, True), _rand(shape)
+    xb, t = _rand(shape, True, device=device), _rand(shape, device=device)
     run = lambda M: M.vmap(lambda x: M.jvp(g, (x,), (t,)))(xb)  # noqa: E731
     assert_close(run(pf), run(tf))
 
 
 @params_vector
 @params_shape
-def test_jvp_vmap(fname, shape):
+def test_jvp_vmap(device, fname, shape):
     g = VECTOR[fname]
-    xb, tb = _rand(shape, True), _rand(shape, True)
+    xb, tb = _rand(shape, True, device=device), _rand(shape, True, device=device)
     run = lambda M: M.jvp(M.vmap(g), (xb,), (tb,))  # noqa: E731
     assert_close(run(pf), run(tf))
 
 
 @params_vector
 @params_shape
-def test_vmap_vjp(fname, shape):
+def test_vmap_vjp(device, fname, shape):
     g = VECTOR[fname]
-    xb = _rand(shape, True)
+    xb = _rand(shape, True, device=device)
     vb = torch.randn_like(tf.vmap(g)(xb))
 
     def run(M):
@@ -173,11 +173,11 @@ def test_vmap_vjp(fname, shape):
 
 @params_vector
 @params_shape
-def test_vmap_over_vjp_fn(fname, shape):
+def test_vmap_over_vjp_fn(device, fname, shape):
     g = VECTOR[fname]
-    x = _rand(shape)
+    x = _rand(shape, device=device)
     out = g(x)
-    vb = torch.randn((B,) + tuple(out.shape), dtype=DT)
+    vb = torch.randn((B,) + tuple(out.shape), dtype=DT, device=device)
 
     def run(M):
         _, fn = M.vjp(g, x)
@@ -188,9 +188,9 @@ def test_vmap_over_vjp_fn(fname, shape):
 
 @params_vector
 @params_shape
-def test_vjp_vmap(fname, shape):
+def test_vjp_vmap(device, fname, shape):
     g = VECTOR[fname]
-    xb = _rand(shape, True)
+    xb = _rand(shape, True, device=device)
     vb = torch.randn_like(tf.vmap(g)(xb))
 
     def run(M):
@@ -202,26 +202,26 @@ def test_vjp_vmap(fname, shape):
 
 @params_scalar
 @params_shape
-def test_vmap_hessian(fname, shape):
+def test_vmap_hessian(device, fname, shape):
     f = SCALAR[fname]
-    xb = _rand(shape, True)
+    xb = _rand(shape, True, device=device)
     assert_close(pf.vmap(pf.hessian(f))(xb), tf.vmap(tf.hessian(f))(xb))
 
 
 @params_scalar
 @params_shape
-def test_grad_vmap_grad(fname, shape):
+def test_grad_vmap_grad(device, fname, shape):
     f = SCALAR[fname]
-    xb = _rand(shape, True)
+    xb = _rand(shape, True, device=device)
     run = lambda M: M.grad(lambda xb: (M.vmap(M.grad(f))(xb) ** 2).sum())(xb)  # noqa: E731
     assert_close(run(pf), run(tf))
 
 
 @params_vector
-def test_vmap_vmap_mixed_negative_in_dims(fname):
+def test_vmap_vmap_mixed_negative_in_dims(device, fname):
     g = VECTOR[fname]
-    a = _rand((4, 3, 2))  # outer batch at -1 (size 2), inner batch at 0 (size 4): example (3,)
-    b = _rand((2, 3))  # outer batch at 0, inner: unbatched
+    a = _rand((4, 3, 2), device=device)  # outer batch at -1 (size 2), inner batch at 0 (size 4): example (3,)
+    b = _rand((2, 3), device=device)  # outer batch at 0, inner: unbatched
 
     def h(x, y):
         return g(x * y)
@@ -235,25 +235,25 @@ def test_vmap_vmap_mixed_negative_in_dims(fname):
 
 
 @params_scalar
-def test_vmap_vmap_grad_negative_in_dims(fname):
+def test_vmap_vmap_grad_negative_in_dims(device, fname):
     f = SCALAR[fname]
-    x = _rand((3, 2, 4))  # outer over dim -1 (4), inner over dim 0 (3): example (2,)
+    x = _rand((3, 2, 4), device=device)  # outer over dim -1 (4), inner over dim 0 (3): example (2,)
     run = lambda M: M.vmap(M.vmap(M.grad(f), in_dims=0), in_dims=-1)(x)  # noqa: E731
     assert_close(run(pf), run(tf))
 
 
 @params_vector
-def test_jacrev_jacfwd_of_vector_function(fname):
+def test_jacrev_jacfwd_of_vector_function(device, fname):
     g = VECTOR[fname]
-    x = _rand((3,))
+    x = _rand((3,), device=device)
     assert_close(pf.jacrev(pf.jacfwd(g))(x), tf.jacrev(tf.jacfwd(g))(x))
 
 
 @params_scalar
-def test_vmap_jacrev_with_in_dims_none(fname):
+def test_vmap_jacrev_with_in_dims_none(device, fname):
     f = SCALAR[fname]
-    x = _rand((3,))
-    w = _rand((3,), True)
+    x = _rand((3,), device=device)
+    w = _rand((3,), True, device=device)
     run = lambda M: M.vmap(M.jacrev(lambda x, w: f(x * w)), in_dims=(None, 0))(x, w)  # noqa: E731
     assert_close(run(pf), run(tf))
 
@@ -263,10 +263,10 @@ def test_vmap_jacrev_with_in_dims_none(fname):
 # ----------------------------------------------------------------------------------------
 
 
-def test_exact_answers_for_sin():
-    x = _rand((4,))
-    xb = _rand((4,), True)
-    t = _rand((4,))
+def test_exact_answers_for_sin(device):
+    x = _rand((4,), device=device)
+    xb = _rand((4,), True, device=device)
+    t = _rand((4,), device=device)
     f = lambda x: torch.sin(x).sum()  # noqa: E731
     assert_close(pf.vmap(pf.grad(f))(xb), torch.cos(xb))
     assert_close(pf.grad(lambda xb: pf.vmap(f)(xb).sum())(xb), torch.cos(xb))
@@ -278,17 +278,17 @@ def test_exact_answers_for_sin():
     # d/dx sum(cos(x)^2) = -sin(2x)
     assert_close(pf.grad(lambda xb: (pf.vmap(pf.grad(f))(xb) ** 2).sum())(xb), -torch.sin(2 * xb))
     # third derivative of sin is -cos
-    s = torch.tensor(0.7, dtype=DT)
+    s = torch.tensor(0.7, dtype=DT, device=device)
     assert_close(pf.grad(pf.grad(pf.grad(torch.sin)))(s), -torch.cos(s))
     # fourth, mixing modes: jvp(grad(grad(grad)))
-    assert_close(pf.jvp(pf.grad(pf.grad(pf.grad(torch.sin))), (s,), (torch.ones((), dtype=DT),))[1], torch.sin(s))
+    assert_close(pf.jvp(pf.grad(pf.grad(pf.grad(torch.sin))), (s,), (torch.ones((), dtype=DT, device=device),))[1], torch.sin(s))
 
 
-def test_exact_jvp_jvp_of_product():
+def test_exact_jvp_jvp_of_product(device):
     # d2/dadb of x*y along (t1 on x) and (t2 on y) = t1*t2
-    x, y = _rand((3,)), _rand((3,))
-    t1, t2 = _rand((3,)), _rand((3,))
-    z = torch.zeros(3, dtype=DT)
+    x, y = _rand((3,), device=device), _rand((3,), device=device)
+    t1, t2 = _rand((3,), device=device), _rand((3,), device=device)
+    z = torch.zeros(3, dtype=DT, device=device)
     out = pf.jvp(lambda x, y: pf.jvp(lambda x, y: x * y, (x, y), (t1, z))[1], (x, y), (z, t2))[1]
     assert_close(out, t1 * t2)
 

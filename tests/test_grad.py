@@ -74,14 +74,14 @@ def test_grad_and_value(name):
     assert_close(v, f(x))
 
 
-def test_grad_float32():
-    x = torch.randn(5)
+def test_grad_float32(device):
+    x = torch.randn(5, device=device)
     f = lambda x: (x.exp() * x.cos()).sum()  # noqa: E731
     assert_close(pf.grad(f)(x), tf.grad(f)(x))
 
 
-def test_grad_argnums_int_negative_tuple():
-    x, y, z = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+def test_grad_argnums_int_negative_tuple(device):
+    x, y, z = torch.randn(3, dtype=DT, device=device), torch.randn(3, dtype=DT, device=device), torch.randn(3, dtype=DT, device=device)
 
     def f(x, y, z):
         return (x.sin() * y.exp() / (2 + z.cos())).sum()
@@ -96,15 +96,15 @@ def test_grad_argnums_int_negative_tuple():
         fd_assert_close(pf.grad(f, argnums=i)(x, y, z), numerical_jacobian(f, (x, y, z), argnum=i))
 
 
-def test_grad_single_element_tuple_argnums_returns_tuple():
-    x = torch.randn(3, dtype=DT)
+def test_grad_single_element_tuple_argnums_returns_tuple(device):
+    x = torch.randn(3, dtype=DT, device=device)
     got = pf.grad(lambda x, y: (x * y).sum(), argnums=(1,))(x, x)
     assert isinstance(got, tuple) and len(got) == 1
     assert_close(got[0], x)
 
 
-def test_grad_has_aux():
-    x = torch.randn(4, dtype=DT)
+def test_grad_has_aux(device):
+    x = torch.randn(4, dtype=DT, device=device)
 
     def f(x):
         y = x.sin()
@@ -119,9 +119,9 @@ def test_grad_has_aux():
     assert_close((g2, v2, aux2), (g2r, v2r, aux2r))
 
 
-def test_grad_has_aux_non_tensor_leaves_rejected_as_torch_func():
+def test_grad_has_aux_non_tensor_leaves_rejected_as_torch_func(device):
     # torch.func rejects non-tensor aux leaves with a RuntimeError; so does pyfunctorch
-    x = torch.randn(4, dtype=DT)
+    x = torch.randn(4, dtype=DT, device=device)
     f = lambda x: (x.pow(2).sum(), {"n": 3, "s": "tag", "t": x.sum()})  # noqa: E731
     with pytest.raises(RuntimeError):
         torch.func.grad(f, has_aux=True)(x)
@@ -129,9 +129,9 @@ def test_grad_has_aux_non_tensor_leaves_rejected_as_torch_func():
         pf.grad(f, has_aux=True)(x)
 
 
-def test_grad_pytree_inputs_dict_and_tuple():
-    params = {"w": torch.randn(3, 2, dtype=DT), "b": torch.randn(2, dtype=DT), "nested": (torch.randn(2, dtype=DT), [torch.randn((), dtype=DT)])}
-    x = torch.randn(5, 3, dtype=DT)
+def test_grad_pytree_inputs_dict_and_tuple(device):
+    params = {"w": torch.randn(3, 2, dtype=DT, device=device), "b": torch.randn(2, dtype=DT, device=device), "nested": (torch.randn(2, dtype=DT, device=device), [torch.randn((), dtype=DT, device=device)])}
+    x = torch.randn(5, 3, dtype=DT, device=device)
 
     def loss(p, x):
         h = torch.tanh(x @ p["w"] + p["b"])
@@ -149,27 +149,27 @@ def test_grad_pytree_inputs_dict_and_tuple():
     assert_close(torch.utils._pytree.tree_leaves(got), list(ag))
 
 
-def test_grad_kwargs_are_not_differentiated():
-    x = torch.randn(3, dtype=DT)
-    s = torch.randn(3, dtype=DT)
+def test_grad_kwargs_are_not_differentiated(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    s = torch.randn(3, dtype=DT, device=device)
     got = pf.grad(lambda x, *, scale: (x * scale).pow(2).sum())(x, scale=s)
     assert_close(got, 2 * x * s**2)
 
 
-def test_grad_unused_input_gives_zeros():
-    x, y = torch.randn(3, dtype=DT), torch.randn(2, dtype=DT)
+def test_grad_unused_input_gives_zeros(device):
+    x, y = torch.randn(3, dtype=DT, device=device), torch.randn(2, dtype=DT, device=device)
     got = pf.grad(lambda x, y: x.sum() * 2, argnums=(0, 1))(x, y)
-    assert_close(got, (torch.full((3,), 2.0, dtype=DT), torch.zeros(2, dtype=DT)))
+    assert_close(got, (torch.full((3,), 2.0, dtype=DT, device=device), torch.zeros(2, dtype=DT, device=device)))
 
 
-def test_grad_of_constant_function_is_zero():
-    x = torch.randn(3, dtype=DT)
-    c = torch.tensor(4.0, dtype=DT)
-    assert_close(pf.grad(lambda x: c * 2)(x), torch.zeros(3, dtype=DT))
+def test_grad_of_constant_function_is_zero(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    c = torch.tensor(4.0, dtype=DT, device=device)
+    assert_close(pf.grad(lambda x: c * 2)(x), torch.zeros(3, dtype=DT, device=device))
 
 
-def test_grad_with_inplace_ops_inside():
-    x = torch.randn(4, dtype=DT)
+def test_grad_with_inplace_ops_inside(device):
+    x = torch.randn(4, dtype=DT, device=device)
 
     def f(x):
         y = x.clone()
@@ -182,9 +182,9 @@ def test_grad_with_inplace_ops_inside():
     fd_assert_close(pf.grad(f)(x), numerical_jacobian(f, (x,)))
 
 
-def test_grad_ignores_outer_no_grad():
+def test_grad_ignores_outer_no_grad(device):
     """torch.func.grad computes gradients even under torch.no_grad() (it re-enables grad)."""
-    x = torch.randn(3, dtype=DT)
+    x = torch.randn(3, dtype=DT, device=device)
     f = lambda x: (x.sin() * x.exp()).sum()  # noqa: E731
     with torch.no_grad():
         got = pf.grad(f)(x)
@@ -201,11 +201,11 @@ def test_grad_input_requiring_grad_is_differentiable_by_autograd():
     assert torch.autograd.gradcheck(lambda x: pf.grad(SCALAR_FNS["softmax_dot"])(x), (x,))
 
 
-def test_grad_does_not_touch_input_requires_grad_or_dot_grad():
-    x = torch.randn(3, dtype=DT)
+def test_grad_does_not_touch_input_requires_grad_or_dot_grad(device):
+    x = torch.randn(3, dtype=DT, device=device)
     pf.grad(lambda x: x.pow(3).sum())(x)
     assert not x.requires_grad and x.grad is None
-    y = torch.randn(3, dtype=DT, requires_grad=True)
+    y = torch.randn(3, dtype=DT, requires_grad=True, device=device)
     g = pf.grad(lambda y: y.pow(3).sum())(y)
     assert y.grad is None
     assert_close(g.detach(), 3 * y.detach() ** 2)
@@ -228,8 +228,8 @@ def test_vjp_single_output_vs_torch_func_and_fd():
     fd_assert_close(ct, v @ numerical_jacobian(f, (x,)))
 
 
-def test_vjp_multiple_primals_and_pytree_outputs():
-    x, y = torch.randn(3, dtype=DT), torch.randn(3, 2, dtype=DT)
+def test_vjp_multiple_primals_and_pytree_outputs(device):
+    x, y = torch.randn(3, dtype=DT, device=device), torch.randn(3, 2, dtype=DT, device=device)
 
     def f(x, y):
         return {"a": x @ y, "b": (x.sin(), (y * 2).sum())}
@@ -237,40 +237,40 @@ def test_vjp_multiple_primals_and_pytree_outputs():
     out, fn = pf.vjp(f, x, y)
     out_r, fn_r = tf.vjp(f, x, y)
     assert_close(out, out_r)
-    ct = {"a": torch.randn(2, dtype=DT), "b": (torch.randn(3, dtype=DT), torch.randn((), dtype=DT))}
+    ct = {"a": torch.randn(2, dtype=DT, device=device), "b": (torch.randn(3, dtype=DT, device=device), torch.randn((), dtype=DT, device=device))}
     got = fn(ct)
     assert isinstance(got, tuple) and len(got) == 2
     assert_close(got, fn_r(ct))
 
 
-def test_vjp_pytree_primals():
-    p = {"w": torch.randn(2, 3, dtype=DT), "b": torch.randn(2, dtype=DT)}
-    x = torch.randn(3, dtype=DT)
+def test_vjp_pytree_primals(device):
+    p = {"w": torch.randn(2, 3, dtype=DT, device=device), "b": torch.randn(2, dtype=DT, device=device)}
+    x = torch.randn(3, dtype=DT, device=device)
     f = lambda p, x: torch.sigmoid(p["w"] @ x + p["b"])  # noqa: E731
     out, fn = pf.vjp(f, p, x)
     out_r, fn_r = tf.vjp(f, p, x)
-    v = torch.randn(2, dtype=DT)
+    v = torch.randn(2, dtype=DT, device=device)
     assert_close(out, out_r)
     assert_close(fn(v), fn_r(v))
 
 
-def test_vjp_fn_called_twice_and_has_aux():
-    x = torch.randn(3, dtype=DT)
+def test_vjp_fn_called_twice_and_has_aux(device):
+    x = torch.randn(3, dtype=DT, device=device)
     f = lambda x: (x.exp(), {"aux": x.sum(), "k": x.cos()})  # noqa: E731
     out, fn, aux = pf.vjp(f, x, has_aux=True)
     out_r, fn_r, aux_r = tf.vjp(f, x, has_aux=True)
     assert_close((out, aux), (out_r, aux_r))
-    v1, v2 = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    v1, v2 = torch.randn(3, dtype=DT, device=device), torch.randn(3, dtype=DT, device=device)
     assert_close(fn(v1), fn_r(v1))
     assert_close(fn(v2), fn_r(v2))
 
 
-def test_vjp_output_independent_of_input():
-    x = torch.randn(3, dtype=DT)
-    c = torch.randn(2, dtype=DT)
+def test_vjp_output_independent_of_input(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    c = torch.randn(2, dtype=DT, device=device)
     out, fn = pf.vjp(lambda x: c * 2, x)
     assert_close(out, c * 2)
-    assert_close(fn(torch.ones(2, dtype=DT)), (torch.zeros(3, dtype=DT),))
+    assert_close(fn(torch.ones(2, dtype=DT, device=device)), (torch.zeros(3, dtype=DT, device=device),))
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,9 +290,9 @@ def test_jvp_vs_torch_func_and_fd(device):
         fd_assert_close(tan, numerical_jacobian(f, (x,)) @ t)
 
 
-def test_jvp_multiple_primals_pytree_out_and_aux():
-    x, y = torch.randn(3, dtype=DT), torch.randn(3, 2, dtype=DT)
-    tx, ty = torch.randn(3, dtype=DT), torch.randn(3, 2, dtype=DT)
+def test_jvp_multiple_primals_pytree_out_and_aux(device):
+    x, y = torch.randn(3, dtype=DT, device=device), torch.randn(3, 2, dtype=DT, device=device)
+    tx, ty = torch.randn(3, dtype=DT, device=device), torch.randn(3, 2, dtype=DT, device=device)
 
     def f(x, y):
         return {"a": x @ y, "b": [x.sin() * y.sum()]}, {"aux": x.cos()}
@@ -303,18 +303,18 @@ def test_jvp_multiple_primals_pytree_out_and_aux():
     assert_close(got, want)
 
 
-def test_jvp_pytree_primals():
-    p = ({"w": torch.randn(2, 3, dtype=DT)}, torch.randn(3, dtype=DT))
-    t = ({"w": torch.randn(2, 3, dtype=DT)}, torch.randn(3, dtype=DT))
+def test_jvp_pytree_primals(device):
+    p = ({"w": torch.randn(2, 3, dtype=DT, device=device)}, torch.randn(3, dtype=DT, device=device))
+    t = ({"w": torch.randn(2, 3, dtype=DT, device=device)}, torch.randn(3, dtype=DT, device=device))
     f = lambda d, x: torch.sin(d["w"] @ x)  # noqa: E731
     assert_close(pf.jvp(f, p, t), tf.jvp(f, p, t))
 
 
-def test_jvp_output_independent_of_input():
-    x = torch.randn(3, dtype=DT)
-    c = torch.randn(2, dtype=DT)
-    out, tan = pf.jvp(lambda x: c.sin(), (x,), (torch.ones(3, dtype=DT),))
-    assert_close((out, tan), (c.sin(), torch.zeros(2, dtype=DT)))
+def test_jvp_output_independent_of_input(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    c = torch.randn(2, dtype=DT, device=device)
+    out, tan = pf.jvp(lambda x: c.sin(), (x,), (torch.ones(3, dtype=DT, device=device),))
+    assert_close((out, tan), (c.sin(), torch.zeros(2, dtype=DT, device=device)))
 
 
 def test_linearize_vs_torch_func():
@@ -329,12 +329,12 @@ def test_linearize_vs_torch_func():
         fd_assert_close(jfn(t), numerical_jacobian(f, (x,)) @ t)
 
 
-def test_linearize_multiple_primals():
-    x, y = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+def test_linearize_multiple_primals(device):
+    x, y = torch.randn(3, dtype=DT, device=device), torch.randn(3, dtype=DT, device=device)
     f = lambda x, y: (x * y.exp(), x.sum())  # noqa: E731
     out, jfn = pf.linearize(f, x, y)
     out_r, jfn_r = tf.linearize(f, x, y)
-    tx, ty = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    tx, ty = torch.randn(3, dtype=DT, device=device), torch.randn(3, dtype=DT, device=device)
     assert_close(out, out_r)
     assert_close(jfn(tx, ty), jfn_r(tx, ty))
 
@@ -357,17 +357,17 @@ VEC_FNS = {
 
 @pytest.mark.parametrize("name", sorted(VEC_FNS))
 @pytest.mark.parametrize("which", ["jacrev", "jacfwd"])
-def test_jacobian_vs_torch_func_and_fd(name, which):
+def test_jacobian_vs_torch_func_and_fd(device, name, which):
     f, shape = VEC_FNS[name]
-    x = torch.randn(shape, dtype=DT)
+    x = torch.randn(shape, dtype=DT, device=device)
     got = getattr(pf, which)(f)(x)
     assert_close(got, getattr(tf, which)(f)(x))
     fd_assert_close(got, numerical_jacobian(f, (x,)))
 
 
 @pytest.mark.parametrize("which", ["jacrev", "jacfwd"])
-def test_jacobian_argnums(which):
-    x, y = torch.randn(3, dtype=DT), torch.randn(2, dtype=DT)
+def test_jacobian_argnums(device, which):
+    x, y = torch.randn(3, dtype=DT, device=device), torch.randn(2, dtype=DT, device=device)
     f = lambda x, y: torch.cat([x.sin() * y.sum(), y.exp() * x.prod()])  # noqa: E731
     for argnums in [0, 1, -1, -2, (0, 1), (1, 0), (-1, 0)]:
         got = getattr(pf, which)(f, argnums=argnums)(x, y)
@@ -378,9 +378,9 @@ def test_jacobian_argnums(which):
 
 
 @pytest.mark.parametrize("which", ["jacrev", "jacfwd"])
-def test_jacobian_pytree_in_and_out(which):
-    p = {"w": torch.randn(2, 3, dtype=DT), "b": torch.randn(2, dtype=DT)}
-    x = torch.randn(3, dtype=DT)
+def test_jacobian_pytree_in_and_out(device, which):
+    p = {"w": torch.randn(2, 3, dtype=DT, device=device), "b": torch.randn(2, dtype=DT, device=device)}
+    x = torch.randn(3, dtype=DT, device=device)
 
     def f(p, x):
         h = p["w"] @ x + p["b"]
@@ -392,8 +392,8 @@ def test_jacobian_pytree_in_and_out(which):
 
 
 @pytest.mark.parametrize("which", ["jacrev", "jacfwd"])
-def test_jacobian_has_aux(which):
-    x = torch.randn(3, dtype=DT)
+def test_jacobian_has_aux(device, which):
+    x = torch.randn(3, dtype=DT, device=device)
     f = lambda x: (x.sin() * x.sum(), {"c": x.cos()})  # noqa: E731
     got = getattr(pf, which)(f, has_aux=True)(x)
     want = getattr(tf, which)(f, has_aux=True)(x)
@@ -401,8 +401,8 @@ def test_jacobian_has_aux(which):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 100])
-def test_jacrev_chunk_size(chunk_size):
-    x = torch.randn(5, dtype=DT)
+def test_jacrev_chunk_size(device, chunk_size):
+    x = torch.randn(5, dtype=DT, device=device)
     f = lambda x: torch.tanh(torch.outer(x, x.exp()))[:, :3]  # noqa: E731
     got = pf.jacrev(f, chunk_size=chunk_size)(x)
     assert_close(got, tf.jacrev(f)(x))
@@ -410,8 +410,8 @@ def test_jacrev_chunk_size(chunk_size):
     fd_assert_close(got, numerical_jacobian(f, (x,)))
 
 
-def test_jacrev_chunk_size_multiple_outputs():
-    x = torch.randn(3, dtype=DT)
+def test_jacrev_chunk_size_multiple_outputs(device):
+    x = torch.randn(3, dtype=DT, device=device)
     f = lambda x: (x.sin(), x.sum() * x[:2])  # noqa: E731
     assert_close(pf.jacrev(f, chunk_size=2)(x), tf.jacrev(f, chunk_size=2)(x))
 
@@ -427,9 +427,9 @@ HESS_FNS = {
 
 
 @pytest.mark.parametrize("name", sorted(HESS_FNS))
-def test_hessian_vs_torch_func_exact_and_fd(name):
+def test_hessian_vs_torch_func_exact_and_fd(device, name):
     f, exact = HESS_FNS[name]
-    x = torch.randn(3, dtype=DT)
+    x = torch.randn(3, dtype=DT, device=device)
     got = pf.hessian(f)(x)
     assert_close(got, tf.hessian(f)(x))
     if exact is not None:
@@ -439,20 +439,20 @@ def test_hessian_vs_torch_func_exact_and_fd(name):
 
 
 @pytest.mark.parametrize("outer", ["jacfwd", "jacrev"])
-def test_differentiating_vjp_fn_after_vjp_returned(outer):
+def test_differentiating_vjp_fn_after_vjp_returned(device, outer):
     """vjp_fn is differentiable (jacrev's rows are vjp_fn outputs, so hessian relies on it).
     exp's backward uses its saved *output*."""
-    x = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=DT, device=device)
 
     def g(x):
         _, fn = pf.vjp(torch.exp, x)
-        return fn(torch.ones(3, dtype=DT))[0]
+        return fn(torch.ones(3, dtype=DT, device=device))[0]
 
     assert_close(getattr(pf, outer)(g)(x), torch.diag(torch.exp(x)))
 
 
-def test_hessian_argnums_tuple_and_matrix_input():
-    x, y = torch.randn(2, dtype=DT), torch.randn(2, 2, dtype=DT)
+def test_hessian_argnums_tuple_and_matrix_input(device):
+    x, y = torch.randn(2, dtype=DT, device=device), torch.randn(2, 2, dtype=DT, device=device)
     f = lambda x, y: (torch.tanh(y @ x) * x.exp()).sum()  # noqa: E731
     assert_close(pf.hessian(f, argnums=(0, 1))(x, y), tf.hessian(f, argnums=(0, 1))(x, y))
     assert_close(pf.hessian(f, argnums=1)(x, y), tf.hessian(f, argnums=1)(x, y))

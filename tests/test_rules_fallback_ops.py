@@ -103,9 +103,9 @@ def renorm(w, i, max_norm=1.0, p=2.0):
     return w
 
 
-def test_embedding_renorm():
-    w = torch.randn(B, 6, 4) * 2
-    idx = torch.tensor([[0, 2, 2, -1], [5, 5, 1, 0], [3, 3, 3, 3]])  # duplicates, a negative index
+def test_embedding_renorm(device):
+    w = torch.randn(B, 6, 4, device=device) * 2
+    idx = torch.tensor([[0, 2, 2, -1], [5, 5, 1, 0], [3, 3, 3, 3]], device=device)  # duplicates, a negative index
     for p in (1.0, 2.0, float("inf")):
         for max_norm in (0.5, 10.0):
             f = lambda w, i: renorm(w, i, max_norm, p)  # noqa: E731
@@ -115,11 +115,11 @@ def test_embedding_renorm():
     check(renorm, (0, 0), w, idx.reshape(B, 2, 2))
     check(renorm, (0, 0), w, idx[:, :0])
     check(lambda w, i: (F.embedding(i, w.clone(), max_norm=1.0)), (0, 0), w, idx.clamp(min=0))
-    check_nested(renorm, torch.randn(2, B, 6, 4) * 2, torch.randint(0, 6, (2, B, 5)))
+    check_nested(renorm, torch.randn(2, B, 6, 4, device=device) * 2, torch.randint(0, 6, (2, B, 5), device=device))
 
 
-def test_embedding_renorm_batched_indices_into_shared_table_raises():
-    w, idx = torch.randn(6, 4) * 2, torch.randint(0, 6, (B, 3))
+def test_embedding_renorm_batched_indices_into_shared_table_raises(device):
+    w, idx = torch.randn(6, 4, device=device) * 2, torch.randint(0, 6, (B, 3), device=device)
     with pytest.raises(pf.errors.BatchedWriteError):
         pf.vmap(renorm, in_dims=(None, 0))(w, idx)
 
@@ -201,18 +201,18 @@ def test_embedding_bag_bad_offsets_raise():
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.0, float("inf")])
-def test_pdist(p):
-    x = torch.randn(B, 6, 4, dtype=torch.float64)
+def test_pdist(device, p):
+    x = torch.randn(B, 6, 4, dtype=torch.float64, device=device)
     x[:, 0] = x[:, -1]  # a zero distance
     f = lambda t: torch.pdist(t, p)  # noqa: E731
     check(f, (0,), x)
     check(f, (-1,), last(x))
     for n, m in [(1, 3), (2, 1), (3, 0)]:
-        check(f, (0,), torch.randn(B, n, m))
+        check(f, (0,), torch.randn(B, n, m, device=device))
     check(lambda t: pf.grad(lambda y: torch.pdist(y, p).square().sum())(t), (0,), x)
     _, vjp_fn = pf.vjp(f, x[0])
-    check(vjp_fn, (0,), torch.randn(B, 15, dtype=torch.float64))
-    check_nested(f, torch.randn(2, B, 5, 3))
+    check(vjp_fn, (0,), torch.randn(B, 15, dtype=torch.float64, device=device))
+    check_nested(f, torch.randn(2, B, 5, 3, device=device))
 
 
 # -- histc / histogram / histogramdd ------------------------------------------------------------
@@ -239,8 +239,8 @@ def test_histc(dtype):
     check_nested(lambda t: torch.histc(t, 6), torch.randn(2, B, 20, dtype=dtype), exact=True)
 
 
-def test_histc_non_finite_data_range_raises():
-    x = torch.randn(B, 5)
+def test_histc_non_finite_data_range_raises(device):
+    x = torch.randn(B, 5, device=device)
     x[1, 2] = float("inf")
     with pytest.raises(RuntimeError, match="not finite"):
         pf.vmap(lambda t: torch.histc(t, 3))(x)
@@ -283,10 +283,10 @@ def test_histogramdd(dtype):
 
 @pytest.mark.filterwarnings("ignore:torch.searchsorted.*non-contiguous")  # (the loop's strided examples)
 @pytest.mark.parametrize("kw", [{}, {"right": True}, {"side": "right"}, {"out_int32": True}])
-def test_searchsorted_batched_sorter(kw):
-    seq = torch.randn(B, 4, 7)
+def test_searchsorted_batched_sorter(device, kw):
+    seq = torch.randn(B, 4, 7, device=device)
     srt = torch.argsort(seq, -1)
-    v = torch.randn(B, 4, 5)
+    v = torch.randn(B, 4, 5, device=device)
 
     def f(s, x, o):
         return torch.searchsorted(s, x, sorter=o, **kw)
@@ -294,25 +294,25 @@ def test_searchsorted_batched_sorter(kw):
     check(f, (0, 0, 0), seq, v, srt, exact=True)
     check(f, (0, None, 0), seq, v[0], srt, exact=True)
     check(f, (-1, -1, -1), last(seq), last(v), last(srt), exact=True)
-    shared = torch.randn(4, 7)  # one sequence, per-example sorters (all sort it)
+    shared = torch.randn(4, 7, device=device)  # one sequence, per-example sorters (all sort it)
     check(f, (None, 0, 0), shared, v, torch.stack([torch.argsort(shared, -1)] * B), exact=True)
-    s1 = torch.randn(B, 9)
-    check(f, (0, 0, 0), s1, torch.randn(B, 4), torch.argsort(s1, -1), exact=True)
+    s1 = torch.randn(B, 9, device=device)
+    check(f, (0, 0, 0), s1, torch.randn(B, 4, device=device), torch.argsort(s1, -1), exact=True)
     check(lambda s, o: torch.searchsorted(s, 0.3, sorter=o, **kw), (0, 0), s1, torch.argsort(s1, -1), exact=True)
-    s2 = torch.randn(2, B, 9)
-    check_nested(f, s2, torch.randn(2, B, 4), torch.argsort(s2, -1), exact=True)
+    s2 = torch.randn(2, B, 9, device=device)
+    check_nested(f, s2, torch.randn(2, B, 4, device=device), torch.argsort(s2, -1), exact=True)
 
 
 @pytest.mark.parametrize("shape", [(), (5,), (3, 4), (2, 3, 2), (3, 0, 2)])
-def test_nonzero_static(shape):
-    x = (torch.randn((B,) + shape) > 0.3).float()
+def test_nonzero_static(device, shape):
+    x = (torch.randn((B,) + shape, device=device) > 0.3).float()
     for size in (0, 1, 5, 30):
         for fill in (-1, 7):
             f = lambda t: torch.nonzero_static(t, size=size, fill_value=fill)  # noqa: E731
             check(f, (0,), x, exact=True)
             if shape:
                 check(f, (-1,), last(x), exact=True)
-    check_nested(lambda t: torch.nonzero_static(t, size=6), torch.randn((2, B) + shape) > 0, exact=True)
+    check_nested(lambda t: torch.nonzero_static(t, size=6), torch.randn((2, B) + shape, device=device) > 0, exact=True)
 
 
 # -- CPU flash attention with a batched attn_mask ----------------------------------------------
@@ -320,9 +320,9 @@ def test_nonzero_static(shape):
 
 @pytest.mark.parametrize("mshape", [(4, 5), (1, 1, 4, 5), (2, 3, 4, 5), (1, 3, 1, 5)])
 @pytest.mark.parametrize("boolean", [False, True])
-def test_sdpa_batched_mask(mshape, boolean):
-    q, k, v = torch.randn(B, 2, 3, 4, 8), torch.randn(B, 2, 3, 5, 8), torch.randn(B, 2, 3, 5, 8)
-    m = torch.randn((B,) + mshape)
+def test_sdpa_batched_mask(device, mshape, boolean):
+    q, k, v = torch.randn(B, 2, 3, 4, 8, device=device), torch.randn(B, 2, 3, 5, 8, device=device), torch.randn(B, 2, 3, 5, 8, device=device)
+    m = torch.randn((B,) + mshape, device=device)
     m = m > -0.5 if boolean else m
 
     def f(a, b, c, mask):
@@ -345,18 +345,18 @@ def test_sdpa_batched_mask(mshape, boolean):
 @pytest.mark.skipif(not hasattr(torch, "hash_tensor"), reason="torch without hash_tensor")
 @pytest.mark.parametrize("kw", [{}, {"dim": 1}, {"dim": [0, 1], "keepdim": True}, {"dim": -1, "keepdim": True}], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
-def test_hash_tensor(kw, dtype):
-    x = (torch.randn(B, 4, 5) * 100).to(dtype)
+def test_hash_tensor(device, kw, dtype):
+    x = (torch.randn(B, 4, 5, device=device) * 100).to(dtype)
     check(lambda t: torch.hash_tensor(t, **kw), 0, x, exact=True)
     check(lambda t: torch.hash_tensor(t, **kw), 2, x.movedim(0, 2).contiguous(), exact=True)
 
 
-def test_embedding_bag_out_of_range_index_raises_under_nested_vmap():
+def test_embedding_bag_out_of_range_index_raises_under_nested_vmap(device):
     """Per-example tables folded into one: an out-of-range index (here batched at the outer
     level, where the inner rule cannot read it) must raise, not read another example's row."""
-    W = torch.randn(3, 5, 4)
-    IDX = torch.tensor([[0, 2, 4, 1], [0, 2, 5, 1]])
-    off = torch.tensor([0, 2])
+    W = torch.randn(3, 5, 4, device=device)
+    IDX = torch.tensor([[0, 2, 4, 1], [0, 2, 5, 1]], device=device)
+    off = torch.tensor([0, 2], device=device)
 
     def f(i):
         return pf.vmap(lambda w: F.embedding_bag(i, w, off))(W)
@@ -368,42 +368,42 @@ def test_embedding_bag_out_of_range_index_raises_under_nested_vmap():
     same(pf.vmap(f)(ok), want)
 
 
-def test_assert_async_checks_every_example():
+def test_assert_async_checks_every_example(device):
     def f(x):
         torch._assert_async(x > 0, "positive")
         return x
 
     with no_fallback():
-        pf.vmap(f)(torch.tensor([1.0, 2.0]))
+        pf.vmap(f)(torch.tensor([1.0, 2.0], device=device))
     with pytest.raises(RuntimeError, match="positive"):
-        pf.vmap(f)(torch.tensor([1.0, -2.0]))
+        pf.vmap(f)(torch.tensor([1.0, -2.0], device=device))
 
 
 @pytest.mark.parametrize("fn", [lambda x: torch.histc(x, 5), lambda x: torch.histogram(x, 5)[0]],
                          ids=["histc", "histogram"])
-def test_histogram_non_finite_range_raises_under_nested_vmap(fn):
+def test_histogram_non_finite_range_raises_under_nested_vmap(device, fn):
     """The data batched at the outer level reaches the inner rule as wrappers it must not read:
     the finiteness check is a tensor assert (it used to be skipped: a silent wrong result)."""
-    X = torch.randn(2, 3, 10)
+    X = torch.randn(2, 3, 10, device=device)
     X[1, 2, 4] = float("inf")
     with pytest.raises(RuntimeError, match="not finite"):
         pf.vmap(lambda row: pf.vmap(fn)(row))(X)
-    ok = torch.randn(2, 3, 10)
+    ok = torch.randn(2, 3, 10, device=device)
     with no_fallback():
         got = pf.vmap(lambda row: pf.vmap(fn)(row))(ok)
     same(got, torch.stack([torch.stack([fn(x) for x in r]) for r in ok]), exact=True)
 
 
-def test_embedding_bag_bad_offsets_raise_under_nested_vmap():
-    W = torch.randn(3, 5, 4)
-    idx = torch.tensor([0, 2, 4, 1])
+def test_embedding_bag_bad_offsets_raise_under_nested_vmap(device):
+    W = torch.randn(3, 5, 4, device=device)
+    idx = torch.tensor([0, 2, 4, 1], device=device)
 
     def f(o):
         return pf.vmap(lambda w: F.embedding_bag(idx, w, o))(W)
 
     with pytest.raises(RuntimeError, match="offsets\\[0\\] has to be 0"):
-        pf.vmap(f)(torch.tensor([[0, 2], [1, 2]]))
+        pf.vmap(f)(torch.tensor([[0, 2], [1, 2]], device=device))
     with pytest.raises(RuntimeError, match="can not be greater"):
-        pf.vmap(f)(torch.tensor([[0, 2], [0, 5]]))
-    ok = torch.tensor([[0, 2], [0, 3]])
+        pf.vmap(f)(torch.tensor([[0, 2], [0, 5]], device=device))
+    ok = torch.tensor([[0, 2], [0, 3]], device=device)
     same(pf.vmap(f)(ok), torch.stack([torch.stack([F.embedding_bag(idx, w, o) for w in W]) for o in ok]))

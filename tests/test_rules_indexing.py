@@ -175,9 +175,9 @@ def test_index_batched_bool_mask_unequal_counts():
                                                  for a in range(B)]))
 
 
-def test_index_nested_vmap():
-    x = torch.randn(2, B, 5, 4)
-    i = torch.randint(0, 5, (2, B, 3))
+def test_index_nested_vmap(device):
+    x = torch.randn(2, B, 5, 4, device=device)
+    i = torch.randint(0, 5, (2, B, 3), device=device)
     f = lambda x, i: x[i, 1:]  # noqa: E731
     with no_fallback():
         got = pyfunctorch.vmap(pyfunctorch.vmap(f, in_dims=(0, 0)), in_dims=(0, 0))(x, i)
@@ -428,8 +428,8 @@ def test_scatter_inplace():
         pyfunctorch.vmap(lambda s: y.scatter_add_(1, i[0], s))(torch.randn(B, 4, 3))
 
 
-def test_scatter_scalar_self():
-    check(lambda x, s: x.scatter(0, torch.tensor(0), s), (0, 0), torch.randn(B), torch.randn(B))
+def test_scatter_scalar_self(device):
+    check(lambda x, s: x.scatter(0, torch.tensor(0, device=device), s), (0, 0), torch.randn(B, device=device), torch.randn(B, device=device))
 
 
 # -- index_select / index_add / index_copy / index_fill / index_reduce ------------------
@@ -525,9 +525,9 @@ def test_masked_scatter(in_dims):
     check_inplace(inplace, in_dims, x, m, s)
 
 
-def test_masked_scatter_broadcast_mask():
-    check(lambda x, m, s: x.masked_scatter(m, s), (0, 0, 0), torch.randn(B, 4, 1), torch.rand(B, 5) > 0.3,
-          torch.randn(B, 20), func=False)
+def test_masked_scatter_broadcast_mask(device):
+    check(lambda x, m, s: x.masked_scatter(m, s), (0, 0, 0), torch.randn(B, 4, 1, device=device), torch.rand(B, 5, device=device) > 0.3,
+          torch.randn(B, 20, device=device), func=False)
 
 
 @pytest.mark.parametrize("in_dims", [(0, 0), (None, 0), (0, None)])
@@ -578,8 +578,8 @@ def test_searchsorted_nd_scalar_sorter():
     check(lambda s: torch.searchsorted(s, VALS[0], sorter=sorter[0]), 0, unsorted, func=False)
 
 
-def test_histc():
-    x = torch.randn(B, 40)
+def test_histc(device):
+    x = torch.randn(B, 40, device=device)
     x[1] = (x[1] * 4).round() / 4  # values on bin edges
     x[2] = 1.0  # constant: the range is widened by one on both sides
     check(lambda x: torch.histc(x, 7), 0, x, func=False)
@@ -590,12 +590,12 @@ def test_histc():
 # -- backward and *_scatter forms of views, new_* ---------------------------------------
 
 
-def test_view_backward_ops():
+def test_view_backward_ops(device):
     # grads shaped like the forward view of a (4, 5, 6) input
-    x = torch.zeros(4, 5, 6)
+    x = torch.zeros(4, 5, 6, device=device)
 
     def g_like(view):
-        return torch.randn((B,) + view.shape)
+        return torch.randn((B,) + view.shape, device=device)
 
     check(lambda g: aten.select_backward.default(g, [4, 5, 6], 1, -1), 0, g_like(x.select(1, -1)))
     check(lambda g: aten.slice_backward.default(g, [4, 5, 6], -3, 1, 4, 2), 0, g_like(x[1:4:2]))
@@ -641,9 +641,9 @@ def test_new_factories():
 
 
 @pytest.mark.parametrize("in_dims", [(0, 0), (None, 0), (0, None)])
-def test_new_zeros_with_same_feature_meta(in_dims):
-    x = torch.randn(B, 4, 5) if in_dims[0] == 0 else torch.randn(4, 5)
-    o = torch.randn(B, 5, 3).transpose(1, 2) if in_dims[1] == 0 else torch.randn(5, 3).t()
+def test_new_zeros_with_same_feature_meta(device, in_dims):
+    x = torch.randn(B, 4, 5, device=device) if in_dims[0] == 0 else torch.randn(4, 5, device=device)
+    o = torch.randn(B, 5, 3, device=device).transpose(1, 2) if in_dims[1] == 0 else torch.randn(5, 3, device=device).t()
 
     def f(x, o):
         out = aten._new_zeros_with_same_feature_meta.default(x, o, self_num_batch_dims=1)
@@ -699,21 +699,21 @@ def test_vmap_grad_gather_scatter_losses():
     _grad_check(lambda x: x.masked_scatter(x > 0, x * 2).sin().sum(), 0, logits, func_vmap=False)
 
 
-def test_jacrev_jacfwd_through_indexing():
-    x = torch.randn(4, 5)
-    i = torch.tensor([[0, 3], [2, 2]])
+def test_jacrev_jacfwd_through_indexing(device):
+    x = torch.randn(4, 5, device=device)
+    i = torch.tensor([[0, 3], [2, 2]], device=device)
 
     def f(x):
-        y = x[i, 1:] * 2 + x.gather(1, torch.tensor([[4], [0], [1], [1]])).sum()
-        z = torch.zeros(3, 4).scatter_add(0, torch.tensor([[0, 1, 2, 0]]), x[1:2, :4])
-        return y.sum(-1).reshape(-1).sin() + z.sum() + x.index_select(1, torch.tensor([4, 0]))[:, 0].sum()
+        y = x[i, 1:] * 2 + x.gather(1, torch.tensor([[4], [0], [1], [1]], device=device)).sum()
+        z = torch.zeros(3, 4, device=device).scatter_add(0, torch.tensor([[0, 1, 2, 0]], device=device), x[1:2, :4])
+        return y.sum(-1).reshape(-1).sin() + z.sum() + x.index_select(1, torch.tensor([4, 0], device=device))[:, 0].sum()
 
     for jac_ours, jac_ref in [(pyfunctorch.jacrev, tf.jacrev), (pyfunctorch.jacfwd, tf.jacfwd)]:
         with no_fallback():
             got = jac_ours(f)(x)
         torch.testing.assert_close(got, jac_ref(f)(x), atol=1e-5, rtol=1e-5)
     # batched over examples too
-    xs = torch.randn(B, 4, 5)
+    xs = torch.randn(B, 4, 5, device=device)
     with no_fallback():
         got = pyfunctorch.vmap(pyfunctorch.jacrev(f))(xs)
     torch.testing.assert_close(got, loop(tf.jacrev(f), 0, (xs,)), atol=1e-5, rtol=1e-5)
@@ -722,9 +722,9 @@ def test_jacrev_jacfwd_through_indexing():
     torch.testing.assert_close(got, loop(tf.jacfwd(f), 0, (xs,)), atol=1e-5, rtol=1e-5)
 
 
-def test_hessian_of_gather_loss():
-    x = torch.randn(6)
-    idx = torch.tensor([0, 5, 2, 2])
+def test_hessian_of_gather_loss(device):
+    x = torch.randn(6, device=device)
+    idx = torch.tensor([0, 5, 2, 2], device=device)
 
     def f(x):
         return (x.gather(0, idx) ** 3).sum() + x[idx[:2]].prod()
@@ -734,11 +734,11 @@ def test_hessian_of_gather_loss():
     torch.testing.assert_close(got, tf.hessian(f)(x), atol=1e-5, rtol=1e-5)
 
 
-def test_grad_of_vmap_through_rules():
+def test_grad_of_vmap_through_rules(device):
     # vmap inside grad: the rules run on grad-level wrappers and must stay differentiable
-    x = torch.randn(B, 4, 5)
-    i = torch.randint(0, 5, (B, 3))
-    m = torch.rand(B, 4, 5) > 0.5
+    x = torch.randn(B, 4, 5, device=device)
+    i = torch.randint(0, 5, (B, 3), device=device)
+    m = torch.rand(B, 4, 5, device=device) > 0.5
 
     def per_example(x, i, m):
         y = x[:, i] * 2 + x.gather(1, i.expand(4, 3)).cos()

@@ -67,36 +67,36 @@ def test_lstsq_in_dims(driver):
                 check(f, (dA, db), batched_arg((m, n), dA), batched_arg(b_shape, db))
 
 
-def test_lstsq_default_driver_and_rcond():
-    A, b = torch.randn(B, 5, 3, dtype=DT), torch.randn(B, 5, 2, dtype=DT)
+def test_lstsq_default_driver_and_rcond(device):
+    A, b = torch.randn(B, 5, 3, dtype=DT, device=device), torch.randn(B, 5, 2, dtype=DT, device=device)
     check(lambda A, b: torch.linalg.lstsq(A, b), (0, 0), A, b)
     check(lambda A, b: torch.linalg.lstsq(A, b, rcond=1e-3, driver="gelsd"), (0, None), A, b[0])
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_lstsq_example_batch_dims(driver):
+def test_lstsq_example_batch_dims(device, driver):
     """Examples that are themselves batches of matrices, with b broadcasting over them."""
 
     def f(A, b):
         return torch.linalg.lstsq(A, b, driver=driver)
 
-    A = torch.randn(B, 2, 5, 3, dtype=DT)
-    check(f, (0, 0), A, torch.randn(B, 1, 5, 2, dtype=DT))
-    check(f, (0, None), A, torch.randn(1, 5, 2, dtype=DT))
-    check(f, (None, 0), A[0], torch.randn(B, 1, 5, 2, dtype=DT))
-    check(f, (None, 0), A[0, :1], torch.randn(B, 2, 5, 2, dtype=DT))
-    check(f, (0, 0), A, torch.randn(B, 2, 5, dtype=DT))  # vector b per matrix
-    check(f, (None, 0), A[0], torch.randn(B, 2, 5, dtype=DT))
+    A = torch.randn(B, 2, 5, 3, dtype=DT, device=device)
+    check(f, (0, 0), A, torch.randn(B, 1, 5, 2, dtype=DT, device=device))
+    check(f, (0, None), A, torch.randn(1, 5, 2, dtype=DT, device=device))
+    check(f, (None, 0), A[0], torch.randn(B, 1, 5, 2, dtype=DT, device=device))
+    check(f, (None, 0), A[0, :1], torch.randn(B, 2, 5, 2, dtype=DT, device=device))
+    check(f, (0, 0), A, torch.randn(B, 2, 5, dtype=DT, device=device))  # vector b per matrix
+    check(f, (None, 0), A[0], torch.randn(B, 2, 5, dtype=DT, device=device))
 
 
 @pytest.mark.parametrize("driver", ["gelsd", "gelss"])
-def test_lstsq_residuals_rank_deficient(driver):
+def test_lstsq_residuals_rank_deficient(device, driver):
     """gelsd/gelss return residuals only when every matrix of the call has full rank."""
 
     def f(A, b):
         return torch.linalg.lstsq(A, b, driver=driver)
 
-    A, b = torch.randn(B, 5, 3, dtype=DT), torch.randn(B, 5, 2, dtype=DT)
+    A, b = torch.randn(B, 5, 3, dtype=DT, device=device), torch.randn(B, 5, 2, dtype=DT, device=device)
     deficient = A.clone()
     deficient[..., 2] = deficient[..., 1]
     out = pf.vmap(f)(A, b)
@@ -131,8 +131,8 @@ def test_lstsq_residuals_rank_deficient(driver):
     check(f, (0, None), both, b[:2])
 
 
-def test_lstsq_gels_rank_deficient_raises():
-    A, b = torch.randn(B, 5, 3, dtype=DT), torch.randn(B, 5, 2, dtype=DT)
+def test_lstsq_gels_rank_deficient_raises(device):
+    A, b = torch.randn(B, 5, 3, dtype=DT, device=device), torch.randn(B, 5, 2, dtype=DT, device=device)
     A[1, :, 2] = 0
     with pytest.raises(RuntimeError, match="full rank"):
         torch.linalg.lstsq(A[1], b[1], driver="gels")
@@ -140,18 +140,18 @@ def test_lstsq_gels_rank_deficient_raises():
         pf.vmap(lambda A, b: torch.linalg.lstsq(A, b, driver="gels"))(A, b)
 
 
-def test_lstsq_nested():
+def test_lstsq_nested(device):
     f = lambda A, b: torch.linalg.lstsq(A, b, driver="gelsd")
-    A, b = torch.randn(2, B, 5, 3, dtype=DT), torch.randn(5, 2, B, 2, dtype=DT)
+    A, b = torch.randn(2, B, 5, 3, dtype=DT, device=device), torch.randn(5, 2, B, 2, dtype=DT, device=device)
     check_nested(f, (0, 1), (0, 1), A, b)
     check_nested(f, (None, 1), (None, 1), A[0, 0], b)
     check_nested(f, (0, None), (0, None), A, b[:, 0, 0])
     check_nested(f, (1, 1), (0, None), A.transpose(0, 1), b[:, :, 0])
 
 
-def test_lstsq_grad_per_example():
+def test_lstsq_grad_per_example(device):
     """Per-example gradients through lstsq (rules under a grad level)."""
-    A, b = torch.randn(B, 5, 3, dtype=DT), torch.randn(B, 5, 2, dtype=DT)
+    A, b = torch.randn(B, 5, 3, dtype=DT, device=device), torch.randn(B, 5, 2, dtype=DT, device=device)
 
     def loss(A, b):
         return torch.linalg.lstsq(A, b, driver="gelsd").solution.pow(2).sum()
@@ -163,9 +163,9 @@ def test_lstsq_grad_per_example():
     assert_close(actual, expected)
 
 
-def test_lstsq_invalid_shapes_raise():
+def test_lstsq_invalid_shapes_raise(device):
     with pytest.raises(RuntimeError):
-        pf.vmap(lambda A, b: torch.linalg.lstsq(A, b))(torch.randn(B, 5, 3), torch.randn(B, 2, 5, 2))
+        pf.vmap(lambda A, b: torch.linalg.lstsq(A, b))(torch.randn(B, 5, 3, device=device), torch.randn(B, 2, 5, 2, device=device))
 
 
 # -- ldl_solve ------------------------------------------------------------------------------------
@@ -233,12 +233,12 @@ def test_ldl_solve_nested_and_errors():
 # -- pinv with tensor atol / rtol -----------------------------------------------------------------
 
 
-def test_pinv_tensor_tolerances():
+def test_pinv_tensor_tolerances(device):
     def f(x, atol, rtol):
         return torch.linalg.pinv(x, atol=atol, rtol=rtol)
 
-    x = torch.randn(B, 2, 5, 4, dtype=DT)
-    tol = lambda *s: torch.rand(s, dtype=DT) * 2
+    x = torch.randn(B, 2, 5, 4, dtype=DT, device=device)
+    tol = lambda *s: torch.rand(s, dtype=DT, device=device) * 2
     check(f, (0, 0, None), x, tol(B), tol())
     check(f, (0, 0, 0), x, tol(B, 2), tol(B, 1))
     check(f, (None, 0, None), x[0], tol(B), tol())  # unbatched matrix, batched tolerance
@@ -249,8 +249,8 @@ def test_pinv_tensor_tolerances():
     check(f, (0, None, None), x, tol(3, 1), tol())
     check(f, (0, None, 0), x[:, 0], tol(3), tol(B, 1))
     # an empty matrix ignores the tolerances
-    check(f, (None, 0, None), torch.randn(2, 0, 0, dtype=DT), tol(B, 3, 1), tol())
-    check(f, (0, 0, None), torch.randn(B, 2, 3, 0, dtype=DT), tol(B), tol())
+    check(f, (None, 0, None), torch.randn(2, 0, 0, dtype=DT, device=device), tol(B, 3, 1), tol())
+    check(f, (0, 0, None), torch.randn(B, 2, 3, 0, dtype=DT, device=device), tol(B), tol())
 
 
 def test_pinv_tolerance_forms():
@@ -265,10 +265,10 @@ def test_pinv_tolerance_forms():
     check(lambda x, a: torch.pinverse(x, 0.3), (0, None), x, r)
 
 
-def test_pinv_nested_and_grad():
+def test_pinv_nested_and_grad(device):
     f = lambda x, a: torch.linalg.pinv(x, atol=a)
-    x = torch.randn(2, B, 5, 4, dtype=DT)
-    a = torch.rand(B, 2, dtype=DT)
+    x = torch.randn(2, B, 5, 4, dtype=DT, device=device)
+    a = torch.rand(B, 2, dtype=DT, device=device)
     check_nested(f, (0, 1), (0, 0), x, a)
     check_nested(f, (None, 1), (None, 0), x[0, 0], a)
     loss = lambda x, a: torch.linalg.pinv(x, atol=a).sum()
@@ -306,28 +306,28 @@ def test_matrix_rank_batched_tolerances():
 
 
 @pytest.mark.parametrize("dt", [torch.complex64, torch.complex128])
-def test_complex_pinv(dt):
-    x = torch.randn(B, 5, 4, dtype=dt)
+def test_complex_pinv(device, dt):
+    x = torch.randn(B, 5, 4, dtype=dt, device=device)
     check(torch.linalg.pinv, 0, x)  # no keyword: vmap's fast path
     check(torch.linalg.pinv, -1, x.movedim(0, -1))
     check(lambda x: torch.linalg.pinv(x.conj()), 0, x)
     check(lambda x: torch.linalg.pinv(x.mH), 0, x)
     check(lambda x: torch.linalg.pinv(x, rtol=0.2), 0, x)
-    check(lambda x, a: torch.linalg.pinv(x, atol=a), (0, 0), x, torch.rand(B, dtype=torch.float64))
+    check(lambda x, a: torch.linalg.pinv(x, atol=a), (0, 0), x, torch.rand(B, dtype=torch.float64, device=device))
     h = x[:, :4] @ x[:, :4].mH
     check(lambda x: torch.linalg.pinv(x, hermitian=True), 0, h)
     check(torch.pinverse, 0, x)
-    check_nested(torch.linalg.pinv, 0, 0, torch.randn(2, B, 3, 4, dtype=dt))
+    check_nested(torch.linalg.pinv, 0, 0, torch.randn(2, B, 3, 4, dtype=dt, device=device))
     # the singular OpInfo variant: a rank-deficient product
-    u, v = torch.randn(B, 6, 2, dtype=dt), torch.randn(B, 5, 2, dtype=dt)
+    u, v = torch.randn(B, 6, 2, dtype=dt, device=device), torch.randn(B, 5, 2, dtype=dt, device=device)
     check(lambda u, v: torch.linalg.pinv(u @ v.mT), (0, 0), u, v)
     check(lambda u, v: torch.linalg.pinv(u @ v.mT), (None, 0), u[0], v)
 
 
-def test_complex_conj_bias_and_operands():
+def test_complex_conj_bias_and_operands(device):
     c = torch.complex128
-    M, a, b = (torch.randn(B, 3, 3, dtype=c) for _ in range(3))
-    v = torch.randn(B, 3, dtype=c)
+    M, a, b = (torch.randn(B, 3, 3, dtype=c, device=device) for _ in range(3))
+    v = torch.randn(B, 3, dtype=c, device=device)
     check(lambda M, a, b: torch.addmm(M.conj(), a, b), (0, 0, 0), M, a, b)
     check(lambda M, a, b: torch.addmm(M.conj(), a.mH, b), (0, None, None), M, a[0], b[0])
     check(lambda M, a, b: torch.addmm(M, a.conj(), b.mH, alpha=2j, beta=0.5), (None, 0, 0), M[0], a, b)
@@ -340,7 +340,7 @@ def test_complex_conj_bias_and_operands():
 
 
 @pytest.mark.parametrize("hermitian", [False, True])
-def test_complex_ldl_solve(hermitian):
+def test_complex_ldl_solve(device, hermitian):
     """Complex LDL: hermitian=True factors A = L D L^H (conjugate transpose), hermitian=False a
     complex *symmetric* A = L D L^T (plain transpose); the flag is passed through per call."""
     c = torch.complex128
@@ -348,10 +348,10 @@ def test_complex_ldl_solve(hermitian):
     def f(LD, piv, rhs):
         return torch.linalg.ldl_solve(LD, piv, rhs, hermitian=hermitian)
 
-    a = torch.randn(B, 4, 4, dtype=c)
-    A = a @ a.mH + 4 * torch.eye(4) if hermitian else a + a.mT
+    a = torch.randn(B, 4, 4, dtype=c, device=device)
+    A = a @ a.mH + 4 * torch.eye(4, device=device) if hermitian else a + a.mT
     LD, piv = torch.linalg.ldl_factor(A, hermitian=hermitian)
-    rhs = torch.randn(B, 4, 2, dtype=c)
+    rhs = torch.randn(B, 4, 2, dtype=c, device=device)
     check(f, (0, 0, 0), LD, piv, rhs)
     check(f, (0, 0, None), LD, piv, rhs[0])
     check(f, (None, None, 0), LD[0], piv[0], rhs)  # one factorization: columns of one solve
@@ -379,9 +379,9 @@ _INT_ADD_OPS = {
 
 @pytest.mark.parametrize("name", sorted(_INT_ADD_OPS))
 @pytest.mark.parametrize("dt", [torch.int64, torch.int8])
-def test_integer_add_products(name, dt):
+def test_integer_add_products(device, name, dt):
     op, *shapes = _INT_ADD_OPS[name]
-    M, a, b = (torch.randint(-4, 5, (B,) + s, dtype=dt) for s in shapes)
+    M, a, b = (torch.randint(-4, 5, (B,) + s, dtype=dt, device=device) for s in shapes)
     coeffs = [{}, {"beta": 2, "alpha": -3}, {"beta": 0, "alpha": 1}]
     if name != "addr":  # addr refuses float coefficients for integral results
         coeffs += [{"beta": 0.2, "alpha": 0.6}, {"beta": 1.7, "alpha": -2.6}]
@@ -394,8 +394,8 @@ def test_integer_add_products(name, dt):
     check(lambda M, a, b: op(M, a, b, beta=3, alpha=0.9 if name != "addr" else 1), (0, 0, 0), M[:, 0].flatten()[:B], a, b)
 
 
-def test_integer_add_products_dtype_and_errors():
-    i = torch.randint(-4, 5, (B, 3, 3))
+def test_integer_add_products_dtype_and_errors(device):
+    i = torch.randint(-4, 5, (B, 3, 3), device=device)
     out = pf.vmap(lambda M, a, b: torch.addmm(M, a, b, beta=0.2, alpha=0.6))(i, i, i)
     assert out.dtype == torch.int64 and not out.any()  # both coefficients truncate to 0
     with pytest.raises(RuntimeError, match="must not be a floating point number"):
@@ -411,12 +411,12 @@ def test_integer_add_products_dtype_and_errors():
     check(lambda M, a, b: torch.addmm(M, a, b, alpha=2 + 0j), (0, 0, 0), i, i, i)  # imaginary part 0: fine
     # addr promotes its operands, a 0-dim unbatched bias included
     f = lambda M, u, w: torch.addr(M, u, w)
-    check(f, (None, 0, 0), torch.tensor(1.5, dtype=torch.float64), torch.randn(B, 3), torch.randn(B, 4))
-    check(f, (0, 0, None), i[:, :, 0].float(), i[:, 0], torch.randn(3, dtype=torch.float64))
+    check(f, (None, 0, 0), torch.tensor(1.5, dtype=torch.float64, device=device), torch.randn(B, 3, device=device), torch.randn(B, 4, device=device))
+    check(f, (0, 0, None), i[:, :, 0].float(), i[:, 0], torch.randn(3, dtype=torch.float64, device=device))
 
 
-def test_bool_addr():
-    M, u, w = torch.rand(B, 3, 4) > 0.5, torch.rand(B, 3) > 0.5, torch.rand(B, 4) > 0.5
+def test_bool_addr(device):
+    M, u, w = torch.rand(B, 3, 4, device=device) > 0.5, torch.rand(B, 3, device=device) > 0.5, torch.rand(B, 4, device=device) > 0.5
     for kw in [{}, {"beta": 0}, {"alpha": 0}, {"beta": 2, "alpha": 3}, {"beta": False, "alpha": True}]:
         f = lambda M, u, w, kw=kw: torch.addr(M, u, w, **kw)
         check(f, (0, 0, 0), M, u, w)
@@ -425,9 +425,9 @@ def test_bool_addr():
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-def test_low_precision_add_products_round_once(dt):
+def test_low_precision_add_products_round_once(device, dt):
     """addmm/baddbmm accumulate in float32 and round once: the rule gives torch's bits."""
-    M, a, b = (torch.randn(B, *s, dtype=dt) for s in [(2, 6, 7), (2, 6, 8), (2, 8, 7)])
+    M, a, b = (torch.randn(B, *s, dtype=dt, device=device) for s in [(2, 6, 7), (2, 6, 8), (2, 8, 7)])
     f = lambda M, a, b: torch.baddbmm(M, a, b, beta=0.3, alpha=0.7)
     with no_fallback():
         assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
@@ -438,12 +438,12 @@ def test_low_precision_add_products_round_once(dt):
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-def test_low_precision_addbmm_and_addr_round_as_the_kernels(dt):
+def test_low_precision_addbmm_and_addr_round_as_the_kernels(device, dt):
     """addbmm's kernel is one addmm_ per inner batch (the running sum rounded each time);
     addr's rounds alpha and beta to the dtype, then each product and the sum."""
-    M, a, b = (torch.randn(B, *s, dtype=dt) for s in [(6, 7), (4, 6, 8), (4, 8, 7)])
+    M, a, b = (torch.randn(B, *s, dtype=dt, device=device) for s in [(6, 7), (4, 6, 8), (4, 8, 7)])
     f = lambda M, a, b: torch.addbmm(M, a, b, beta=0.3, alpha=0.7)
-    u, w = torch.randn(B, 6, dtype=dt), torch.randn(B, 7, dtype=dt)
+    u, w = torch.randn(B, 6, dtype=dt, device=device), torch.randn(B, 7, dtype=dt, device=device)
     g = lambda M, u, w: torch.addr(M, u, w, beta=0.2, alpha=0.6)
     with no_fallback():
         assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
@@ -452,9 +452,9 @@ def test_low_precision_addbmm_and_addr_round_as_the_kernels(dt):
 
 
 @pytest.mark.parametrize("dt", [torch.float64, torch.complex64, torch.bfloat16])
-def test_linalg_cross(dt):
+def test_linalg_cross(device, dt):
     """linalg_cross through its kernel (the decomposition rounds each product in bfloat16)."""
-    x, y = torch.randn(B, 4, 3, dtype=dt), torch.randn(B, 4, 3, dtype=dt)
+    x, y = torch.randn(B, 4, 3, dtype=dt, device=device), torch.randn(B, 4, 3, dtype=dt, device=device)
     f = lambda x, y: torch.linalg.cross(x, y)
     for in_dims, args in [((0, 0), (x, y)), ((None, 0), (x[0], y)), ((0, None), (x, y[0, :1])), ((1, 0), (x.movedim(0, 1), y))]:
         with no_fallback():
@@ -463,3 +463,19 @@ def test_linalg_cross(dt):
     check(lambda x, y: torch.cross(x, y, dim=-1), (0, None), x, y[0])
     with pytest.raises(RuntimeError, match="same number of dimensions"):
         pf.vmap(f)(x, y[:, 0])
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_low_precision_kernels_that_round_in_their_own_order_match_bit_for_bit(device, dt):
+    """addmv/addbmm/addr kernels accumulate and round in an order that differs between ops,
+    devices and torch releases: the rule's imitation is probed once against the kernel, and
+    where it differs (addmv on CPU in torch 2.13) the kernel runs per example."""
+    import warnings
+
+    M, a, b = torch.randn(B, 6, dtype=dt, device=device), torch.randn(B, 6, 8, dtype=dt, device=device), \
+        torch.randn(B, 8, dtype=dt, device=device)
+    f = lambda M, a, b: torch.addmv(M, a, b, beta=0.3, alpha=0.7)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
+        assert torch.equal(pf.vmap(f, in_dims=(None, 0, None))(M[0], a, b[0]), loop_vmap(f, (None, 0, None))(M[0], a, b[0]))

@@ -801,12 +801,12 @@ def test_fractional_max_pool(dim):
             per_sample_grads(lambda x, s: f(x, s).pow(2).sum(), args, in_dims)
 
 
-def test_adaptive_max_pool3d_backward_with_unbatched_indices_does_not_crash():
+def test_adaptive_max_pool3d_backward_with_unbatched_indices_does_not_crash(device):
     """vmap over a vjp_fn: the saved input and indices are unbatched, and torch's
     adaptive_max_pool3d_backward reads expanded (stride-0) copies of them out of bounds."""
-    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, device=device)
     out, vjp_fn = pf.vjp(lambda t: torch.nn.functional.adaptive_max_pool3d(t, 2), x)
-    cts = torch.randn(3, *out.shape, dtype=torch.float64)
+    cts = torch.randn(3, *out.shape, dtype=torch.float64, device=device)
     (got,) = pf.vmap(vjp_fn)(cts)
     xr = x.clone().requires_grad_()
     o = torch.nn.functional.adaptive_max_pool3d(xr, 2)
@@ -815,15 +815,15 @@ def test_adaptive_max_pool3d_backward_with_unbatched_indices_does_not_crash():
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
-def test_low_precision_norms_with_per_example_affine_round_once(dt):
+def test_low_precision_norms_with_per_example_affine_round_once(device, dt):
     """layer_norm / group_norm kernels apply weight and bias in float32 and round once: with
     per-example (batched) parameters the rule does the same, bit for bit."""
-    x = torch.randn(3, 4, 6, 5).to(dt)
-    w, b = torch.randn(3, 5).to(dt), torch.randn(3, 5).to(dt)
+    x = torch.randn(3, 4, 6, 5, device=device).to(dt)
+    w, b = torch.randn(3, 5, device=device).to(dt), torch.randn(3, 5, device=device).to(dt)
     f = lambda x, w, b: torch.nn.functional.layer_norm(x, (5,), w, b)
     with no_fallback():
         assert torch.equal(pf.vmap(f)(x, w, b), loop_vmap(f)(x, w, b))
-    wg, bg = torch.randn(3, 6).to(dt), torch.randn(3, 6).to(dt)
+    wg, bg = torch.randn(3, 6, device=device).to(dt), torch.randn(3, 6, device=device).to(dt)
     g = lambda x, w, b: torch.nn.functional.group_norm(x, 3, w, b)
     with no_fallback():
         assert torch.equal(pf.vmap(g)(x, wg, bg), loop_vmap(g)(x, wg, bg))

@@ -86,10 +86,10 @@ def test_per_sample_grads_mlp(device):
     assert_close({k: v.mean(0) for k, v in got.items()}, {k: p.grad for k, p in model.named_parameters()})
 
 
-def test_per_sample_grads_small_cnn():
-    model = SmallCNN().to(DT)
-    data = torch.randn(4, 1, 8, 8, dtype=DT)
-    targets = torch.randint(3, (4,))
+def test_per_sample_grads_small_cnn(device):
+    model = SmallCNN().to(device=device, dtype=DT)
+    data = torch.randn(4, 1, 8, 8, dtype=DT, device=device)
+    targets = torch.randint(3, (4,), device=device)
     got = _per_sample_grads(pf, model, data, targets, F.nll_loss)
     assert_close(got, _per_sample_grads(tf, model, data, targets, F.nll_loss))
     assert_close(got, _per_sample_grads_autograd(model, data, targets, F.nll_loss))
@@ -129,26 +129,26 @@ def test_ensembling_same_minibatch(device):
     assert_close(got, _ensemble(tf, models, x, (0, 0, None)).detach())
 
 
-def test_ensembling_different_minibatches():
-    models = [MLP().to(DT) for _ in range(3)]
-    xs = torch.randn(3, 5, 6, dtype=DT)
+def test_ensembling_different_minibatches(device):
+    models = [MLP().to(device=device, dtype=DT) for _ in range(3)]
+    xs = torch.randn(3, 5, 6, dtype=DT, device=device)
     got = _ensemble(pf, models, xs, (0, 0, 0))
     assert_close(got, torch.stack([m(x) for m, x in zip(models, xs)]).detach())
     assert_close(got, _ensemble(tf, models, xs, (0, 0, 0)).detach())
 
 
-def test_ensembling_cnn():
-    models = [SmallCNN().to(DT) for _ in range(2)]
-    x = torch.randn(3, 1, 8, 8, dtype=DT)
+def test_ensembling_cnn(device):
+    models = [SmallCNN().to(device=device, dtype=DT) for _ in range(2)]
+    x = torch.randn(3, 1, 8, 8, dtype=DT, device=device)
     got = _ensemble(pf, models, x, (0, 0, None))
     assert_close(got, torch.stack([m(x) for m in models]).detach())
 
 
-def test_ensemble_gradient_wrt_stacked_params():
-    models = [MLP().to(DT) for _ in range(3)]
+def test_ensemble_gradient_wrt_stacked_params(device):
+    models = [MLP().to(device=device, dtype=DT) for _ in range(3)]
     params, buffers = pf.stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    x, t = torch.randn(5, 6, dtype=DT), torch.randint(3, (5,))
+    x, t = torch.randn(5, 6, dtype=DT, device=device), torch.randint(3, (5,), device=device)
 
     def loss(p, b):
         return F.cross_entropy(pf.functional_call(base, (p, b), (x,)), t)
@@ -167,10 +167,10 @@ def test_ensemble_gradient_wrt_stacked_params():
 
 
 @pytest.mark.parametrize("n,m", [(3, 7), (7, 3), (4, 4)], ids=["n<m", "n>m", "n=m"])
-def test_jacobians_both_ways(n, m):
-    W = torch.randn(m, n, dtype=DT)
-    b = torch.randn(m, dtype=DT)
-    x = torch.randn(n, dtype=DT)
+def test_jacobians_both_ways(device, n, m):
+    W = torch.randn(m, n, dtype=DT, device=device)
+    b = torch.randn(m, dtype=DT, device=device)
+    x = torch.randn(n, dtype=DT, device=device)
 
     def predict(weight, bias, x):
         return torch.tanh(F.linear(x, weight, bias))
@@ -188,9 +188,9 @@ def test_jacobians_both_ways(n, m):
     assert_close(pf.jacrev(predict, argnums=2)(W, b, x), torch.autograd.functional.jacobian(lambda x: predict(W, b, x), x))
 
 
-def test_batched_jacobians():
-    W, b = torch.randn(5, 3, dtype=DT), torch.randn(5, dtype=DT)
-    xb = torch.randn(4, 3, dtype=DT)
+def test_batched_jacobians(device):
+    W, b = torch.randn(5, 3, dtype=DT, device=device), torch.randn(5, dtype=DT, device=device)
+    xb = torch.randn(4, 3, dtype=DT, device=device)
     predict = lambda x: torch.sin(F.linear(x, W, b))  # noqa: E731
     for which in ("jacrev", "jacfwd"):
         got = pf.vmap(getattr(pf, which)(predict))(xb)
@@ -212,8 +212,8 @@ def test_hessian_of_small_net_loss_wrt_inputs():
     assert_close(got.detach(), got.detach().T)  # symmetric
 
 
-def test_hessian_variants_agree():
-    x = torch.randn(5, dtype=DT)
+def test_hessian_variants_agree(device):
+    x = torch.randn(5, dtype=DT, device=device)
     f = lambda x: (x.sin() * x.cos().exp()).sum()  # noqa: E731
     want = torch.autograd.functional.hessian(f, x)
     assert_close(pf.hessian(f)(x), want)
@@ -226,14 +226,14 @@ def _hvp(M, f, primals, tangents):
     return M.jvp(M.grad(f), primals, tangents)[1]
 
 
-def test_batched_hvp():
-    W = torch.randn(6, 6, dtype=DT)
+def test_batched_hvp(device):
+    W = torch.randn(6, 6, dtype=DT, device=device)
 
     def f(x):
         return torch.tanh(W @ x).pow(2).sum() + x.exp().sum()
 
-    x = torch.randn(6, dtype=DT)
-    vs = torch.randn(5, 6, dtype=DT)
+    x = torch.randn(6, dtype=DT, device=device)
+    vs = torch.randn(5, 6, dtype=DT, device=device)
     got = pf.vmap(lambda v: _hvp(pf, f, (x,), (v,)))(vs)
     assert_close(got, tf.vmap(lambda v: _hvp(tf, f, (x,), (v,)))(vs))
     H = torch.autograd.functional.hessian(f, x)
@@ -243,12 +243,12 @@ def test_batched_hvp():
     assert_close(rr, vs @ H.T)
 
 
-def test_batched_hvp_batched_primals():
+def test_batched_hvp_batched_primals(device):
     def f(x):
         return (x.sin() * x.roll(1)).sum()
 
-    xs = torch.randn(4, 5, dtype=DT)
-    vs = torch.randn(4, 5, dtype=DT)
+    xs = torch.randn(4, 5, dtype=DT, device=device)
+    vs = torch.randn(4, 5, dtype=DT, device=device)
     got = pf.vmap(lambda x, v: _hvp(pf, f, (x,), (v,)))(xs, vs)
     assert_close(got, tf.vmap(lambda x, v: _hvp(tf, f, (x,), (v,)))(xs, vs))
     want = torch.stack([torch.autograd.functional.hvp(f, x, v)[1] for x, v in zip(xs, vs)])
@@ -297,10 +297,10 @@ def _ntk_autograd(net, x1, x2):
 
 
 @pytest.mark.parametrize("compute", ["full", "trace", "diagonal"])
-def test_ntk(compute):
-    net = TinyNet().to(DT)
+def test_ntk(device, compute):
+    net = TinyNet().to(device=device, dtype=DT)
     params = {k: v.detach() for k, v in net.named_parameters()}
-    x1, x2 = torch.randn(4, 3, dtype=DT), torch.randn(3, 3, dtype=DT)
+    x1, x2 = torch.randn(4, 3, dtype=DT, device=device), torch.randn(3, 3, dtype=DT, device=device)
     got = _ntk(pf, net, params, x1, x2, compute)
     assert_close(got, _ntk(tf, net, params, x1, x2, compute))
     full = _ntk_autograd(net, x1, x2)
@@ -308,11 +308,11 @@ def test_ntk(compute):
     assert_close(got, want)
 
 
-def test_ntk_vector_products():
+def test_ntk_vector_products(device):
     """The implicit NTK: J1 J2^T v via vjp then jvp, batched with vmap."""
-    net = TinyNet().to(DT)
+    net = TinyNet().to(device=device, dtype=DT)
     params = {k: v.detach() for k, v in net.named_parameters()}
-    x1, x2 = torch.randn(1, 3, dtype=DT), torch.randn(1, 3, dtype=DT)
+    x1, x2 = torch.randn(1, 3, dtype=DT, device=device), torch.randn(1, 3, dtype=DT, device=device)
 
     def run(M):
         def f1(p):
@@ -325,7 +325,7 @@ def test_ntk_vector_products():
             (vjps,) = M.vjp(f2, params)[1](vec)
             return M.jvp(f1, (params,), (vjps,))[1]
 
-        basis = torch.eye(2, dtype=DT).view(2, 1, 2)
+        basis = torch.eye(2, dtype=DT, device=device).view(2, 1, 2)
         return M.vmap(get_ntk_slice)(basis)
 
     assert_close(run(pf), run(tf))

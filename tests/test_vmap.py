@@ -41,26 +41,26 @@ def test_in_dims_none_for_some_args(device):
     assert_close(got, torch.tanh(x @ w + b))
 
 
-def test_in_dims_second_arg_only():
-    x = torch.randn(3, dtype=DT)
-    y = torch.randn(3, 6, dtype=DT)
+def test_in_dims_second_arg_only(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    y = torch.randn(3, 6, dtype=DT, device=device)
     f = lambda x, y: torch.dot(x, y)  # noqa: E731
     got = vmap(f, in_dims=(None, 1))(x, y)
     assert got.shape == (6,)
     assert_close(got, x @ y)
 
 
-def test_in_dims_list_for_list_argument():
-    xs = [torch.randn(4, 3, dtype=DT), torch.randn(3, 4, dtype=DT)]
+def test_in_dims_list_for_list_argument(device):
+    xs = [torch.randn(4, 3, dtype=DT, device=device), torch.randn(3, 4, dtype=DT, device=device)]
     f = lambda xs: xs[0] * xs[1]  # noqa: E731
     got = vmap(f, in_dims=([0, 1],))(xs)
     assert_close(got, loop_vmap(f, in_dims=([0, 1],))(xs))
 
 
-def test_in_dims_nested_tuple_pytree():
-    a = torch.randn(4, 3, dtype=DT)
-    b = torch.randn(3, 4, dtype=DT)
-    c = torch.randn(3, dtype=DT)
+def test_in_dims_nested_tuple_pytree(device):
+    a = torch.randn(4, 3, dtype=DT, device=device)
+    b = torch.randn(3, 4, dtype=DT, device=device)
+    c = torch.randn(3, dtype=DT, device=device)
 
     def f(pair, c):
         (a, (b,)) = pair
@@ -72,8 +72,8 @@ def test_in_dims_nested_tuple_pytree():
     assert_close(got, tf.vmap(f, in_dims=in_dims)((a, (b,)), c))
 
 
-def test_in_dims_dict_pytree():
-    d = {"w": torch.randn(3, 2, dtype=DT), "x": torch.randn(2, 5, dtype=DT), "s": torch.randn((), dtype=DT)}
+def test_in_dims_dict_pytree(device):
+    d = {"w": torch.randn(3, 2, dtype=DT, device=device), "x": torch.randn(2, 5, dtype=DT, device=device), "s": torch.randn((), dtype=DT, device=device)}
 
     def f(d):
         return torch.sigmoid(d["w"] @ d["x"]) * d["s"]
@@ -87,8 +87,8 @@ def test_in_dims_dict_pytree():
     assert_close(got, tf.vmap(f, in_dims=({"w": None, "x": 1, "s": None},))(d))
 
 
-def test_in_dims_prefix_applies_to_whole_subtree():
-    args = ({"a": torch.randn(3, 2, dtype=DT), "b": [torch.randn(3, dtype=DT), torch.randn(3, 2, 2, dtype=DT)]}, torch.randn(2, dtype=DT))
+def test_in_dims_prefix_applies_to_whole_subtree(device):
+    args = ({"a": torch.randn(3, 2, dtype=DT, device=device), "b": [torch.randn(3, dtype=DT, device=device), torch.randn(3, 2, 2, dtype=DT, device=device)]}, torch.randn(2, dtype=DT, device=device))
 
     def f(tree, y):
         return tree["a"] * y + tree["b"][0] + tree["b"][1].sum(-1)
@@ -100,16 +100,16 @@ def test_in_dims_prefix_applies_to_whole_subtree():
     assert_close(vmap(f, in_dims=in_dims)(*args), got)
 
 
-def test_non_tensor_args_with_none_in_dims():
-    x = torch.randn(4, 3, dtype=DT)
+def test_non_tensor_args_with_none_in_dims(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
     f = lambda x, n, s: x.pow(n) * (2.0 if s == "double" else 1.0)  # noqa: E731
     got = vmap(f, in_dims=(0, None, None))(x, 3, "double")
     assert_close(got, 2 * x**3)
 
 
-def test_kwargs_are_passed_unbatched():
-    x = torch.randn(4, 3, dtype=DT)
-    scale = torch.randn(3, dtype=DT)  # would be batched along 0 (size 3 != 4) if it were
+def test_kwargs_are_passed_unbatched(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    scale = torch.randn(3, dtype=DT, device=device)  # would be batched along 0 (size 3 != 4) if it were
     seen = []
 
     def f(x, *, scale, power=1):
@@ -121,9 +121,9 @@ def test_kwargs_are_passed_unbatched():
     assert seen == [(3,)]
 
 
-def test_kwarg_tensor_same_size_as_batch_not_batched():
-    x = torch.randn(3, 3, dtype=DT)
-    m = torch.randn(3, 3, dtype=DT)
+def test_kwarg_tensor_same_size_as_batch_not_batched(device):
+    x = torch.randn(3, 3, dtype=DT, device=device)
+    m = torch.randn(3, 3, dtype=DT, device=device)
     got = vmap(lambda x, m: m @ x)(x, m=m)
     assert_close(got, (m @ x.T).T)
 
@@ -134,16 +134,16 @@ def test_kwarg_tensor_same_size_as_batch_not_batched():
 
 
 @pytest.mark.parametrize("out_dim", [0, 1, 2, -1, -2, -3])
-def test_out_dims_int_and_negative(out_dim):
-    x = torch.randn(3, 2, 4, dtype=DT)
+def test_out_dims_int_and_negative(device, out_dim):
+    x = torch.randn(3, 2, 4, dtype=DT, device=device)
     f = lambda t: t.cos() * 2  # noqa: E731
     got = vmap(f, out_dims=out_dim)(x)
     assert_close(got, loop_vmap(f, out_dims=out_dim)(x))
     assert_close(got, tf.vmap(f, out_dims=out_dim)(x))
 
 
-def test_outputs_tuple_list_dict_pytree():
-    x = torch.randn(4, 3, dtype=DT)
+def test_outputs_tuple_list_dict_pytree(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
 
     def f(x):
         return (x.sin(), [x.sum(), {"a": x.outer(x), "b": x.exp()}])
@@ -155,19 +155,19 @@ def test_outputs_tuple_list_dict_pytree():
     assert_close(got, tf.vmap(f, out_dims=out_dims)(x))
 
 
-def test_out_dims_prefix_int_for_tuple_output():
-    x = torch.randn(4, 3, dtype=DT)
+def test_out_dims_prefix_int_for_tuple_output(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
     f = lambda x: (x * 2, {"y": x + 1})  # noqa: E731
     assert_close(vmap(f, out_dims=1)(x), loop_vmap(f, out_dims=1)(x))
 
 
-def test_single_output_with_one_tuple_out_dims():
-    x = torch.randn(4, 3, dtype=DT)
+def test_single_output_with_one_tuple_out_dims(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
     assert_close(vmap(torch.sin, out_dims=(1,))(x), torch.sin(x).T)
 
 
-def test_non_tensor_outputs_with_out_dims_none():
-    x = torch.randn(4, 3, dtype=DT)
+def test_non_tensor_outputs_with_out_dims_none(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
 
     def f(x):
         return x * 2, 7, "tag", None, x.shape[-1]
@@ -177,30 +177,30 @@ def test_non_tensor_outputs_with_out_dims_none():
     assert got[1:] == (7, "tag", None, 3)
 
 
-def test_unbatched_output_with_out_dims_none_is_returned_as_is():
-    x = torch.randn(4, 3, dtype=DT)
-    w = torch.randn(2, dtype=DT)
+def test_unbatched_output_with_out_dims_none_is_returned_as_is(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    w = torch.randn(2, dtype=DT, device=device)
     got = vmap(lambda x: (x.sum(), w * 3), out_dims=(0, None))(x)
     assert_close(got, (x.sum(1), w * 3))
 
 
-def test_unbatched_output_with_int_out_dim_is_broadcast():
-    x = torch.randn(4, 3, dtype=DT)
-    w = torch.randn(2, dtype=DT)
+def test_unbatched_output_with_int_out_dim_is_broadcast(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    w = torch.randn(2, dtype=DT, device=device)
     f = lambda x: w * 3  # noqa: E731
     got = vmap(f, out_dims=1)(x)
     assert got.shape == (2, 4)
     assert_close(got, loop_vmap(f, out_dims=1)(x))
 
 
-def test_new_tensor_created_inside_is_broadcast():
-    x = torch.randn(4, 3, dtype=DT)
-    got = vmap(lambda x: (torch.ones(2, dtype=DT), torch.zeros_like(x) + 1))(x)
-    assert_close(got, (torch.ones(4, 2, dtype=DT), torch.ones(4, 3, dtype=DT)))
+def test_new_tensor_created_inside_is_broadcast(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    got = vmap(lambda x: (torch.ones(2, dtype=DT, device=device), torch.zeros_like(x) + 1))(x)
+    assert_close(got, (torch.ones(4, 2, dtype=DT, device=device), torch.ones(4, 3, dtype=DT, device=device)))
 
 
-def test_batch_size_one_and_output_is_plain_tensor():
-    x = torch.randn(1, 3, dtype=DT)
+def test_batch_size_one_and_output_is_plain_tensor(device):
+    x = torch.randn(1, 3, dtype=DT, device=device)
     got = vmap(torch.exp)(x)
     assert type(got) is torch.Tensor
     assert_close(got, x.exp())
@@ -212,10 +212,10 @@ def test_batch_size_one_and_output_is_plain_tensor():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 7, 100])
-def test_chunk_size_equals_unchunked(chunk_size):
-    x = torch.randn(5, 3, dtype=DT)
-    y = torch.randn(3, 5, dtype=DT)
-    w = torch.randn(3, 3, dtype=DT)
+def test_chunk_size_equals_unchunked(device, chunk_size):
+    x = torch.randn(5, 3, dtype=DT, device=device)
+    y = torch.randn(3, 5, dtype=DT, device=device)
+    w = torch.randn(3, 3, dtype=DT, device=device)
 
     def f(x, y, w):
         h = torch.tanh(w @ x) * y
@@ -229,8 +229,8 @@ def test_chunk_size_equals_unchunked(chunk_size):
     assert_close(got, loop_vmap(f, in_dims=in_dims, out_dims=out_dims)(x, y, w))
 
 
-def test_chunk_size_calls_function_per_chunk():
-    x = torch.randn(7, 2, dtype=DT)
+def test_chunk_size_calls_function_per_chunk(device):
+    x = torch.randn(7, 2, dtype=DT, device=device)
     calls = []
 
     def f(x):
@@ -246,16 +246,16 @@ def test_chunk_size_calls_function_per_chunk():
 # ----------------------------------------------------------------------------------------
 
 
-def test_nested_vmap_outer_product():
-    x = torch.randn(3, dtype=DT)
-    y = torch.randn(4, dtype=DT)
+def test_nested_vmap_outer_product(device):
+    x = torch.randn(3, dtype=DT, device=device)
+    y = torch.randn(4, dtype=DT, device=device)
     got = vmap(vmap(torch.mul, in_dims=(None, 0)), in_dims=(0, None))(x, y)
     assert_close(got, torch.outer(x, y))
 
 
-def test_nested_vmap_mixed_and_negative_in_dims():
-    a = torch.randn(5, 3, dtype=DT)
-    b = torch.randn(3, 2, 5, dtype=DT)
+def test_nested_vmap_mixed_and_negative_in_dims(device):
+    a = torch.randn(5, 3, dtype=DT, device=device)
+    b = torch.randn(3, 2, 5, dtype=DT, device=device)
     f = lambda a, b: torch.exp(a) * b  # noqa: E731
     inner = vmap(f, in_dims=(0, -1))
     got = vmap(inner, in_dims=(-1, 0))(a, b)
@@ -265,25 +265,25 @@ def test_nested_vmap_mixed_and_negative_in_dims():
     assert_close(got, tf.vmap(tf.vmap(f, in_dims=(0, -1)), in_dims=(-1, 0))(a, b))
 
 
-def test_nested_vmap_same_tensor_batched_twice():
-    x = torch.randn(2, 3, 4, dtype=DT)
+def test_nested_vmap_same_tensor_batched_twice(device):
+    x = torch.randn(2, 3, 4, dtype=DT, device=device)
     f = lambda t: t.softmax(-1)  # noqa: E731
     got = vmap(vmap(f, in_dims=1, out_dims=-1), in_dims=-1, out_dims=1)(x)
     want = loop_vmap(loop_vmap(f, in_dims=1, out_dims=-1), in_dims=-1, out_dims=1)(x)
     assert_close(got, want)
 
 
-def test_triple_nested_vmap_matmul():
-    x = torch.randn(2, 3, 4, 5, dtype=DT)
-    w = torch.randn(5, 2, dtype=DT)
+def test_triple_nested_vmap_matmul(device):
+    x = torch.randn(2, 3, 4, 5, dtype=DT, device=device)
+    w = torch.randn(5, 2, dtype=DT, device=device)
     f = lambda v: v @ w  # noqa: E731
     got = vmap(vmap(vmap(f)))(x)
     assert_close(got, x @ w)
 
 
-def test_nested_vmap_inner_closure_over_outer_batched():
-    x = torch.randn(3, 4, dtype=DT)
-    y = torch.randn(5, 4, dtype=DT)
+def test_nested_vmap_inner_closure_over_outer_batched(device):
+    x = torch.randn(3, 4, dtype=DT, device=device)
+    y = torch.randn(5, 4, dtype=DT, device=device)
 
     def outer(xi):
         return vmap(lambda yj: torch.dot(xi, yj.sin()))(y)
@@ -304,19 +304,19 @@ def test_closure_over_unbatched_tensors(device):
     assert_close(vmap(f)(x), loop_vmap(f)(x))
 
 
-def test_inplace_add_mutates_callers_tensor():
+def test_inplace_add_mutates_callers_tensor(device):
     # functorch docs: vmap(Tensor.add_)(x, y) mutates x
-    x = torch.randn(3, dtype=DT)
-    y = torch.randn(3, dtype=DT)
+    x = torch.randn(3, dtype=DT, device=device)
+    y = torch.randn(3, dtype=DT, device=device)
     x0 = x.clone()
     out = vmap(torch.Tensor.add_, in_dims=(0, 0))(x, y)
     assert_close(x, x0 + y)
     assert_close(out, x0 + y)
 
 
-def test_inplace_on_nonzero_batch_dim_mutates_caller():
-    x = torch.randn(3, 4, dtype=DT)
-    y = torch.randn(4, 3, dtype=DT)
+def test_inplace_on_nonzero_batch_dim_mutates_caller(device):
+    x = torch.randn(3, 4, dtype=DT, device=device)
+    y = torch.randn(4, 3, dtype=DT, device=device)
     x0 = x.clone()
 
     def f(a, b):
@@ -330,16 +330,16 @@ def test_inplace_on_nonzero_batch_dim_mutates_caller():
     assert_close(out, want.T)
 
 
-def test_inplace_with_unbatched_other_operand():
-    x = torch.randn(4, 3, dtype=DT)
-    y = torch.randn(3, dtype=DT)
+def test_inplace_with_unbatched_other_operand(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    y = torch.randn(3, dtype=DT, device=device)
     x0 = x.clone()
     vmap(lambda a: a.sub_(y).mul_(2))(x)
     assert_close(x, (x0 - y) * 2)
 
 
-def test_inplace_on_local_copy_does_not_mutate_input():
-    x = torch.randn(4, 3, dtype=DT)
+def test_inplace_on_local_copy_does_not_mutate_input(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
     x0 = x.clone()
 
     def f(a):
@@ -351,9 +351,9 @@ def test_inplace_on_local_copy_does_not_mutate_input():
     assert_close(x, x0)
 
 
-def test_inplace_into_unbatched_tensor_raises():
-    x = torch.randn(4, 3, dtype=DT)
-    buf = torch.zeros(3, dtype=DT)
+def test_inplace_into_unbatched_tensor_raises(device):
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    buf = torch.zeros(3, dtype=DT, device=device)
     with pytest.raises(RuntimeError, match="(?i)batched"):
         vmap(lambda a: buf.add_(a))(x)
 
@@ -363,10 +363,10 @@ def test_inplace_into_unbatched_tensor_raises():
     [((4,), (4,)), ((4,), (4, 3)), ((3, 4), (4,)), ((3, 4), (4, 2)), ((2, 3, 4), (4,)), ((4,), (2, 4, 3)), ((1,), (1, 3))],
 )
 @pytest.mark.parametrize("out_dim", [0, -1])
-def test_matmul_all_rank_combinations(a_shape, b_shape, out_dim):
+def test_matmul_all_rank_combinations(device, a_shape, b_shape, out_dim):
     """torch.matmul decomposes differently per rank (1-D @ 2-D goes through an in-place squeeze_)."""
-    a = torch.randn((3,) + a_shape, dtype=DT)
-    b = torch.randn(b_shape, dtype=DT)
+    a = torch.randn((3,) + a_shape, dtype=DT, device=device)
+    b = torch.randn(b_shape, dtype=DT, device=device)
     f = lambda a: torch.matmul(a, b)  # noqa: E731
     got = vmap(f, out_dims=out_dim)(a)
     assert_close(got, loop_vmap(f, out_dims=out_dim)(a))
@@ -387,8 +387,8 @@ def test_matmul_all_rank_combinations(a_shape, b_shape, out_dim):
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_inplace_view_ops_update_per_example_shape(name, f):
-    x = torch.randn(3, 2, 4, dtype=DT)
+def test_inplace_view_ops_update_per_example_shape(device, name, f):
+    x = torch.randn(3, 2, 4, dtype=DT, device=device)
     seen = []
 
     def g(t):
@@ -437,14 +437,14 @@ OPS = {
 
 @pytest.mark.parametrize("name", sorted(OPS))
 @pytest.mark.parametrize("in_dims", [(0, 0), (1, None), (None, -1)])
-def test_ops_against_loop(name, in_dims):
+def test_ops_against_loop(device, name, in_dims):
     f, shapes = OPS[name]
     B = 3
     args = []
     for s, d in zip(shapes, in_dims):
-        t = torch.randn(s, dtype=DT)
+        t = torch.randn(s, dtype=DT, device=device)
         if d is not None:
-            t = torch.stack([torch.randn(s, dtype=DT) for _ in range(B)], dim=d % (len(s) + 1))
+            t = torch.stack([torch.randn(s, dtype=DT, device=device) for _ in range(B)], dim=d % (len(s) + 1))
         args.append(t)
     got = vmap(f, in_dims=in_dims)(*args)
     assert_close(got, loop_vmap(f, in_dims=in_dims)(*args))
@@ -740,9 +740,9 @@ def test_hypothesis_nested_vmap_matches_nested_loop(data):
     assert_close(got, want)
 
 
-def test_vmap_matches_torch_func_on_mlp():
-    W1, W2 = torch.randn(5, 4, dtype=DT), torch.randn(2, 5, dtype=DT)
-    x = torch.randn(6, 4, dtype=DT)
+def test_vmap_matches_torch_func_on_mlp(device):
+    W1, W2 = torch.randn(5, 4, dtype=DT, device=device), torch.randn(2, 5, dtype=DT, device=device)
+    x = torch.randn(6, 4, dtype=DT, device=device)
 
     def f(x):
         return F.log_softmax(W2 @ torch.tanh(W1 @ x), dim=-1)

@@ -12,7 +12,7 @@ from ..batching import BATCH_RULES, lookup as _lookup_rule
 from .user_rules import custom_op_vmap, custom_op_vmap_fn
 from ..errors import BatchedWriteError, PerExampleSignal, data_dependent
 from .fallbacks import decomposition, has_lazy, lazy_wrap, loop_fallback, materialize_lazy, out_variant
-from .randomness import random_op
+from .randomness import draw_predicate, random_op
 from .tensor import BatchedTensor, batched_here, slice_example
 
 aten = torch.ops.aten
@@ -21,13 +21,15 @@ aten = torch.ops.aten
 _RANKED_FORMATS = (torch.channels_last, torch.channels_last_3d)
 _RULE, _RANDOM, _DATA_DEPENDENT, _METADATA = "rule", "random", "data-dependent", "metadata"
 _CUSTOM_VMAP = "custom-op vmap"  # a torch.library custom op with a register_vmap rule
+_SEEDED = "random-tagged"  # random only when the call draws (dropout_p > 0, train=True): see resolve
 
 
 class _OpInfo:
     """Per-op decisions of the vmap dispatcher, cached on the OpOverload itself
     (``func._pyf_vmap``: an attribute read is ~3x cheaper than hashing the op)."""
 
-    __slots__ = ("kind", "rule", "aliased", "view", "out_variant", "inplace_view")
+    __slots__ = ("kind", "rule", "aliased", "view", "out_variant", "inplace_view", "draws", "if_not", "if_draws",
+                 "if_draws_different")
 
     def __init__(self, kind, rule, aliased, func=None):
         self.kind, self.rule, self.aliased = kind, rule, aliased
@@ -35,6 +37,16 @@ class _OpInfo:
         rets = func._schema.returns if func is not None else ()
         self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in rets)
         self.out_variant = _functional_of_out(func) if func is not None and kind is _RULE else None
+
+    def resolve(self, interp, args, kwargs) -> "_OpInfo":
+        """A random-tagged op (kind ``_SEEDED``) is decided per call: a call that draws nothing
+        (dropout probability 0, train=False) is an ordinary op (its rule, decomposition or
+        the loop); one that draws follows the level's ``randomness`` like any random op, except
+        that with randomness='different' an explicit rule runs (its folded call draws
+        independently for every example)."""
+        if not self.draws(args, kwargs):
+            return self.if_not
+        return self.if_draws_different if interp.randomness == "different" else self.if_draws
 
 
 def _op_info(func) -> _OpInfo:
@@ -45,8 +57,14 @@ def _op_info(func) -> _OpInfo:
         info = _OpInfo(_DATA_DEPENDENT, None, None)
     elif func not in BATCH_RULES and custom_op_vmap_fn(func) is not None:
         info = _OpInfo(_CUSTOM_VMAP, None, aliased)
+    elif torch.Tag.nondeterministic_seeded in func.tags and (draws := draw_predicate(func)) is not None:
+        info = _OpInfo(_SEEDED, None, aliased)
+        info.draws = draws
+        info.if_not = _OpInfo(_RULE, _lookup_rule(func), aliased, func)
+        info.if_draws = _OpInfo(_RANDOM, None, aliased, func)
+        info.if_draws_different = info.if_not if func in BATCH_RULES else info.if_draws
     elif torch.Tag.nondeterministic_seeded in func.tags and func not in BATCH_RULES:
-        # (an explicit rule handles its own randomness, e.g. attention with dropout_p=0)
+        # (an explicit rule handles its own randomness)
         info = _OpInfo(_RANDOM, None, aliased, func)
     else:
         info = _OpInfo(_RULE, _lookup_rule(func), aliased, func)
@@ -59,10 +77,6 @@ def _op_info(func) -> _OpInfo:
 
 
 _INFO_OPS: list = []
-
-
-def _is_random(func) -> bool:
-    return _op_info(func).kind is _RANDOM if not hasattr(func, "_pyf_vmap") else func._pyf_vmap.kind is _RANDOM
 
 
 def _functional_of_out(func):
@@ -215,6 +229,8 @@ class VmapInterpreter(Interpreter):
     def process(self, func, args, kwargs, info=None):
         if info is None:
             info = _op_info(func)
+        if info.kind is _SEEDED:
+            info = info.resolve(self, args, kwargs)
         if kwargs and kwargs.get("memory_format") in _RANKED_FORMATS:
             # channels_last needs a rank-4 tensor: the physical value has one more dim, and the
             # memory format of an example is a layout detail that no value depends on

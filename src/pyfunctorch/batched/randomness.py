@@ -16,6 +16,51 @@ from .tensor import BatchedTensor, slice_example
 
 
 
+# -- does this call draw? ------------------------------------------------------------
+# An op tagged ``nondeterministic_seeded`` is random only when the call draws: attention with
+# ``dropout_p=0.``, ``native_dropout(x, p, train=False)``, ``_cudnn_rnn(dropout=0.)``,
+# ``rrelu(training=False)`` compute a deterministic function of their inputs. The probability
+# and train-flag arguments are found in the op's schema, once per op.
+
+_PROBABILITY_ARGS = ("dropout_p", "dropout")  # (and ``p`` of ops whose name says dropout;
+# not ``_fused_dropout``'s, which is the probability of *keeping* an element)
+_TRAIN_ARGS = ("train", "training")
+
+
+def draw_predicate(func):
+    """For a random-tagged op with a dropout probability or a train flag in its schema, a
+    function ``draws(args, kwargs) -> bool`` telling whether this call draws anything;
+    ``None`` for ops that always draw (``randn_like``, ``bernoulli``, ...)."""
+    schema = func._schema
+    prob = train = None
+    for i, a in enumerate(schema.arguments):
+        kind = str(a.type).removeprefix("Optional[").removesuffix("]").removesuffix("?")
+        if a.name in _PROBABILITY_ARGS or (a.name == "p" and "dropout" in schema.name and "_fused_dropout" not in schema.name):
+            if kind == "float":
+                prob = (i, a.name, a.default_value if a.has_default_value() else None, a.kwarg_only)
+        elif a.name in _TRAIN_ARGS and kind == "bool":
+            train = (i, a.name, a.default_value if a.has_default_value() else None, a.kwarg_only)
+    if prob is None and train is None:
+        return None
+
+    def value(spec, args, kwargs):
+        i, name, default, kwarg_only = spec
+        if not kwarg_only and i < len(args):
+            return args[i]
+        return kwargs.get(name, default)
+
+    def draws(args, kwargs) -> bool:
+        if prob is not None:
+            p = value(prob, args, kwargs)
+            if isinstance(p, (int, float)) and p == 0:
+                return False
+        if train is not None and value(train, args, kwargs) is False:
+            return False
+        return True
+
+    return draws
+
+
 def random_op(interp: "Interpreter", func, args, kwargs):
     mode = interp.randomness
     if mode == "error":

@@ -142,3 +142,158 @@ def sdpa_flash_cpu_backward(op, args, kwargs, dims, kwarg_dims=None):
     ts = [materialize(t, d, B).flatten(0, 1) for t, d in zip(args[:6], dims[:6])]
     grads = op(*ts, *args[6:], **_fold_mask(kwargs, B, N, kwarg_dims))
     return tuple(g.reshape((B, -1) + g.shape[1:]) for g in grads), 0
+
+
+# -- the CUDA attention kernels (efficient, flash, cuDNN) --------------------------------------
+# Each takes the batch of attention problems in dim 0 (N of (N, H, L, E), or B of the raw
+# kernels' (B, M, H, K)): the vmap batch folds into it, as for the CPU flash kernel. The
+# table names, per op, the positions of the folded tensor arguments, of the attention bias, of
+# the tensors that describe the whole call (philox seed/offset, rng_state: one folded call
+# draws one seed, and its backward, folded the same way, replays it), of the variable-length
+# arguments (cu_seqlens: folding is not defined for them; those calls run per example), and of
+# the folded outputs. A debug attention mask (returned only when asked for) is folded when it
+# has the batch of problems in dim 0. Dropout (dropout_p > 0) reaches a rule only under
+# randomness='different' (see batched/interpreter.py: _OpInfo.resolve): the folded call draws
+# independently for every example.
+
+#: keyword tensors of the raw kernels that describe each problem of the batch (a fold would
+#: need them repeated per example): such calls run per example
+_PER_PROBLEM_KWARGS = ("seqlen_k", "seqused_k", "block_table", "alibi_slopes")
+_MEM_EFF_ALIGN = 16  # elements: the efficient kernel's alignment of the bias rows (torch's pad_bias)
+
+
+class _Spec:
+    __slots__ = ("folded", "bias", "whole", "varlen", "outs", "debug", "align")
+
+    def __init__(self, folded, outs, bias=None, whole=(), varlen=(), debug=None, align=0):
+        self.folded, self.outs, self.bias = folded, outs, bias
+        self.whole, self.varlen, self.debug, self.align = whole, varlen, debug, align
+
+
+_CUDA_ATTENTION = {
+    # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal)
+    #   -> (output, log_sumexp, philox_seed, philox_offset)
+    "_scaled_dot_product_efficient_attention": _Spec((0, 1, 2), (0, 1), bias=3, align=_MEM_EFF_ALIGN),
+    # (grad_out, q, k, v, attn_bias, out, logsumexp, philox_seed, philox_offset, ...) -> (dq, dk, dv, dbias)
+    "_scaled_dot_product_efficient_attention_backward": _Spec(
+        (0, 1, 2, 3, 5, 6), (0, 1, 2, 3), bias=4, whole=(7, 8), align=_MEM_EFF_ALIGN),
+    # (q, k, v, dropout_p, is_causal, return_debug_mask) -> (output, logsumexp, cum_seq_q,
+    #   cum_seq_k, max_q, max_k, rng_state, unused, debug_attn_mask)
+    "_scaled_dot_product_flash_attention": _Spec((0, 1, 2), (0, 1), debug=8),
+    # (grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+    #   is_causal, philox_seed, philox_offset) -> (dq, dk, dv)
+    "_scaled_dot_product_flash_attention_backward": _Spec(
+        (0, 1, 2, 3, 4, 5), (0, 1, 2), whole=(12, 13), varlen=(6, 7)),
+    # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask)
+    #   -> (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug)
+    "_scaled_dot_product_cudnn_attention": _Spec((0, 1, 2), (0, 1), bias=3, debug=8),
+    # (grad_out, q, k, v, out, logsumexp, philox_seed, philox_offset, attn_bias, cum_seq_q,
+    #   cum_seq_k, max_q, max_k, dropout_p, is_causal) -> (dq, dk, dv)
+    "_scaled_dot_product_cudnn_attention_backward": _Spec(
+        (0, 1, 2, 3, 4, 5), (0, 1, 2), bias=8, whole=(6, 7), varlen=(9, 10)),
+    # raw kernels, (B, M, H, K) layout: (q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    #   max_seqlen_k, dropout_p, custom_mask_type, compute_log_sumexp)
+    #   -> (output, logsumexp, philox_seed, philox_offset, max_seqlen_batch_q, max_seqlen_batch_k)
+    "_efficient_attention_forward": _Spec((0, 1, 2), (0, 1), bias=3, varlen=(4, 5), align=_MEM_EFF_ALIGN),
+    # (grad_out, q, k, v, bias, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    #   logsumexp, dropout_p, philox_seed, philox_offset, ...) -> (dq, dk, dv, dbias)
+    "_efficient_attention_backward": _Spec(
+        (0, 1, 2, 3, 5, 10), (0, 1, 2, 3), bias=4, whole=(12, 13), varlen=(6, 7), align=_MEM_EFF_ALIGN),
+    # (q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask)
+    #   -> (output, softmax_logsumexp, rng_state, unused, debug_attn_mask)
+    "_flash_attention_forward": _Spec((0, 1, 2), (0, 1), varlen=(3, 4), debug=4),
+    # (grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+    #   is_causal, rng_state, unused) -> (dq, dk, dv)
+    "_flash_attention_backward": _Spec((0, 1, 2, 3, 4, 5), (0, 1, 2), whole=(12, 13), varlen=(6, 7)),
+}
+
+
+def _fold(t, d, B):
+    """``(B, n, ...)`` (or an unbatched ``(n, ...)``, the same for every example) ->
+    ``(B*n, ...)``, last dim contiguous as the kernels require."""
+    t = materialize(t, d, B).flatten(0, 1)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fold_bias(bias, d, B, n, align):
+    """The attention bias of the folded call: per example it has ``n`` problems (or 1,
+    broadcast); folded, ``B*n`` -- by a stride-0 expand where it is the same for all. The
+    efficient kernel wants its rows aligned: pad as torch's sdpa front end does."""
+    if d is None and bias.shape[0] == 1:
+        bias = bias.expand((B * n,) + bias.shape[1:])
+    else:
+        bias = materialize(bias, d, B)
+        bias = bias.expand((B, n) + bias.shape[2:]).flatten(0, 1)
+    if bias.stride(-1) != 1 or (align and any(s % align for s in bias.stride()[:-1])):
+        S = bias.shape[-1]
+        pad = (-S) % align if align else 0
+        if pad:  # rows of a padded buffer; the kernel never reads the padding (left unset)
+            bias = torch.cat([bias, bias.new_empty(bias.shape[:-1] + (pad,))], -1).narrow(-1, 0, S)
+        else:
+            bias = bias.contiguous()
+    return bias
+
+
+def _per_example(op, args, kwargs, dims, B):
+    """One call per example (variable-length batches, or batched seeds): every tensor output
+    is stacked, other outputs are the first example's."""
+    outs = [op(*[a.select(0, b) if d is not None else a for a, d in zip(args, dims)], **kwargs) for b in range(B)]
+    stacked = []
+    for i, o in enumerate(outs[0]):
+        if isinstance(o, torch.Tensor):
+            stacked.append(torch.stack([out[i] for out in outs]))
+        else:
+            stacked.append(o)
+    return tuple(stacked), tuple(0 if isinstance(o, torch.Tensor) else None for o in stacked)
+
+
+def _dropout_p(op, args, kwargs):
+    for i, a in enumerate(op._schema.arguments):
+        if a.name == "dropout_p":
+            return args[i] if i < len(args) else kwargs.get("dropout_p", a.default_value)
+    return 0.0
+
+
+def _cuda_attention_rule(spec):
+    def rule(op, args, kwargs, dims):
+        args, dims = list(args), list(dims)
+        B = batch_size_of(args, dims)
+        if any(i < len(args) and (dims[i] is not None or args[i] is not None) for i in spec.varlen) or \
+                any(i < len(args) and dims[i] is not None for i in spec.whole) or \
+                any(kwargs.get(k) is not None for k in _PER_PROBLEM_KWARGS):
+            return _per_example(op, args, kwargs, dims, B)
+        _check_attention_dropout(_dropout_p(op, args, kwargs))
+        if spec.bias is not None and spec.bias < len(args) and args[spec.bias] is not None:
+            first, d = args[spec.folded[0]], dims[spec.folded[0]]  # all folded args share n
+            n = first.shape[1] if d is not None else first.shape[0]
+            args[spec.bias] = _fold_bias(args[spec.bias], dims[spec.bias], B, n, spec.align)
+        for i in spec.folded:
+            args[i] = _fold(args[i], dims[i], B)
+        out = list(op(*args, **kwargs))
+        out_dims = [None] * len(out)
+        BN = args[spec.folded[0]].shape[0]
+        for i in spec.outs + ((spec.debug,) if spec.debug is not None else ()):
+            o = out[i]
+            if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == BN and (i != spec.debug or o.numel()):
+                out[i] = o.reshape((B, BN // B) + o.shape[1:])
+                out_dims[i] = 0
+        return tuple(out), out_dims
+
+    return rule
+
+
+for _name, _spec in _CUDA_ATTENTION.items():
+    _packet = getattr(aten, _name, None)
+    if _packet is not None and hasattr(_packet, "default"):
+        batch_rule(_packet.default)(_cuda_attention_rule(_spec))
+
+
+if hasattr(aten, "_fused_sdp_choice"):
+
+    @batch_rule(aten._fused_sdp_choice.default, batched_kwargs=True)
+    def fused_sdp_choice(op, args, kwargs, dims, kwarg_dims=None):
+        # which kernel SDPA takes depends on shapes, dtypes and flags, the same for every
+        # example: ask for example 0 (devices whose SDPA dispatches this op, not a C++ stub)
+        one = [a.select(0, 0) if d is not None else a for a, d in zip(args, dims)]
+        kw = {k: (v.select(0, 0) if (kwarg_dims or {}).get(k) is not None else v) for k, v in kwargs.items()}
+        return op(*one, **kw), None

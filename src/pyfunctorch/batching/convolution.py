@@ -226,3 +226,23 @@ batch_rule(aten.fractional_max_pool2d.default)(_fractional_max_pool(3))
 batch_rule(aten.fractional_max_pool3d.default)(_fractional_max_pool(4))
 batch_rule(aten.fractional_max_pool2d_backward.default)(fold_into_n(3))
 batch_rule(aten.fractional_max_pool3d_backward.default)(fold_into_n(4))
+
+
+# cuDNN's convolution kernels are reached only when a CompositeImplicit caller picks them for a
+# wrapper (torch's own ``convolution`` dispatches them on plain tensors, below vmap): they are
+# ``convolution`` without a bias, so that rule serves them.
+
+
+@batch_rule(aten.cudnn_convolution.default)
+def cudnn_convolution(op, args, kwargs, dims):
+    x, w, padding, stride, dilation, groups = args[:6]
+    k = w.dim() - 2 - (dims[1] is not None)
+    return convolution(aten.convolution.default, [x, w, None, stride, padding, dilation, False, [0] * k, groups],
+                       {}, [dims[0], dims[1]] + [None] * 7)
+
+
+@batch_rule(aten.cudnn_convolution_transpose.default)
+def cudnn_convolution_transpose(op, args, kwargs, dims):
+    x, w, padding, output_padding, stride, dilation, groups = args[:7]
+    return convolution(aten.convolution.default, [x, w, None, stride, padding, dilation, True, output_padding, groups],
+                       {}, [dims[0], dims[1]] + [None] * 7)

@@ -4,10 +4,12 @@ and linear algebra that batches over leading dims (svd, solve, lstsq, pinv, ldl_
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from .. import _core
+from ..errors import PerformanceWarning
 from ._registry import (
     full_args,
     batch_rule,
@@ -96,6 +98,46 @@ def _coeff(v, name, dtype, op):
     return v
 
 
+#: (op, dtype, device type) -> whether the rule's rounding reproduces that kernel bit for bit
+_ROUNDING_MATCHES: dict = {}
+_PROBE_SHAPES = {  # (bias, a, b) of one example, for the ops whose kernels round in their own order
+    aten.addmv.default: [(6,), (6, 8), (8,)], aten.addbmm.default: [(6, 7), (4, 6, 8), (4, 8, 7)],
+    aten.addr.default: [(6, 7), (6,), (7,)],
+}
+
+
+def _rounding_matches(op, dtype, device) -> bool:
+    """Whether the rule below rounds as this torch's ``op`` kernel does in a low-precision dtype
+    on this device. The rule mimics how the kernels accumulate and round (that differs between
+    ops, devices and torch releases); one probe per (op, dtype, device) compares it with the
+    kernel on random inputs, and where they differ the rule runs the kernel per example
+    (addmm and baddbmm: one float32 product rounded once, as every kernel does, never probed)."""
+    if op not in _PROBE_SHAPES:
+        return True
+    key = (op, dtype, device.type)
+    ok = _ROUNDING_MATCHES.get(key)
+    if ok is not None:
+        return ok
+    _ROUNDING_MATCHES[key] = True  # (the probe runs the rule itself)
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        g = torch.Generator().manual_seed(0)
+        # plain tensors, outside every transform level and dispatch mode
+        with _core.lowered(0), _disable_current_modes(), torch.no_grad():
+            t = [torch.randn((3,) + s, generator=g).to(device=device, dtype=dtype) for s in _PROBE_SHAPES[op]]
+            got, _ = addmm(op, t, {"beta": 0.3, "alpha": 0.7}, [0, 0, 0])
+            want = torch.stack([op(*(x[i] for x in t), beta=0.3, alpha=0.7) for i in range(3)])
+            ok = bool(torch.equal(got, want))
+    except Exception:  # noqa: BLE001 - no probe possible (a fake or meta device): trust the rule
+        ok = True
+    if not ok:
+        warnings.warn(f"pyfunctorch.vmap: {op} in {dtype} on {device.type} runs once per example (its kernel "
+                      "rounds differently from the batched computation)", PerformanceWarning, stacklevel=2)
+    _ROUNDING_MATCHES[key] = ok
+    return ok
+
+
 @batch_rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default, aten.addbmm.default, aten.addr.default)
 @per_example_checked  # (matmul would broadcast over an example's extra dims)
 def addmm(op, args, kwargs, dims):
@@ -105,6 +147,8 @@ def addmm(op, args, kwargs, dims):
     elif bias.dtype == a.dtype == b.dtype:
         dtype = a.dtype
     else:  # torch's own error
+        return loop_examples(op, args, dims, kwargs, batch_size_of(args, dims))
+    if dtype in (torch.float16, torch.bfloat16) and not _rounding_matches(op, dtype, a.device):
         return loop_examples(op, args, dims, kwargs, batch_size_of(args, dims))
     beta = _coeff(kwargs.get("beta", args[3] if len(args) > 3 else 1), "beta", dtype, op)
     alpha = _coeff(kwargs.get("alpha", args[4] if len(args) > 4 else 1), "alpha", dtype, op)

@@ -135,7 +135,7 @@ POINTWISE = [
     "special_entr", "special_erfcx", "special_i0e", "special_i1", "special_i1e", "special_ndtr",
     "special_ndtri", "special_log_ndtr", "clone", "alias_copy", "positive", "bitwise_left_shift",
     "bitwise_right_shift", "_to_copy", "fill", "zero", "zeros_like", "ones_like", "full_like", "empty_like",
-    "real", "imag", "view_as_real", "view_as_complex", "conj", "_conj", "_neg_view", "resolve_conj", "resolve_neg", "nextafter",
+    "_masked_scale", "real", "imag", "view_as_real", "view_as_complex", "conj", "_conj", "_neg_view", "resolve_conj", "resolve_neg", "nextafter",
     # binary / ternary
     "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow",
     "float_power", "atan2", "arctan2", "hypot", "maximum", "minimum", "fmax", "fmin", "copysign", "xlogy",
