@@ -360,3 +360,39 @@ def test_perturbation_confusion_nontrivial():
     assert_close(pf.jvp(lambda x: pf.grad(lambda y: torch.sin(x * y))(x), (x,), (ONE,))[1], want)
     assert_close(pf.grad(lambda x: pf.jvp(lambda y: torch.sin(x * y), (x,), (ONE,))[1])(x), want)
     assert_close(pf.jvp(lambda x: pf.jvp(lambda y: torch.sin(x * y), (x,), (ONE,))[1], (x,), (ONE,))[1], want)
+
+
+@pytest.mark.parametrize("case", ["0-dim", "shape (1,)", "pytree out", "two argnums", "aux", "chunked", "under vmap"])
+def test_jacrev_of_one_output_element_matches_torch_func(case):
+    """jacrev with one output element takes one vjp instead of a vmap over a one-row basis
+    (speed: hessian = jacfwd(jacrev(f)) of a scalar f); the result must be the same as
+    torch.func's in every shape and structure."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    X = torch.randn(4, 3, 2, dtype=torch.float64)
+
+    def f(a, b):
+        return (a.sin() @ b).exp().sum()
+
+    if case == "0-dim":
+        got, want = pf.jacrev(f)(x, y), tf.jacrev(f)(x, y)
+    elif case == "shape (1,)":
+        got, want = pf.jacrev(lambda a: f(a, y).reshape(1))(x), tf.jacrev(lambda a: f(a, y).reshape(1))(x)
+    elif case == "pytree out":
+        g = lambda a: {"v": f(a, y).reshape(1, 1)}  # noqa: E731
+        got, want = pf.jacrev(g)(x), tf.jacrev(g)(x)
+    elif case == "two argnums":
+        got, want = pf.jacrev(f, argnums=(0, 1))(x, y), tf.jacrev(f, argnums=(0, 1))(x, y)
+    elif case == "aux":
+        g = lambda a: (f(a, y), a.cos())  # noqa: E731
+        got, want = pf.jacrev(g, has_aux=True)(x), tf.jacrev(g, has_aux=True)(x)
+    elif case == "chunked":
+        got, want = pf.jacrev(f, chunk_size=1)(x, y), tf.jacrev(f, chunk_size=1)(x, y)
+    else:
+        got = pf.vmap(pf.jacrev(lambda a: f(a, y)))(X)
+        want = tf.vmap(tf.jacrev(lambda a: f(a, y)))(X)
+    assert_close(got, want)
+    # and the second derivative through it (hessian = jacfwd(jacrev)), against torch.func
+    if case == "0-dim":
+        assert_close(pf.hessian(f, argnums=(0, 1))(x, y), tf.hessian(f, argnums=(0, 1))(x, y))
+        assert_close(pf.jacrev(pf.jacrev(f))(x, y), tf.jacrev(tf.jacrev(f))(x, y))
