@@ -812,9 +812,23 @@ def write_markdown(path, info, optional, cases, mem_table, failed, args, elapsed
         ]
     if failed:
         lines += ["## Failed checks", ""] + [f"- {f_}" for f_ in failed] + [""]
+    lines += _kept_breakdown(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _kept_breakdown(path) -> list:
+    """The cost-breakdown section that benchmarks/breakdown.py --write keeps in the same file
+    (between its markers): regenerating the tables must not drop it."""
+    start, end = "<!-- breakdown:start -->", "<!-- breakdown:end -->"
+    try:
+        old = open(path).read()
+    except OSError:
+        return []
+    if start not in old or end not in old:
+        return []
+    return [old[old.index(start): old.index(end) + len(end)], ""]
 
 
 if __name__ == "__main__":
