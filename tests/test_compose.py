@@ -396,3 +396,33 @@ def test_jacrev_of_one_output_element_matches_torch_func(case):
     if case == "0-dim":
         assert_close(pf.hessian(f, argnums=(0, 1))(x, y), tf.hessian(f, argnums=(0, 1))(x, y))
         assert_close(pf.jacrev(pf.jacrev(f))(x, y), tf.jacrev(tf.jacrev(f))(x, y))
+
+
+@pytest.mark.parametrize("case", ["add const", "mul const", "sub broadcast", "div 0-dim", "where", "rank mix",
+                                  "hvp"])
+def test_forward_ad_with_constant_operands_under_vmap_matches_torch_func(case):
+    """Forward AD meeting an operand without a tangent (a closed-over constant) computes an
+    efficient zero tensor's metadata with torch's Python meta kernels on meta copies of our
+    batched tangents; elementwise prims ops on meta values take a shortcut (the prims op on
+    broadcast meta values). Results must equal torch.func's (jacfwd = vmap over jvp)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b, c = torch.randn(4, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+    s = torch.tensor(1.7, dtype=torch.float64)
+    fns = {
+        "add const": lambda a: a.sin() + b,
+        "mul const": lambda a: a.exp() * c,
+        "sub broadcast": lambda a: c - a.cos() - b,
+        "div 0-dim": lambda a: a.tanh() / s + s,
+        "where": lambda a: torch.where(a > 0, a * b, c),
+        "rank mix": lambda a: (a.sum(0) + b) * b + a[0],
+    }
+    if case == "hvp":
+        f = lambda a: ((a @ b).tanh() * 2 + s).sum()  # noqa: E731
+        V = torch.randn(5, 3, 4, dtype=torch.float64)
+        got = pf.vmap(lambda v: pf.jvp(pf.grad(f), (x,), (v,))[1])(V)
+        want = tf.vmap(lambda v: tf.jvp(tf.grad(f), (x,), (v,))[1])(V)
+    else:
+        got, want = pf.jacfwd(fns[case])(x), tf.jacfwd(fns[case])(x)
+        assert_close(pf.hessian(lambda a: fns[case](a).sum())(x), tf.hessian(lambda a: fns[case](a).sum())(x))
+    assert_close(got, want)
