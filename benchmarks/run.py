@@ -4,6 +4,8 @@
     python benchmarks/run.py --quick    # smaller/fewer (under ~3 minutes), writes docs/benchmarks.md
     python benchmarks/run.py --check    # correctness checks only, tiny sizes, no timing (CI)
     python benchmarks/run.py --only W1,W3 [--compile] [--out PATH] [--no-write]
+    python benchmarks/run.py --device cuda [--check] [--quick]  # GPU-sized suite (benchmarks/cuda_suite.py),
+                                                                  # writes docs/benchmarks-cuda.md
 
 Workloads
   W1  per-sample gradients: MLP 784-128-10 and a small MNIST-shaped CNN, batch 64/256
@@ -132,7 +134,7 @@ def optional_impls(opts, tf_callable, pf_callable, args, jax_builder=None) -> li
 
 
 def _np(t):
-    return np.asarray(t.detach().numpy())
+    return np.asarray(t.detach().cpu().numpy())
 
 
 def _to_torch(x):
@@ -301,12 +303,14 @@ def w2_ensemble(B, opts, M=10, din=784, dh=128, dout=10) -> H.Case:
 # -- W3: Jacobians ----------------------------------------------------------------------
 
 
-def tanh_mlp(din, dh, dout, seed=0):
+def tanh_mlp(din, dh, dout, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     W1 = torch.randn(dh, din, generator=g) / din**0.5
     W2 = torch.randn(dh, dh, generator=g) / dh**0.5
     W3 = torch.randn(dout, dh, generator=g) / dh**0.5
     b1, b2, b3 = (torch.randn(n, generator=g) * 0.1 for n in (dh, dh, dout))
+    if device != "cpu":  # drawn on the CPU (same values on every device), then moved
+        W1, W2, W3, b1, b2, b3 = (t.to(device) for t in (W1, W2, W3, b1, b2, b3))
 
     def f(x):
         return W3 @ torch.tanh(W2 @ torch.tanh(W1 @ x + b1) + b2) + b3
@@ -366,12 +370,14 @@ def w3_jac(mode, din, dout, opts, dh=256) -> H.Case:
 # -- W4: Hessian, batched HVPs ---------------------------------------------------------
 
 
-def scalar_fn(n=128, dh=256, seed=1):
+def scalar_fn(n=128, dh=256, seed=1, device="cpu"):
     """f(x) = c . tanh(W x + b): Hessian = W^T diag(c * -2 t (1 - t^2)) W."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(dh, n, generator=g) / n**0.5
     b = torch.randn(dh, generator=g) * 0.1
     c = torch.randn(dh, generator=g)
+    if device != "cpu":
+        W, b, c = W.to(device), b.to(device), c.to(device)
 
     def f(x):
         return torch.tanh(W @ x + b) @ c
@@ -617,10 +623,18 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="correctness checks only at tiny sizes, no timing")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(torch.func ...)")
     ap.add_argument("--only", default="W1,W2,W3,W4,W5,W6,MEM", help="comma-separated workloads (default: all)")
-    ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"), help="markdown report path")
+    ap.add_argument("--out", default=None,
+                    help="markdown report path (default docs/benchmarks.md; docs/benchmarks-cuda.md with --device cuda)")
     ap.add_argument("--no-write", action="store_true", help="do not write the markdown report")
     ap.add_argument("--json", metavar="PATH", help="also write a machine-readable summary (checks, timings) here")
+    ap.add_argument("--device", default="cpu", type=_device_arg,
+                    help="cpu (default: the suite above) or cuda / cuda:N: GPU-sized workloads (benchmarks/cuda_suite.py), "
+                         "synchronized timing, peak CUDA memory")
     args = ap.parse_args(argv)
+    if args.device.type == "cuda":
+        return _main_cuda(ap, args)
+    if args.out is None:
+        args.out = os.path.join(REPO, "docs", "benchmarks.md")
     opts = Opts()
     opts.check, opts.compile = args.check, args.compile and not args.check
     which = {w.strip().upper() for w in args.only.split(",") if w.strip()}
@@ -698,6 +712,50 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def _device_arg(text):
+    """--device: 'cpu', 'cuda' or 'cuda:N' (argparse turns a ValueError into a usage error)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N]; got {text!r}")
+    return dev
+
+
+def cuda_unavailable_reason(dev) -> str | None:
+    """Why ``dev`` (a cuda device) cannot be used here, or None."""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built with CUDA {torch.version.cuda}"
+        return (f"--device {dev} was given, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                f"{build}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch, or drop --device "
+                "for the CPU suite.")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {dev} was given, but only {torch.cuda.device_count()} CUDA device(s) are visible."
+    return None
+
+
+def _main_cuda(ap, args):
+    why = cuda_unavailable_reason(args.device)
+    if why is not None:
+        ap.exit(2, f"{ap.prog}: error: {why}\n")
+    import cuda_suite
+
+    which = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+    unknown = which - {"W1", "W2", "W3", "W4", "W5", "W6", "MEM"}
+    if unknown:
+        ap.error(f"unknown workloads {sorted(unknown)}")
+    if "W6" in which:
+        print("# W6 (nesting depth) runs on the CPU suite only; skipped on cuda")
+    if args.compile:
+        print("# --compile is not part of the CUDA suite; ignored")
+    torch.cuda.set_device(args.device)
+    out = None if args.no_write else (args.out or os.path.join(REPO, "docs", "benchmarks-cuda.md"))
+    status, _ = cuda_suite.run(which, device=args.device, check=args.check, quick=args.quick, out=out,
+                               json_path=args.json)
+    return status
+
+
 def write_markdown(path, info, optional, cases, mem_table, failed, args, elapsed):
     lines = [
         "# Benchmarks",
@@ -754,9 +812,23 @@ def write_markdown(path, info, optional, cases, mem_table, failed, args, elapsed
         ]
     if failed:
         lines += ["## Failed checks", ""] + [f"- {f_}" for f_ in failed] + [""]
+    lines += _kept_breakdown(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _kept_breakdown(path) -> list:
+    """The cost-breakdown section that benchmarks/breakdown.py --write keeps in the same file
+    (between its markers): regenerating the tables must not drop it."""
+    start, end = "<!-- breakdown:start -->", "<!-- breakdown:end -->"
+    try:
+        old = open(path).read()
+    except OSError:
+        return []
+    if start not in old or end not in old:
+        return []
+    return [old[old.index(start): old.index(end) + len(end)], ""]
 
 
 if __name__ == "__main__":

@@ -93,6 +93,13 @@ def jacrev(
         in_groups, in_specs = _flatten_each(diff)
         if total == 0:
             grads_flat = [torch.zeros((0,) + tuple(x.shape), dtype=x.dtype, device=x.device) for g in in_groups for x in g]
+        elif total == 1:
+            # Speed: one output element (a scalar f, e.g. hessian = jacfwd(jacrev(f))) needs one
+            # vjp, the vmap over a one-row basis gives the same row; that vmap level would add
+            # one Python dispatch to every backward op (and to every op of the transforms
+            # around it). The row then gets its leading dim of size 1.
+            rows = vjp_fn(tree_unflatten([b[0] for b in basis], out_spec))
+            grads_flat = [g.unsqueeze(0) for g in tree_flatten(rows)[0]]
         else:
             rows = vmap(vjp_fn, chunk_size=chunk_size)(tree_unflatten(basis, out_spec))
             grads_flat, _ = tree_flatten(rows)

@@ -1,0 +1,344 @@
+"""Where pyfunctorch's eager time goes: µs per op at nesting depth 1, 2, 3, split by cost.
+
+    OMP_NUM_THREADS=1 python benchmarks/breakdown.py            # print the tables
+    OMP_NUM_THREADS=1 python benchmarks/breakdown.py --write    # also replace the breakdown
+                                                                # section of docs/benchmarks.md
+
+Workloads (the 20-op pointwise chain of overhead.py, one thread):
+
+  depth 1  vmap(chain)                   x [64, 8]
+  depth 2  vmap(grad(chain(x).sum()))    x [64, 8]
+  depth 3  jacfwd(jacrev(chain(x).sum())) x [8]   (Hessian: vmap, jvp, grad, vmap levels)
+
+Method. (1) The per-call time of pyfunctorch, torch.func and plain torch is measured in paired
+rotated rounds (``_harness.measure``), without a profiler. (2) Profiled runs (cProfile; the median share per
+category over several short profiles) give each function's own time; every function is put in one category (below), and a C function
+(an aten op, ``_make_wrapper_subclass``, the autograd engine) is charged to the category of the
+Python function that called it (``pstats`` keeps the time per caller). (3) The fixed cost per call is the directly
+measured call of the same transform of an (almost) empty function (4); the other categories
+share the rest of the unprofiled per-call time in their profiled proportions. cProfile's hooks cost
+~0.1-0.3 µs per Python call, so Python-heavy categories are somewhat over-weighted; the
+shares are a map, the paired ratios are the measurement. (4) The fixed cost per call is also
+measured directly: the same transform of a function with (almost) no ops, and the patch
+install + removal on its own.
+
+Categories:
+  fixed per call   transform entry/exit: interpreter push/pop, installing and removing the
+                   patched entry points, pytrees, in/out dims, wrapping inputs, the basis (jac*)
+  dispatch entry   torch's C++ -> __torch_dispatch__ (incl. torch's per-subclass rule lookup
+                   `find_torch_dispatch_rule` and OpOverload.__call__), finding the top level,
+                   the key guard (`_dispatch_tls_local_include_set`, `_ForceDispatchKeyGuard`)
+  interpreter      per-op decisions in `process`/`dispatch` (op info, mutation checks, aliases)
+  unwrap           reading inner values (`unwrap_level`, `_unwrap_args*`, peel)
+  lift (fwd-AD)    `lift_mixed`, `_is_dual`, JvpTensor.__torch_function__
+  rule             batching rules (Python) in batching/
+  wrap             making wrapper tensors (`BatchedTensor`/`GradTensor`/`JvpTensor`,
+                   `_make_wrapper_subclass`, metadata reads)
+  autograd / AD    torch.autograd.grad and the C++ engine's own time, forward-AD make/unpack dual
+  torch Python meta  torch's Python meta kernels (_refs/_prims, symbolic-shape checks) that
+                   forward AD reaches when one operand has no tangent: the C++ formula uses an
+                   efficient zero tensor, whose add/mul compute output metadata on meta tensors
+                   with torch's *Python* meta registrations (~100-300 µs each; torch.func pays
+                   it too, where its levels meet the same pattern)
+  aten ops (C++)   the C++ side of the aten ops pyfunctorch calls (the kernels at the bottom, the
+                   C++ dispatcher and autograd recording above them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402  (pins threads before torch is imported)
+import torch  # noqa: E402
+import torch.func as tf  # noqa: E402
+
+import pyfunctorch as pf  # noqa: E402
+from overhead import CHAIN_OPS, chain, chain_sum  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(REPO, "docs", "benchmarks.md")
+START, END = "<!-- breakdown:start -->", "<!-- breakdown:end -->"
+
+CATS = ["fixed per call", "dispatch entry", "interpreter", "unwrap", "lift (fwd-AD)", "rule", "wrap",
+        "autograd / AD", "torch Python meta (fwd-AD zero tangents)", "aten ops (C++)", "other"]
+META = "torch Python meta (fwd-AD zero tangents)"
+
+_FIXED_FILES = ("api.py", "jacobians.py", "_pytree.py", "contextlib.py", "functools.py", "threading.py",
+                "forward_ad.py", "patches.py")
+_FIXED_FUNCS = {"_install_patches", "_uninstall_patches", "push_interpreter", "lowered", "_grad_and_value_impl",
+                "wrapper", "vjp", "jvp", "vjp_fn", "_check_argnums", "_check_diff_inputs", "_split_aux",
+                "_check_primals_tangents", "_jvp_level", "__enter__", "__exit__", "_leave", "_new_level",
+                "_autograd_grad", "_needs_graph", "_requires_grad_below", "vmapped", "grad", "grad_and_value",
+                "_vmap_impl", "_rebuild_args", "_leaf_in_dims", "_batch_size", "_unwrap_out", "_leaf_out_dims",
+                "_partial_over", "_basis", "_assemble", "_flatten_each", "push", "f", "interpreter_stack"}
+_DISPATCH_FUNCS = {"__torch_dispatch__", "_find_top", "dispatch", "_metadata_query", "_op_info",
+                   "find_torch_dispatch_rule", "find", "_dispatch_with_dead", "_dead_level_of"}
+_INTERP_FUNCS = {"process", "check_mutation", "_writes_derivative", "_mutated_returns", "_return_aliases",
+                 "_process_lazy", "has_lazy", "carries_derivative", "batched_here"}
+_UNWRAP_FUNCS = {"unwrap_level", "_unwrap_args", "_unwrap_args_checked", "peel", "_resolve_dead", "unwrap_value",
+                 "_escaped"}
+_LIFT_FUNCS = {"lift_mixed", "_is_dual", "lift", "__torch_function__"}
+_WRAP_FUNCS = {"__new__", "_same_shape", "wrap_level", "_wrap", "__init__", "rewrap", "lazy_wrap", "wrap_created"}
+
+
+def classify(key) -> str:
+    """The category of a profiled Python function (C functions: see charge())."""
+    path, _line, name = key
+    base = os.path.basename(path)
+    if path == "~":
+        return "C"
+    if "/torch/autograd/" in path:
+        return "autograd / AD"
+    if "/torch/_refs/" in path or "/torch/_prims" in path or "/torch/_decomp" in path or "/_library/" in path \
+            and "simple_registry" not in path or "/torch/_dynamo/" in path or "/torch/fx/" in path \
+            or "/torch/_compile" in path or "/torch/_meta_registrations" in path or "/torch/_config_module" in path \
+            or "/torch/utils/_inspect" in path or base in ("inspect.py", "abc.py") or path.endswith("torch/__init__.py") \
+            or (base == "_ops.py" and name == "redispatch"):
+        # torch's Python meta kernels, reached when forward AD meets an undefined tangent
+        # (an efficient zero tensor computes its result's metadata on meta tensors in Python)
+        return META
+    if base in ("simple_registry.py",) or (base == "_ops.py" and name == "__call__"):
+        return "dispatch entry"
+    if "/pyfunctorch/batching/" in path:
+        return "rule"
+    if "/pyfunctorch/" in path:
+        if name in _LIFT_FUNCS:
+            return "lift (fwd-AD)"
+        if name in _DISPATCH_FUNCS:
+            return "dispatch entry"
+        if name in _UNWRAP_FUNCS:
+            return "unwrap"
+        if name in _WRAP_FUNCS:
+            return "wrap"
+        if name in _INTERP_FUNCS or name == "<genexpr>" and base == "_core.py":
+            return "interpreter"
+        if base in _FIXED_FILES or name in _FIXED_FUNCS:
+            return "fixed per call"
+        return "interpreter"
+    if base in _FIXED_FILES or "/torch/utils/_pytree" in path:
+        return "fixed per call"
+    return "other"  # the workload's own Python (chain) and anything unmatched
+
+
+def charge(name: str, caller_cat: str, caller=None) -> str:
+    """The category of a C function's own time, given its caller's category."""
+    if caller is not None and os.path.basename(caller[0]) == "_ops.py" and caller[2] == "__call__":
+        return "aten ops (C++)"  # OpOverload.__call__ -> the C++ op (kernel, or the next level's entry)
+    if caller_cat == META:
+        return META
+    if "make_wrapper_subclass" in name or "'stride'" in name or "storage_offset" in name or "_set_conj" in name:
+        return "wrap"
+    if "run_backward" in name or "make_dual" in name or "unpack_dual" in name or "dual_level" in name:
+        return "autograd / AD"
+    if "_dispatch_tls_local" in name or "ForceDispatchKeyGuard" in name:
+        return "dispatch entry"
+    if caller_cat == "other":
+        # the user's own call on a wrapper (x.sin() in chain): torch's C++ up to __torch_dispatch__
+        return "dispatch entry"
+    if caller_cat in ("rule", "interpreter") and ("torch._ops" in name or "of 'torch._C" in name
+                                                                    or "built-in method" in name and "torch" in name):
+        return "aten ops (C++)"
+    if caller_cat in ("fixed per call",):
+        return "fixed per call"
+    return caller_cat if caller_cat != "C" else "other"
+
+
+def attribute(stats: pstats.Stats) -> dict:
+    cats = dict.fromkeys(CATS, 0.0)
+    for key, (_cc, _nc, tt, _ct, callers) in stats.stats.items():
+        cat = classify(key)
+        if cat != "C":
+            cats[cat] += tt
+            continue
+        name = key[2]
+        for ckey, cval in callers.items():
+            ccat = classify(ckey)
+            cats[charge(name, ccat, ckey)] += cval[2]
+    return cats
+
+
+def workloads():
+    x2 = torch.randn(64, 8)
+    x3 = torch.randn(8)
+
+    def floor_grad(x):
+        xr = x.detach().requires_grad_(True)
+        return torch.autograd.grad(chain_sum(xr), xr)[0]
+
+    def idsum(x):
+        return x.sum()
+
+    return [
+        ("depth 1: vmap", x2, pf.vmap(chain), tf.vmap(chain), lambda: chain(x2), pf.vmap(lambda x: x)),
+        ("depth 2: vmap∘grad", x2, pf.vmap(pf.grad(chain_sum)), tf.vmap(tf.grad(chain_sum)),
+         lambda: floor_grad(x2), pf.vmap(pf.grad(idsum))),
+        ("depth 3: jacfwd∘jacrev", x3, pf.jacfwd(pf.jacrev(chain_sum)), tf.jacfwd(tf.jacrev(chain_sum)), None,
+         pf.jacfwd(pf.jacrev(idsum))),
+    ]
+
+
+def patch_cost_us(n=300) -> float:
+    from pyfunctorch import _core
+
+    samples = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _core._install_patches()
+            _core._uninstall_patches()
+        samples.append((time.perf_counter() - t0) / n * 1e6)
+    return sorted(samples)[len(samples) // 2]
+
+
+def measure_row(label, x, pf_fn, tf_fn, plain, empty, quick):
+    impls = [H.Impl("pyfunctorch", lambda: pf_fn(x)), H.Impl("torch.func", lambda: tf_fn(x)),
+             H.Impl("pyfunctorch, empty fn", lambda: empty(x))]
+    if plain is not None:
+        impls.append(H.Impl("plain", plain))
+    kw = dict(target_s=0.01, min_rounds=5, max_rounds=9, budget_s=2.0) if quick else \
+        dict(target_s=0.03, min_rounds=9, max_rounds=21, budget_s=6.0)
+    t = H.measure(impls, **kw)
+    pf_fn(x)
+    # Several short profiles, the median share per category: on a shared machine a profile
+    # charges a preemption to whatever function was running, which can put one function far
+    # off in a single profile.
+    shares = {c: [] for c in CATS}
+    n = 10 if quick else 20
+    for _ in range(5 if quick else 9):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            pf_fn(x)
+        prof.disable()
+        cats = attribute(pstats.Stats(prof))
+        tot = sum(cats.values())
+        for c in CATS:
+            shares[c].append(cats[c] / tot)
+    cats = {c: statistics.median(v) for c, v in shares.items()}
+    total = sum(cats.values())
+    per_call = t["pyfunctorch"].median_s * 1e6
+    return {
+        "label": label, "per_call_us": per_call, "tf_us": t["torch.func"].median_s * 1e6,
+        "ratio_tf": H.paired_ratio(t, "pyfunctorch", "torch.func"),
+        "ratio_plain": H.paired_ratio(t, "pyfunctorch", "plain") if plain is not None else None,
+        "empty_us": t["pyfunctorch, empty fn"].median_s * 1e6,
+        "shares": {c: v / total for c, v in cats.items()},
+    }
+
+
+def table(rows, patch_us) -> str:
+    out = ["| category | " + " | ".join(r["label"] for r in rows) + " |",
+           "|---|" + "---|" * len(rows)]
+    for c in CATS:
+        cells = []
+        for r in rows:
+            # the fixed cost is the directly measured call of an (almost) empty function; the
+            # other categories share the rest in their profiled proportions
+            fixed = min(r["empty_us"], r["per_call_us"])
+            if c == "fixed per call":
+                us = fixed
+            else:
+                rest = 1.0 - r["shares"]["fixed per call"]
+                us = (r["per_call_us"] - fixed) * (r["shares"][c] / rest if rest > 0 else 0.0)
+            cells.append(f"{us / CHAIN_OPS:.2f} µs/op ({100 * us / r['per_call_us']:.0f}%)")
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    out.append("| **total per call** | " + " | ".join(f"**{r['per_call_us']:.0f} µs** = {r['per_call_us'] / CHAIN_OPS:.1f} µs/op"
+                                                  for r in rows) + " |")
+    out.append("| torch.func per call (paired ratio) | " + " | ".join(
+        f"{r['tf_us']:.0f} µs ({r['ratio_tf']:.2f}x)" for r in rows) + " |")
+    out.append("| plain torch (paired ratio) | " + " | ".join(
+        "-" if r["ratio_plain"] is None else f"{r['ratio_plain']:.2f}x" for r in rows) + " |")
+    out.append("| same transform of an (almost) empty fn | " + " | ".join(f"{r['empty_us']:.0f} µs" for r in rows) + " |")
+    out.append("")
+    out.append(f"Installing + removing the patched entry points (`_core._install_patches` / `_uninstall_patches`, "
+               f"paid once per outermost transform call): {patch_us:.1f} µs.")
+    return "\n".join(out)
+
+
+def markdown(rows, patch_us, info) -> str:
+    return "\n".join([
+        START,
+        "## Cost breakdown (eager, per op)",
+        "",
+        f"Generated by `benchmarks/breakdown.py --write` ({info['date']}, torch {info['torch']}, one thread). "
+        f"µs per op = the category's share of one call / {CHAIN_OPS} (the ops of the un-transformed chain), so the "
+        "columns show how the cost of one user-level op grows with nesting depth. Shares come from cProfile "
+        "(C functions charged to their Python caller), scaled to the unprofiled per-call time minus the fixed cost, "
+        "which is measured directly (the same transform of an almost empty function); see the script's "
+        "docstring for the categories and the caveats.",
+        "",
+        table(rows, patch_us),
+        "",
+        "Reading it (mechanisms, measured while making the eager path faster):",
+        "",
+        "- Every level an op passes through costs a Python `__torch_dispatch__` (dispatch entry + unwrap + "
+        "interpreter + wrap, a few µs); torch.func pays the same steps in C++. So the eager cost grows with the "
+        "number of levels each op crosses, and the cheapest speed-up is a level that is not there: `jacrev` of a "
+        "function with one output element no longer vmaps `vjp_fn` over a one-row basis, which took "
+        "`hessian` of a scalar function from ~2x to ~1.3x torch.func (W4) and depth 3 below from ~7.7x to ~3x.",
+        "- `torch Python meta`: where forward AD meets an operand without a tangent (`x + b` with a constant `b`, "
+        "the backward of `dot`), torch's C++ formula adds an efficient zero tensor, and that add/mul computes its "
+        "output's metadata by running torch's *Python* meta kernels (`_refs.add` -> `prims.add`, symbolic-shape "
+        "checks) on meta copies of the operands: 100-300 µs each, in plain torch too (`make_dual(x, t) + b` is "
+        "~40x slower than `x + b`), and torch.func pays it once per such op. Under pyfunctorch the operands are our "
+        "wrappers, so every `prims.*` op that `_refs.add` emits dispatches through the levels below; mapping "
+        "those `prims.add` back to `aten.add` under vmap used to run `_refs` a second time (2-6x as many events "
+        "as torch.func). vmap now runs elementwise prims on meta values directly (as many events as torch.func), "
+        "but each event still costs more than in torch.func; it is the largest category at depth 3 and in W4 "
+        "HVP. Avoiding it would need forward AD never to see a missing tangent (e.g. lifting constants with an "
+        "explicit zero tangent where cheap), which changes memory and was not tried.",
+        "- The fixed cost per outermost call is dominated by installing and removing the patched entry points "
+        "(`patches.py`, 67 attributes, 18 of them on `torch.Tensor`). Measured (paired, W5 tiny): with the "
+        "patches left installed between calls pyfunctorch/torch.func goes from 3.2x to 2.7x; the writes "
+        "themselves are cheap (grouping them per owner changed nothing), the cost is their effect (type-attribute "
+        "caches and specialized bytecode invalidated on every swap). Leaving them installed would break the "
+        "invariant that torch is patched only while a transform is live (tests/test_regressions.py), a decision "
+        "for the project, not made here.",
+        "- Depth 1 (one vmap, tiny tensors): `benchmarks/dispatch_floor.py` puts a wrapper subclass whose "
+        "dispatch only unwraps, runs the op and rewraps (no rules, no levels) at ~1.9x torch.func per op, and "
+        "pyfunctorch.vmap at ~3.4x (same run): a 2.0x target for W5 tiny is the floor of any Python "
+        "`__torch_dispatch__` design, not reachable eagerly; the traced path (`pyfunctorch.compile`) is below "
+        "torch.func there. Large tensors (W5 large, W1/W2) are kernel-bound and within a few percent of torch.func.",
+        "",
+        END,
+    ])
+
+
+def write_doc(text: str, path=DOC) -> None:
+    old = open(path).read() if os.path.exists(path) else ""
+    if START in old and END in old:
+        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--write", action="store_true", help="replace the breakdown section of docs/benchmarks.md")
+    ap.add_argument("--only", default="1,2,3", help="depths to run, e.g. 1,2")
+    args = ap.parse_args(argv)
+    depths = {int(d) for d in args.only.split(",")}
+    rows = [measure_row(*w, quick=args.quick) for i, w in enumerate(workloads(), 1) if i in depths]
+    patch_us = patch_cost_us()
+    info = H.machine_info()
+    text = markdown(rows, patch_us, info)
+    print(text)
+    if args.write:
+        write_doc(text)
+        print(f"# wrote {os.path.relpath(DOC, REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
