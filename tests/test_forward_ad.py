@@ -456,3 +456,4 @@ def test_inplace_into_captured_dual_with_batched_values_raises():
     x, w = _t(4, 3, seed=93), _t(3, seed=94)
     with pytest.raises(RuntimeError):
         pf.jvp(lambda w: pf.vmap(lambda r: w.clone().add_(r) + w.add_(r))(x), (w.clone(),), (w,))
+

@@ -1149,6 +1149,22 @@ if pytest is not None:
     def test_fuzz_full(case):
         _check(case)
 
+    #: cases the fuzzer found and that were fixed: each must stay a pass
+    REGRESSIONS = [
+        # forward AD's zero-tangent metadata (prims ops on meta values) meeting a lower-level dual
+        Case(shapes=((), ()), ops=(("add", 0), ("sin", 0)),
+             layers=(Layer(kind="vjp", argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2),
+                     Layer(kind="jacfwd", argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2),
+                     Layer(kind="hessian", argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0,
+                           batch=2)),
+             dtype="float64", seed=0, compile=False),
+    ]
+
+    @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])
+    def test_fuzz_regression(case):
+        o = evaluate(case)
+        assert not o.bad, f"{o.kind}: {o.detail}\n{o.tb[-2000:]}"
+
     @pytest.mark.parametrize("known", KNOWN, ids=[k.id for k in KNOWN])
     def test_known_defect_reproducer(known):
         o = evaluate(known.reproducer)

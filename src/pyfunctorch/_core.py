@@ -30,6 +30,7 @@ with warnings.catch_warnings():  # torch's own module jit-scripts its decomposit
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
+from ._ops import _InplaceViewAliases, _mutated_returns, _return_aliases, aten_equivalent  # noqa: F401
 from .errors import EscapedTensorError, MixedTransformsError
 
 aten = torch.ops.aten
@@ -173,7 +174,6 @@ _JVP_ONLY = ("jvp",)
 NESTED_DECOMPOSITIONS: dict = {}
 FORWARD_AD_DECOMPOSITIONS: dict = {}
 
-
 def _run_inner(func, args, kwargs, level: int):
     """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
     derivative formulas read non-differentiable statistics run decomposed when a lower
@@ -185,6 +185,10 @@ def _run_inner(func, args, kwargs, level: int):
         if out is not NotImplemented:
             return out
     if _state.jvp_depth:
+        if getattr(func, "namespace", None) == "prims":
+            # trap 6 at a differentiation level: torch._refs (e.g. the metadata of forward AD's
+            # zero tangents) emit prims.* ops, whose autograd kernels have no forward-AD formula
+            func = aten_equivalent(func) or func
         decomp = FORWARD_AD_DECOMPOSITIONS.get(func)
         if decomp is not None and _differentiated_below(level, _JVP_ONLY):
             return decomp(*args, **kwargs)
@@ -425,56 +429,6 @@ def _resolve_dead(x):
     if isinstance(x, (list, tuple)):
         return type(x)(_resolve_dead(y) for y in x)
     return x
-
-
-def _mutated_returns(func) -> tuple | None:
-    """For ops whose outputs alias a written input (in-place and out= ops): for each
-    output, where the written input is (an int position or a kwarg name). Cached."""
-    try:
-        return func._pyf_alias  # cached on the OpOverload: cheaper than hashing it
-    except AttributeError:
-        pass
-    schema = func._schema
-    res = None
-    if schema.is_mutable:
-        where = []
-        for ret in schema.returns:
-            ai = ret.alias_info
-            loc = None
-            if ai is not None and ai.is_write:
-                for i, arg in enumerate(schema.arguments):
-                    if arg.alias_info is not None and arg.alias_info.is_write and set(arg.alias_info.before_set) & set(ai.before_set):
-                        loc = arg.name if arg.kwarg_only else i
-                        break
-            where.append(loc)
-        if any(w is not None for w in where):
-            if torch.Tag.inplace_view in func.tags:
-                res = _InplaceViewAliases(where)
-                res.func = func
-            else:
-                res = tuple(where)
-    try:
-        func._pyf_alias = res
-    except AttributeError:
-        pass
-    return res
-
-
-class _InplaceViewAliases(tuple):
-    """Marks in-place view ops (squeeze_, transpose_, as_strided_ ...): they change the
-    inner value's metadata, so the wrapper's own size/stride must be fixed too (trap 4)."""
-
-
-def _return_aliases(aliased, args, kwargs, out):
-    """In-place and out= ops return the caller's own (wrapper) tensors."""
-    res = tuple(args[w] if isinstance(w, int) else kwargs[w] for w in aliased)
-    if type(aliased) is _InplaceViewAliases:
-        from torch.utils._mode_utils import no_dispatch
-
-        # replay on the wrapper itself, below autograd and Python: only its metadata changes
-        with no_dispatch(), torch._C._AutoDispatchBelowADInplaceOrView():
-            aliased.func(*args, **kwargs)
-    return res[0] if len(res) == 1 else res
 
 
 def _dead_level_of(args, kwargs):

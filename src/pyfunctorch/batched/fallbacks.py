@@ -10,7 +10,8 @@ import weakref
 import torch
 import torch._decomp  # noqa: F401
 
-from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor
+from .._ops import _mutated_returns, _return_aliases
 from ..errors import PerExampleSignal, PerformanceWarning, batched_write_error
 from .tensor import BatchedTensor, batched_here, slice_example
 

@@ -7,7 +7,8 @@ import itertools
 import torch
 
 from .. import _core
-from .._core import Interpreter, LevelTensor, _InplaceViewAliases, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor
+from .._ops import _InplaceViewAliases, _mutated_returns, _return_aliases
 from ..batching import BATCH_RULES, lookup as _lookup_rule
 from .user_rules import custom_op_vmap, custom_op_vmap_fn
 from ..errors import BatchedWriteError, PerExampleSignal, data_dependent

@@ -8,7 +8,8 @@ import torch
 from .. import _core
 from .. import _traced_random
 from .. import random as _random
-from .._core import Interpreter, LevelTensor, _mutated_returns, _return_aliases
+from .._core import Interpreter, LevelTensor
+from .._ops import _mutated_returns, _return_aliases
 from .._pytree import tree_flatten, tree_map
 from ..errors import RandomnessError, randomness_error
 from .fallbacks import decomposition, stack_results

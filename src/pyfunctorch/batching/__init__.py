@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._ops import aten_equivalent
 from . import _registry
 from ._registry import BATCH_RULES, batch_rule  # noqa: F401
 from . import pointwise  # noqa: F401  (registers rules)
@@ -39,7 +40,7 @@ def lookup(op):
     rule = _TAG_CACHE.get(op, _MISSING)
     if rule is _MISSING:
         rule = None
-        aten_op = _aten_equivalent(op)
+        aten_op = aten_equivalent(op)
         if aten_op is not None:  # trap 6: torch._refs emit prims.* ops
             rule = _prims_rule(aten_op, lookup(aten_op))
         # (aten.equal is tagged pointwise but returns one Python bool: not elementwise)
@@ -54,19 +55,6 @@ def _returns_tensors(op) -> bool:
     return bool(rets) and all(isinstance(r.type, torch.TensorType) for r in rets)
 
 
-def _aten_equivalent(op):
-    """The aten overload that a ``prims.*`` op stands for (prims.add -> aten.add.Tensor)."""
-    if getattr(op, "namespace", None) != "prims":
-        return None
-    packet = getattr(torch.ops.aten, op.overloadpacket.__name__, None)
-    if packet is None:
-        return None
-    n = len(op._schema.arguments)
-    for name in ("Tensor", "default"):
-        cand = getattr(packet, name, None)
-        if cand is not None and len([a for a in cand._schema.arguments if not a.kwarg_only]) >= n:
-            return cand
-    return None
 
 
 def _prims_rule(aten_op, rule):
@@ -83,10 +71,12 @@ def _prims_rule(aten_op, rule):
 
 
 def _all_meta(args) -> bool:
+    """Every tensor argument is a plain meta tensor (not a wrapper of a lower level, whose
+    forward AD would meet the prims op: prims have no forward-AD formulas)."""
     seen = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if not a.is_meta:
+            if type(a) is not torch.Tensor or not a.is_meta:
                 return False
             seen = True
     return seen
