@@ -1173,8 +1173,6 @@ if pytest is not None:
         # fixed: fail loudly so the KNOWN entry is removed (strict xfail semantics)
         pytest.fail(f"KNOWN[{known.id}] no longer fails ({o.kind}): remove it from KNOWN")
 
-    @pytest.mark.xfail(strict=True, reason="found by the fuzzer: a factory tensor created inside grad is a "
-                       "GradTensor; memoized and reused in a later call it silently gives a zero gradient")
     def test_factory_tensor_memoized_across_calls():
         """A constant created (torch.arange) inside the first call and cached: torch.func
         returns plain tensors from factories, so the second call is the same as the first."""
@@ -1186,9 +1184,16 @@ if pytest is not None:
             return (x * cache["c"]).sum()
 
         x = torch.ones(3)
-        want = torch.tensor([0.0, 1.0, 2.0])  # d/dx sum(x * c) = c
-        torch.testing.assert_close(pyfunctorch.grad(f)(x), want)
-        torch.testing.assert_close(pyfunctorch.grad(f)(x), want)  # today: zeros
+        want = torch.func.grad(f)(x)  # d/dx sum(x * c) = c
+        for transform in (pyfunctorch.grad, pyfunctorch.jacrev, pyfunctorch.jacfwd):
+            cache.clear()
+            torch.testing.assert_close(transform(f)(x), want)
+            torch.testing.assert_close(transform(f)(x), want)  # the cached constant of an ended level
+        cache.clear()
+        xs = torch.ones(2, 3)
+        for _ in range(2):  # under vmap (a lazy per-example buffer, never written) and vmap(grad)
+            torch.testing.assert_close(pyfunctorch.vmap(f)(xs), torch.stack([f(r) for r in xs]))
+            torch.testing.assert_close(pyfunctorch.vmap(pyfunctorch.grad(f))(xs), want.expand(2, 3))
 
     def test_error_classifier():
         """is_pyfunctorch_error: deliberate raises in src/pyfunctorch vs torch's errors."""

@@ -99,8 +99,13 @@ class Interpreter:
 
     def wrap_created(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor created inside the transformed function (torch.zeros ...): it belongs
-        to this level, so in-place writes of this level's data into it are recorded."""
-        return self.lift(tensor)
+        to this level, so in-place writes of this level's data into it are recorded.
+        Marked as created (``_pyf_created``: its version then), so that after the level ends,
+        while never written, it is the plain constant it was made as (``_pristine``)."""
+        w = self.lift(tensor)
+        if w is not tensor:
+            w._pyf_created = w._version
+        return w
 
     def check_mutation(self, func, aliased, args, kwargs) -> None:
         """In-place/out= ops at this level must write into this level's own tensors:
@@ -441,6 +446,25 @@ def _dead_level_of(args, kwargs):
     return best
 
 
+def _pristine(t) -> bool:
+    """A wrapper a factory made inside a transform (``wrap_created``) that was never written
+    since and carries no derivative: outside its level it is just the constant it was made
+    as (e.g. a tensor the user memoized in the first call and reuses in later ones)."""
+    created = t._pyf_created
+    return created is not None and t._version == created and not t.requires_grad
+
+
+def _only_pristine_dead(args, kwargs) -> bool:
+    found = False
+    for a in itertools.chain(args, kwargs.values()):
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, LevelTensor) and not b._interp.alive:
+                if not _pristine(b):
+                    return False
+                found = True
+    return found
+
+
 def _dispatch_with_dead(func, args, kwargs):
     """An op reached a wrapper whose level has ended (an escaped tensor, or the saved
     graph that vjp_fn differentiates after vjp returned). Grad-type wrappers stand
@@ -454,6 +478,10 @@ def _dispatch_with_dead(func, args, kwargs):
         return type(exemplar)(exemplar._value, exemplar._interp)
     rargs = _resolve_dead(args)
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
+    if _only_pristine_dead(args, kwargs) and _mutated_returns(func) is None:
+        # constants made inside an ended level: the op on their values, plain results (the
+        # autograd kernels above this dispatch record what the live levels need)
+        return func(*rargs, **rkwargs)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
         if isinstance(exemplar._interp, WrapperInterpreter):
             out = _run_inner(func, rargs, rkwargs, exemplar._interp.level)
@@ -493,6 +521,8 @@ _METADATA_OPS = {_IS_SAME_SIZE, _SAME_STORAGE_NUMEL}
 class LevelTensor(torch.Tensor):
     """Base of every wrapper: holds ``_value`` (the next-lower object, never a copy)
     and ``_interp`` (the level that owns the wrapper)."""
+
+    _pyf_created = None  # version at creation, for tensors made by wrap_created (see _pristine)
 
     _value: torch.Tensor
     _interp: Interpreter

@@ -136,6 +136,7 @@ def lazy_wrap(plain: torch.Tensor, interp: "Interpreter", root=None) -> BatchedT
     else:
         root._lazy_views.append(weakref.ref(w))
     w._lazy_root = root
+    w._pyf_created = w._version  # pristine while never written (see _core._pristine)
     return w
 
 

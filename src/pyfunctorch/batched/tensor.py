@@ -79,6 +79,13 @@ class BatchedTensor(LevelTensor):
     def _detached(self):
         return BatchedTensor(_core.detach_all_levels(self._value), self._bdim, self._interp)
 
+    def _escaped(self):
+        # a tensor made inside the function and never written per example stands for its one
+        # value after the level ended (e.g. memoized by the user); anything else escaped
+        if self._lazy and _core._pristine(self):
+            return self._lazy_plain
+        return super()._escaped()
+
 
 def batched_here(x, interp) -> bool:
     if isinstance(x, BatchedTensor):
