@@ -880,7 +880,21 @@ BAD_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak"
              "compile_limitation", "internal_error_both", "disagree3")
 # the kinds that fail the CI slice (unless KNOWN); the others are reported by the script
 CI_FAIL_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "fuzzer_error")
-OK_KINDS = ("pass", "pass_tf_error", "pass_tf_differs", "both_error", "unverified", "imprecise", "skip")
+OK_KINDS = ("pass", "pass_tf_error", "pass_tf_differs", "both_error", "unverified", "imprecise", "skip",
+            "ref_untrusted")
+
+#: ops whose third and higher derivatives torch's own autograd (the reference here) and
+#: torch.func get wrong: their backward formulas read saved statistics that carry no
+#: derivative of a lower level. pyfunctorch decomposes them under nested differentiation;
+#: tests/test_forward_ad.py::test_third_derivative_matches_finite_differences checks them
+#: against finite differences instead.
+_REFERENCE_WRONG_AT_ORDER_3 = ("layer_norm", "batch_norm", "group_norm")
+_ORDER = {"grad": 1, "vjp": 1, "jvp": 1, "jacrev": 1, "jacfwd": 1, "hessian": 2, "vmap": 0}
+
+
+def _reference_untrusted(case) -> bool:
+    order = sum(_ORDER.get(L.kind, 0) for L in case.layers)
+    return order >= 3 and any(op[0] in _REFERENCE_WRONG_AT_ORDER_3 for op in case.ops)
 
 
 def _call(fn, args, check_stack=False):
@@ -941,6 +955,9 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
 
     if te is None and mismatch(P, T, rtol, atol) is None:
         kind = "pass"
+    elif _reference_untrusted(case):
+        return Outcome("ref_untrusted", "third-order derivative of a normalization op: torch.func and plain "
+                       "autograd are wrong there; finite differences decide (test_forward_ad)", "ref_untrusted")
     else:
         # the reference decides (float64 for float32 cases)
         R, re_ = _ref_run(case, plan, torch.float64 if case.dtype == "float32" else None)
@@ -1097,12 +1114,6 @@ def _L(kind, **kw):
 # Each entry: a class of failure found by the full run, with its shrunk reproducer (see
 # the report for the plain-torch form). Keep this small; remove an entry once fixed.
 KNOWN: list[Known] = [
-    Known("dot_unallocated", r"data is not allocated yet",
-          Case(((2,),), (("matmul_y", 0),), (_L("jacfwd"), _L("hessian"))),
-          "jacfwd(hessian(x @ c)): batching/linalg.py dot sees a storage-less tensor"),
-    Known("onednn_reorder", r"reorder primitive",
-          Case(((2,),), (("gelu", 0),), (_L("jacrev"),), dtype="float32"),
-          "jacrev(gelu) in float32: oneDNN reorder error"),
     Known("saved_tensor_version", r"modified by an inplace operation",
           Case(((),), (("norm", 0),), (_L("grad"), _L("hessian")), dtype="float32"),
           "grad(hessian(vector_norm(x + 0.1))): a saved MaskedFill output is modified in place"),
@@ -1158,6 +1169,10 @@ if pytest is not None:
                      Layer(kind="hessian", argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0,
                            batch=2)),
              dtype="float64", seed=0, compile=False),
+        # oneDNN's gelu_backward refuses a broadcast operand (jacrev(gelu) in float32)
+        Case(((2,),), (("gelu", 0),), (_L("jacrev"),), dtype="float32"),
+        # forward AD's efficient zero tensors reached a rule on vmap's unguarded fast path
+        Case(((2,),), (("matmul_y", 0),), (_L("jacfwd"), _L("hessian"))),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])

@@ -352,13 +352,14 @@ class VmapInterpreter(Interpreter):
                 v = a._value
                 # (read requires_grad before moving the batch dim: this runs with autograd
                 # excluded, so the moved view would not require grad)
-                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg()
+                needs = needs or v.requires_grad or a._lazy or v.is_complex() or v.is_neg() or v._is_zerotensor()
                 if a._bdim != 0:
                     v = v.movedim(a._bdim, 0)
                 uargs.append(v)
                 dims.append(0)
             elif isinstance(a, torch.Tensor):
-                needs = needs or a.requires_grad or isinstance(a, LevelTensor) or a.is_complex() or a.is_neg()
+                needs = (needs or a.requires_grad or isinstance(a, LevelTensor) or a.is_complex() or a.is_neg()
+                         or a._is_zerotensor())  # (the ZeroTensor key is off in __torch_dispatch__ too)
                 uargs.append(a)
                 dims.append(None)
             elif isinstance(a, (list, tuple)) and a and any(isinstance(b, torch.Tensor) for b in a):

@@ -94,6 +94,17 @@ def _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace):
     return new
 
 
+def _expand_to_common_shape(args, tensor_pos):
+    shapes = [args[i].shape for i in tensor_pos]
+    if all(s == shapes[0] for s in shapes):
+        return args
+    full = torch.broadcast_shapes(*shapes)
+    args = list(args)
+    for i in tensor_pos:
+        args[i] = args[i].expand(full)
+    return args
+
+
 def broadcasting_rule(op, args, kwargs, dims):
     """n-ary elementwise op with broadcasting (and its in-place form)."""
     if len(args) == 1 or not any(isinstance(a, torch.Tensor) for a in args[1:]):
@@ -110,6 +121,8 @@ def broadcasting_rule(op, args, kwargs, dims):
         if dims[i] is not None:
             new[i] = pad_to_rank(args[i], 0, r)
     promoted = _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace)
+    if promoted is not None and op.overloadpacket in _SAME_SHAPE_KERNELS:
+        promoted = _expand_to_common_shape(promoted, tensor_pos)
     if promoted is None:  # exact only per example
         B = batch_size_of(args, dims)
         ex = [[a.select(0, b) if d is not None else a for a, d in zip(args, dims)] for b in range(B)]
@@ -152,6 +165,11 @@ POINTWISE = [
 
 
 batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(broadcasting_rule)
+
+#: elementwise kernels that need operands of one shape (their schemas say elementwise, but
+#: e.g. oneDNN's gelu_backward fails on a broadcast operand): the activations' backward
+#: formulas; an unbatched operand is expanded to the batch's shape first
+_SAME_SHAPE_KERNELS = frozenset(getattr(aten, n) for n in POINTWISE if n.endswith("_backward") and hasattr(aten, n))
 
 
 @batch_rule(*overloads(aten.copy_))
