@@ -206,7 +206,7 @@ def w2_ensemble(device, B, M=10):
 
 
 def w3_jac(device, mode, n):
-    import run as R
+    import _models as R
 
     f, jac, _ = R.tanh_mlp(n, n, n, device=device)
     x = torch.randn(n, device=device)
@@ -218,7 +218,7 @@ def w3_jac(device, mode, n):
 
 
 def w4_hessian(device, n, dh):
-    import run as R
+    import _models as R
 
     f, hess, _, _ = R.scalar_fn(n, dh, device=device)
     x = torch.randn(n, device=device)
@@ -229,7 +229,7 @@ def w4_hessian(device, n, dh):
 
 
 def w4_hvp(device, n, dh, K):
-    import run as R
+    import _models as R
 
     f, _, hvps, _ = R.scalar_fn(n, dh, device=device)
     x, V = torch.randn(n, device=device), torch.randn(K, n, device=device)
@@ -276,7 +276,7 @@ def peak_bytes(fn, device) -> int:
     ``max_memory_allocated`` after ``reset_peak_memory_stats`` (on the CPU, the torch
     profiler's allocation events, as the CPU suite)."""
     if torch.device(device).type != "cuda":
-        import run as R
+        import _models as R
 
         return R.peak_tensor_bytes(fn)
     gc.collect()
@@ -291,7 +291,7 @@ def peak_bytes(fn, device) -> int:
 
 
 def mem_rows(device, size):
-    import run as R
+    import _models as R
 
     s = SIZES[size]
     din, dh, dout = s["mem_jac"]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import os
 import signal
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402  (pins threads before torch is imported)
 import overhead  # noqa: E402
+from _models import HAVE_JAX, JAX_WHY, _np, peak_tensor_bytes, scalar_fn, tanh_mlp  # noqa: E402,F401
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,16 +51,13 @@ import torch.func as tf  # noqa: E402
 
 import pyfunctorch as pf  # noqa: E402
 
+if HAVE_JAX:
+    import jax  # noqa: E402,F401
+    import jax.numpy as jnp  # noqa: E402
+    import numpy as np  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-try:  # JAX is optional (not installed on the reference machine)
-    import jax  # noqa: F401
-    import jax.numpy as jnp
-    import numpy as np
-
-    HAVE_JAX, JAX_WHY = True, f"jax {jax.__version__}"
-except Exception as e:  # pragma: no cover - environment dependent
-    HAVE_JAX, JAX_WHY = False, f"skipped: import jax failed ({type(e).__name__})"
 
 HAVE_PF_COMPILE = hasattr(pf, "compile")
 PF_COMPILE_WHY = "available" if HAVE_PF_COMPILE else "skipped: pyfunctorch.compile does not exist"
@@ -131,10 +128,6 @@ def optional_impls(opts, tf_callable, pf_callable, args, jax_builder=None) -> li
         except Exception as e:
             out.append(H.Impl("jax.jit", None, status=f"ERROR: {type(e).__name__}: {H._first_line(e, 100)}"))
     return out
-
-
-def _np(t):
-    return np.asarray(t.detach().cpu().numpy())
 
 
 def _to_torch(x):
@@ -303,29 +296,6 @@ def w2_ensemble(B, opts, M=10, din=784, dh=128, dout=10) -> H.Case:
 # -- W3: Jacobians ----------------------------------------------------------------------
 
 
-def tanh_mlp(din, dh, dout, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    W1 = torch.randn(dh, din, generator=g) / din**0.5
-    W2 = torch.randn(dh, dh, generator=g) / dh**0.5
-    W3 = torch.randn(dout, dh, generator=g) / dh**0.5
-    b1, b2, b3 = (torch.randn(n, generator=g) * 0.1 for n in (dh, dh, dout))
-    if device != "cpu":  # drawn on the CPU (same values on every device), then moved
-        W1, W2, W3, b1, b2, b3 = (t.to(device) for t in (W1, W2, W3, b1, b2, b3))
-
-    def f(x):
-        return W3 @ torch.tanh(W2 @ torch.tanh(W1 @ x + b1) + b2) + b3
-
-    def jac(x):  # analytic: W3 diag(1 - a2^2) W2 diag(1 - a1^2) W1
-        a1 = torch.tanh(W1 @ x + b1)
-        a2 = torch.tanh(W2 @ a1 + b2)
-        return W3 @ ((1 - a2 * a2).unsqueeze(1) * (W2 @ ((1 - a1 * a1).unsqueeze(1) * W1)))
-
-    def jf(x):
-        return W3n @ jnp.tanh(W2n @ jnp.tanh(W1n @ x + b1n) + b2n) + b3n
-
-    if HAVE_JAX:
-        W1n, W2n, W3n, b1n, b2n, b3n = (jnp.asarray(_np(t)) for t in (W1, W2, W3, b1, b2, b3))
-    return f, jac, jf
 
 
 def _loop_jacrev(f, x):
@@ -370,36 +340,6 @@ def w3_jac(mode, din, dout, opts, dh=256) -> H.Case:
 # -- W4: Hessian, batched HVPs ---------------------------------------------------------
 
 
-def scalar_fn(n=128, dh=256, seed=1, device="cpu"):
-    """f(x) = c . tanh(W x + b): Hessian = W^T diag(c * -2 t (1 - t^2)) W."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(dh, n, generator=g) / n**0.5
-    b = torch.randn(dh, generator=g) * 0.1
-    c = torch.randn(dh, generator=g)
-    if device != "cpu":
-        W, b, c = W.to(device), b.to(device), c.to(device)
-
-    def f(x):
-        return torch.tanh(W @ x + b) @ c
-
-    def curv(x):
-        t = torch.tanh(W @ x + b)
-        return c * (-2 * t * (1 - t * t))
-
-    def hess(x):
-        return W.t() @ (curv(x).unsqueeze(1) * W)
-
-    def hvps(x, V):  # rows: H v for each row v of V
-        return (V @ W.t() * curv(x)) @ W
-
-    jax_f = None
-    if HAVE_JAX:
-        Wn, bn, cn = (jnp.asarray(_np(t)) for t in (W, b, c))
-
-        def jax_f(x):
-            return jnp.tanh(Wn @ x + bn) @ cn
-
-    return f, hess, hvps, jax_f
 
 
 def w4_hessian(n, opts, dh=256) -> H.Case:
@@ -479,30 +419,6 @@ def w6_depth(opts, B=64, N=8) -> list[H.Case]:
 # -- MEM: peak tensor memory ------------------------------------------------------------
 
 
-def peak_tensor_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) by torch's CPU allocator during one call
-    of fn, relative to the start of the call, from torch.profiler's allocation events
-    (profile_memory=True). Counts tensor storage only (the result included, Python
-    objects not). Call after a warm-up."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        n = stack.pop()
-        stack.extend(n.children)
-        if n.tag == _EventType.Allocation and str(n.extra_fields.device) == "cpu":
-            events.append((n.start_time_ns, n.extra_fields.alloc_size, n.extra_fields.total_allocated))
-    if not events:
-        return 0
-    events.sort()
-    base = events[0][2] - events[0][1]  # running total just before the first event
-    return max(0, max(t for _, _, t in events) - base)
 
 
 MEM_SIZES = {  # din, dh, dout (jacrev); n, hidden (Hessian); chunk_size
