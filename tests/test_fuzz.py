@@ -1173,6 +1173,14 @@ if pytest is not None:
         Case(((2,),), (("gelu", 0),), (_L("jacrev"),), dtype="float32"),
         # forward AD's efficient zero tensors reached a rule on vmap's unguarded fast path
         Case(((2,),), (("matmul_y", 0),), (_L("jacfwd"), _L("hessian"))),
+        # ...and a broadcast operand expanded as a view met forward AD's layout assert (batch 0)
+        Case(shapes=((1, 3, 1),), ops=(("exp", 3),),
+             layers=(Layer(kind="vmap", argnums=0, has_aux=False, in_dims=(1,), in_dims_int=False, out_dim=0, batch=0),
+                     Layer(kind="jacfwd", argnums=-1, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0,
+                           batch=2),
+                     Layer(kind="jacrev", argnums=0, has_aux=True, in_dims=(0,), in_dims_int=False, out_dim=0,
+                           batch=2)),
+             dtype="float64", seed=56401, compile=False),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])

@@ -101,7 +101,10 @@ def _expand_to_common_shape(args, tensor_pos):
     full = torch.broadcast_shapes(*shapes)
     args = list(args)
     for i in tensor_pos:
-        args[i] = args[i].expand(full)
+        if args[i].shape != full:
+            # a copy, not an expanded view: forward AD asserts a view's tangent has the
+            # primal's layout, which an expanded zero-tangent does not
+            args[i] = args[i].expand(full).contiguous()
     return args
 
 
