@@ -1181,6 +1181,8 @@ if pytest is not None:
                      Layer(kind="jacrev", argnums=0, has_aux=True, in_dims=(0,), in_dims_int=False, out_dim=0,
                            batch=2)),
              dtype="float64", seed=56401, compile=False),
+        # forward AD's tangent allocator (_new_zeros_with_same_feature_meta) on an empty batch
+        Case(shapes=((1, 2, 3),), ops=(('norm', 4),), layers=(Layer(kind='vjp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-2,), in_dims_int=False, out_dim=-1, batch=0), Layer(kind='jvp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=15029, compile=False),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])

@@ -36,5 +36,8 @@ def new_zeros_with_same_feature_meta(op, args, kwargs, dims):
     self_, other = args
     B = batch_size_of(args, dims)
     n = kwargs.get("self_num_batch_dims", 0)
-    feature = other.select(0, 0) if dims[1] is not None else other  # per-example strides
+    feature = other  # per-example strides:
+    if dims[1] is not None:
+        feature = other.select(0, 0) if B else torch.empty_strided(  # (an empty batch has no example 0)
+            other.shape[1:], other.stride()[1:], dtype=other.dtype, device=other.device)
     return op(materialize(self_, dims[0], B), feature, self_num_batch_dims=n + 1), 0
