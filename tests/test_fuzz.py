@@ -1183,6 +1183,8 @@ if pytest is not None:
              dtype="float64", seed=56401, compile=False),
         # forward AD's tangent allocator (_new_zeros_with_same_feature_meta) on an empty batch
         Case(shapes=((1, 2, 3),), ops=(('norm', 4),), layers=(Layer(kind='vjp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-2,), in_dims_int=False, out_dim=-1, batch=0), Layer(kind='jvp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=15029, compile=False),
+        # reshape(-1) under vmap with an empty batch: -1 from one example's size (torch.func raises)
+        Case(shapes=((1,), (1,)), ops=(('reshape', 1),), layers=(Layer(kind='vjp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-1, 0), in_dims_int=False, out_dim=0, batch=0)), dtype='float32', seed=18258, compile=False),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])

@@ -11,10 +11,22 @@ from ._registry import batch_rule, check_example, overloads, per_example_checked
 aten = torch.ops.aten
 
 
+def _example_size(size, x):
+    """``size`` with its -1 resolved from one example's number of elements: with an empty
+    batch the physical tensor has 0 elements, which leaves -1 ambiguous for the batch."""
+    size = tuple(size)
+    if -1 in size:
+        known = math.prod(s for s in size if s != -1)
+        if known:  # (known == 0: ambiguous per example too; the op raises as the loop does)
+            i = size.index(-1)
+            size = size[:i] + (math.prod(x.shape[1:]) // known,) + size[i + 1:]
+    return size
+
+
 @batch_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._reshape_alias.default,
             aten.view_copy.default)
 def view(op, args, kwargs, dims):
-    x, size = args[0], args[1]
+    x, size = args[0], _example_size(args[1], args[0])
     if op is aten._reshape_alias.default or op is aten._unsafe_view.default:
         # (composites apply _unsafe_view to tensors they just computed: contiguous per example
         # in the loop, while the physical value may keep a permuted batch layout)
