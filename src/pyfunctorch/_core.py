@@ -336,11 +336,11 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
     """Push ``interp`` for the duration of the block; always pops, marks it dead."""
     if _functorch_active():
         raise MixedTransformsError(
-            f"pyfunctorch.{interp.kind} was called inside a torch.func transform (e.g. "
-            f"torch.func.vmap(pyfunctorch.{interp.kind}(f))). torch.func's C++ transforms cannot carry "
+            f"pyfunctorch.{interp.kind} was called inside a torch.func transform (e.g. torch.func's vmap "
+            f"over pyfunctorch.{interp.kind}(f)). torch.func's C++ transforms cannot carry "
             "pyfunctorch's wrapper tensors. Use pyfunctorch for every level, e.g. "
             "pyfunctorch.vmap(pyfunctorch.grad(f)); torch.func transforms *inside* pyfunctorch ones "
-            "(pyfunctorch.vmap(torch.func.grad(f))) are fine."
+            "(pyfunctorch.vmap over torch.func's grad) are fine."
         )
     if interp.disables_inference_mode and torch.is_inference_mode_enabled():
         with no_inference_mode():

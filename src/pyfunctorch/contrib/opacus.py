@@ -3,7 +3,7 @@
 Opacus computes per-sample gradients with hooks for the layers it knows (Linear, Conv,
 norms, embeddings ...) and, for every other layer (or all of them with
 ``grad_sample_mode="functorch"`` / ``force_functorch=True``), with
-``torch.func.vmap(torch.func.grad(...))`` over a functional copy of the layer
+torch.func's ``vmap`` of ``grad`` over a functional copy of the layer
 (``opacus.grad_sample.functorch``). :func:`use_pyfunctorch` swaps that path for
 pyfunctorch's ``vmap``/``grad``/``functional_call``::
 
