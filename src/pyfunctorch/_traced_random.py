@@ -1,7 +1,7 @@
 """vmap(randomness='different') under pyfunctorch.compile: per-example keyed draws as one traceable op.
 
 Eagerly, vmap's 'different' randomness draws example ``b`` of a random op from a
-``torch.Generator`` seeded with ``int(keys[b])`` (see ``batched._example_keys``). That
+``torch.Generator`` seeded with ``int(keys[b])`` (see ``batched/randomness.py: example_keys``). That
 ``int()`` reads a tensor's value, which a traced graph cannot contain. While
 ``pyfunctorch.compile`` traces, the per-example loop therefore runs inside one custom
 operator, ``pyfunctorch::keyed_draws(keys, tensors, token)``, whose inputs are the keys

@@ -71,7 +71,7 @@ def _lift_duals_into_vmap(func, args, kwargs):
     the dual is lifted into the vmap level as an unbatched (lazy) tensor, so autograd above
     the vmap level sees no tangent -- with one forward-AD level it would run the dual's
     formula on the vmap wrappers -- and the dual's own forward AD runs on the inner values,
-    where each of the call's aten ops meets it (``batched._process_lazy``). The tensor an
+    where each of the call's aten ops meets it (``VmapInterpreter._process_lazy``). The tensor an
     in-place call writes into is not lifted (the write must reach it)."""
     top, _ = _core._find_top(args, kwargs)
     if top is None or top.kind != "vmap" or _core._state.dispatch_depth:
