@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.func
 
+import pyfunctorch as pf
 from pyfunctorch import grad, jacrev, vmap
 
 
@@ -629,3 +630,25 @@ def test_device_semantics(device):
     y = torch.randn(3, 4, 1, device=device)
     out = vmap(lambda t: t.squeeze_(-1) * 2, in_dims=1)(y)
     torch.testing.assert_close(out, loop(lambda t: t.squeeze(-1) * 2, y, 1))
+
+
+def test_empty_batch_through_rules_that_flatten_examples():
+    # found by the fuzzer: rules flattened each example with reshape(B, -1), ambiguous for B == 0
+    # (nll_loss under jvp(vmap(grad)), index/scatter/embedding/normalization rules); the oracle is
+    # the per-example definition: an empty stack of per-example results
+    import torch.nn.functional as F
+
+    t = torch.tensor(0)
+
+    def g(x):
+        return pf.grad(lambda x: F.cross_entropy(x, t))(x)
+
+    x = torch.randn(0, 3, dtype=torch.float64)
+    out = pf.vmap(g)(x)
+    assert out.shape == (0, 3)
+    primal, tangent = pf.jvp(pf.vmap(g), (x,), (torch.ones_like(x),))
+    assert primal.shape == (0, 3) and tangent.shape == (0, 3)
+    idx = torch.zeros(0, 2, dtype=torch.long)
+    table = torch.randn(0, 4, 5)
+    assert pf.vmap(F.embedding)(idx, table).shape == (0, 2, 5)
+    assert pf.vmap(lambda a, i: a.gather(0, i))(torch.randn(0, 4), idx).shape == (0, 2)

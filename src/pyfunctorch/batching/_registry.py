@@ -27,6 +27,7 @@ finds the rule for ``aten.mm``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -162,6 +163,16 @@ def normalize_args(op, args, kwargs, dims):
             break
         dims.append(None)
     return args, kwargs, dims
+
+
+def flat_examples(t: torch.Tensor, B: int | None = None) -> torch.Tensor:
+    """``t`` as (B, elements of one example); ``reshape(B, -1)`` but also defined for an
+    empty batch (B == 0), where -1 would be ambiguous. ``B`` defaults to ``t.shape[0]``."""
+    if B is None:
+        B = t.shape[0]
+    if B:
+        return t.reshape(B, -1)
+    return t.reshape(0, math.prod(t.shape[1:]) if t.dim() > 1 else 0)
 
 
 # -- shared dimension bookkeeping (JAX's bdim_at_front / matchaxis) -----------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example
+from ._registry import flat_examples, batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example
 
 aten = torch.ops.aten
 
@@ -197,7 +197,7 @@ def convolution_backward(op, args, kwargs, dims):
     if gw is not None:
         gw = gw.reshape((B, -1) + gw.shape[1:])
     if gb is not None:
-        gb = gb.reshape(B, -1)
+        gb = flat_examples(gb, B)
     return (gi, gw, gb), [gi_dim, 0, 0]
 
 # -- fractional max pooling ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from .. import _core
 from ..errors import batched_write_error
-from ._registry import batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
+from ._registry import flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
 
 aten = torch.ops.aten
 
@@ -65,7 +65,7 @@ def embedding_renorm_(op, args, kwargs, dims):
         raise RuntimeError("embedding_renorm_: Expected tensor for argument #2 'indices' to have one of the following "
                            f"scalar types: Long, Int; but got {idx.dtype} instead")
     B, V, D = w.shape
-    idx = materialize(idx, dims[1], B).reshape(B, -1).long()
+    idx = flat_examples(materialize(idx, dims[1], B), B).long()
     idx = torch.where(idx < 0, idx + V, idx).unsqueeze(-1).expand(B, idx.shape[1], D)
     rows = w.gather(1, idx)
     norm = torch.linalg.vector_norm(rows, norm_type, dim=-1, keepdim=True).double()
@@ -291,7 +291,7 @@ def _bag_grad_by_freq(grad, idx, bag, bag_size, V, mode, psw, pad):
         scale = psw.to(torch.float64) * scale
     bag = bag.long()
     if mode == 1:
-        size = bag_size.reshape(B, -1).gather(1, bag.clamp(0, max(nb - 1, 0))).to(torch.float64)
+        size = flat_examples(bag_size, B).gather(1, bag.clamp(0, max(nb - 1, 0))).to(torch.float64)
         scale = torch.where(size != 0, scale / size, scale)
     keep = idx != pad
     contrib = grad.gather(1, bag.clamp(0, max(nb - 1, 0)).unsqueeze(-1).expand(B, L, D))

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..errors import batched_write_error
-from ._registry import normalize_args, check_example, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
+from ._registry import flat_examples, normalize_args, check_example, loop_examples, batch_rule, batch_size_of, materialize, pad_to_rank, per_example_signal, physical_dim, rank
 
 aten = torch.ops.aten
 
@@ -52,7 +52,7 @@ def _dim_index(index: torch.Tensor, d: int, shape) -> torch.Tensor:
 
 def _batched_1d_index(index, d, B):
     """Batch-first ``(B, k)`` form of a (0-d or 1-d) logical index."""
-    return materialize(index, d, B).reshape(B, -1)
+    return flat_examples(materialize(index, d, B), B)
 
 
 def _shape_with(shape, d, k):
@@ -84,7 +84,7 @@ def _expand_masks(op, indices, idims, B):
         else:
             k = t.dim() - 1
             nz = t.nonzero()  # (N, 1 + k), rows sorted by example
-            counts = t.reshape(B, -1).sum(1)
+            counts = flat_examples(t, B).sum(1)
             if B and not bool((counts == counts[0]).all()):
                 raise _data_dependent(op)
             n = nz.shape[0] // B if B else 0
@@ -208,7 +208,7 @@ def _flatten_scalars(r, *ts):
     """0-d logical operands: view them as 1-d so that dim 0 is physical dim 1."""
     if r > 0:
         return ts
-    return tuple(t.reshape(t.shape[0], -1) if isinstance(t, torch.Tensor) else t for t in ts)
+    return tuple(flat_examples(t) if isinstance(t, torch.Tensor) else t for t in ts)
 
 
 @batch_rule(aten.gather.default)
@@ -259,7 +259,7 @@ def index_select(op, args, kwargs, dims):
     if dims[2] is None:
         out = op(x_p, pd, index)
     else:
-        idx = index.reshape(B, -1)
+        idx = flat_examples(index, B)
         out = x_p.gather(pd, _dim_index(idx, pd, _shape_with(x_p.shape, pd, idx.shape[1])))
     return (out.reshape(B) if r == 0 else out), 0
 
@@ -352,8 +352,8 @@ def masked_scatter(op, args, kwargs, dims):
     shape = tuple(xs) if inplace else tuple(torch.broadcast_shapes(xs, ms))
     x_b = pad_to_rank(materialize(x, dims[0], B), 0, len(shape)).expand((B,) + shape)
     m_b = pad_to_rank(materialize(mask, dims[1], B), 0, len(shape)).expand((B,) + shape)
-    src = materialize(source, dims[2], B).reshape(B, -1)
-    flat = m_b.reshape(B, -1)
+    src = flat_examples(materialize(source, dims[2], B), B)
+    flat = flat_examples(m_b, B)
     if src.shape[1] == 0:
         if bool(flat.any()):
             raise RuntimeError("masked_scatter: expected source to have at least as many elements as "
@@ -376,8 +376,8 @@ def masked_scatter_backward(op, args, kwargs, dims):
     grad, mask, sizes = args
     B = batch_size_of(args, dims)
     shape = tuple(grad.shape[dims[0] is not None:])
-    g = materialize(grad, dims[0], B).reshape(B, -1)
-    m = pad_to_rank(materialize(mask, dims[1], B), 0, len(shape)).expand((B,) + shape).reshape(B, -1)
+    g = flat_examples(materialize(grad, dims[0], B), B)
+    m = flat_examples(pad_to_rank(materialize(mask, dims[1], B), 0, len(shape)).expand((B,) + shape), B)
     n = 1
     for s in sizes:
         n *= s
@@ -396,11 +396,11 @@ def take(op, args, kwargs, dims):
     ishape = index.shape[dims[1] is not None:]
     if dims[0] is None:  # every example reads the same flat self
         return aten.index.Tensor(x.reshape(-1), [index]), 0
-    flat = x.reshape(B, -1)
+    flat = flat_examples(x, B)
     if dims[1] is None:
         return aten.index.Tensor(flat, [None, index]), 0
     ar = torch.arange(B, device=x.device).reshape(B, 1)
-    return aten.index.Tensor(flat, [ar, index.reshape(B, -1)]).reshape((B,) + ishape), 0
+    return aten.index.Tensor(flat, [ar, flat_examples(index, B)]).reshape((B,) + ishape), 0
 
 
 @batch_rule(aten.put.default, aten.put_.default)
@@ -413,9 +413,9 @@ def put(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     x_p = materialize(x, dims[0], B)
     ar = torch.arange(B, device=x.device).reshape(B, 1)
-    idx = materialize(index, dims[1], B).reshape(B, -1)
-    src = materialize(source, dims[2], B).reshape(B, -1)
-    out = aten.index_put.default(x_p.reshape(B, -1), [ar, idx], src, accumulate).reshape(x_p.shape)
+    idx = flat_examples(materialize(index, dims[1], B), B)
+    src = flat_examples(materialize(source, dims[2], B), B)
+    out = aten.index_put.default(flat_examples(x_p, B), [ar, idx], src, accumulate).reshape(x_p.shape)
     if inplace:
         x.copy_(out)
         return x, 0
@@ -428,7 +428,7 @@ def put(op, args, kwargs, dims):
 def _searchsorted_batched_seq(seq, values, vd, B, kwargs):
     """searchsorted with a batched 1-d sequence: one row of values per example."""
     vals = materialize(values, vd, B)
-    out = aten.searchsorted.Tensor(seq.contiguous(), vals.reshape(B, -1).contiguous(), **kwargs)
+    out = aten.searchsorted.Tensor(seq.contiguous(), flat_examples(vals, B).contiguous(), **kwargs)
     return out.reshape(vals.shape)
 
 
@@ -488,7 +488,7 @@ def nonzero_static(op, args, kwargs, dims):
     x = args[0]
     size, fill = kwargs["size"], kwargs.get("fill_value", -1)
     B, shape = x.shape[0], tuple(x.shape[1:])
-    nz = (x != 0).reshape(B, -1)
+    nz = flat_examples((x != 0), B)
     n = nz.shape[1]
     rank_ = nz.long().cumsum(1) - 1
     slot = torch.where(nz & (rank_ < size), rank_, size)

@@ -11,6 +11,7 @@ import torch
 from .. import _core
 from ..errors import PerformanceWarning
 from ._registry import (
+    flat_examples,
     full_args,
     batch_rule,
     batch_size_of,
@@ -315,7 +316,7 @@ def lstsq(op, args, kwargs, dims):
         res_dim = 0
     else:
         res_dim = None
-        if m > n and driver in ("gelsd", "gelss") and example_res != (0,) and bool((rk.reshape(B, -1) == n).all(1).any()):
+        if m > n and driver in ("gelsd", "gelss") and example_res != (0,) and bool((flat_examples(rk, B) == n).all(1).any()):
             # only some examples have full rank: alone, they would return residuals and the
             # others would not (different shapes)
             raise _per_example_signal(op, f"vmap: {op} (driver={driver!r}) returns residuals for the examples whose "

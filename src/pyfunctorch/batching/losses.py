@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
+from ._registry import flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
 
 aten = torch.ops.aten
 
@@ -33,13 +33,13 @@ def _nll_parts(x, xd, target, td, weight, wd, ignore_index, B):
         if wd is None:
             wt = weight.index_select(0, safe.reshape(-1)).reshape(safe.shape)
         else:
-            wt = weight.gather(1, safe.reshape(B, -1)).reshape(safe.shape)
+            wt = weight.gather(1, flat_examples(safe, B)).reshape(safe.shape)
         wt = wt * valid
     return x, safe, wt, cdim
 
 
 def _per_example_sum(t):
-    return t.reshape(t.shape[0], -1).sum(1)
+    return flat_examples(t).sum(1)
 
 
 @batch_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
@@ -103,7 +103,7 @@ def _margin_shapes(x, d, B):
 
 def _reduce_rows(loss, B, reduction):
     """Per-row losses ``(B*N,)`` -> per-example losses for ``reduction``."""
-    loss = loss.reshape(B, -1)
+    loss = flat_examples(loss, B)
     if reduction == 1:
         return loss.mean(1)
     if reduction == 2:

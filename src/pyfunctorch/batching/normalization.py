@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, materialize, pad_to_rank, rank, full_args, batch_into_channels, unbatch_channels
+from ._registry import flat_examples, batch_rule, batch_size_of, materialize, pad_to_rank, rank, full_args, batch_into_channels, unbatch_channels
 
 aten = torch.ops.aten
 
@@ -154,7 +154,7 @@ def _unfold_stat(t, B):
     """``(B*C,)`` -> ``(B, C)`` batched; empty placeholders (eval mode, reserve) stay unbatched."""
     if t is None or t.numel() == 0:
         return t, None
-    return t.reshape(B, -1), 0
+    return flat_examples(t, B), 0
 
 
 def _momentum_pos(op):
@@ -256,7 +256,7 @@ def _bn_shared_stats_update(op, args, dims, B):
         priv = [None if t is None else t.new_zeros((B * t.shape[0],)) for t in stats]
         new[rpos], new[rpos + 1] = priv
         out = op(*new)
-        per_example = [None if p is None else p.reshape(B, -1) for p in priv]
+        per_example = [None if p is None else flat_examples(p, B) for p in priv]
         y, y_dim = unbatch_channels(out[0], B, True)
         res, out_dims = [y], [y_dim]
         for t in out[1:]:
@@ -371,6 +371,6 @@ def batch_norm_backward(op, args, kwargs, dims):
     gi_dim = None
     if gi is not None:
         gi, gi_dim = unbatch_channels(gi, B, True)
-    gw = None if gw is None else gw.reshape(B, -1)
-    gb = None if gb is None else gb.reshape(B, -1)
+    gw = None if gw is None else flat_examples(gw, B)
+    gb = None if gb is None else flat_examples(gb, B)
     return (gi, gw, gb), [gi_dim, 0, 0]

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _core
-from ._registry import batch_rule, batch_size_of, materialize, normalize_args, physical_dim, rank, wrap_dim
+from ._registry import flat_examples, batch_rule, batch_size_of, materialize, normalize_args, physical_dim, rank, wrap_dim
 
 aten = torch.ops.aten
 
@@ -109,15 +109,10 @@ def topk(op, args, kwargs, dims):
     return op(x, k, physical_dim(d, r), *args[3:], **kwargs), 0
 
 
-def _flat_examples(x):
-    """(B, numel of one example): unlike reshape(B, -1) also defined for B == 0."""
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
-
-
 @batch_rule(aten.sum.default, aten.mean.default, aten.prod.default)
 def reduce_all(op, args, kwargs, dims):
     x = args[0]
-    flat = _flat_examples(x)
+    flat = flat_examples(x)
     dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
     if op is aten.sum.default:
         return aten.sum.dim_IntList(flat, [1], False, dtype=dtype), 0
@@ -129,7 +124,7 @@ def reduce_all(op, args, kwargs, dims):
 @batch_rule(aten.max.default, aten.min.default, aten.any.default, aten.all.default)
 def max_all(op, args, kwargs, dims):
     x = args[0]
-    flat = _flat_examples(x)
+    flat = flat_examples(x)
     if op is aten.max.default:
         return aten.amax.default(flat, [1]), 0
     if op is aten.min.default:
@@ -146,7 +141,7 @@ def argmax(op, args, kwargs, dims):
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     r = rank(x, 0)
     if d is None:
-        out = op(_flat_examples(x), 1, False)
+        out = op(flat_examples(x), 1, False)
         if keepdim:
             out = out.reshape((x.shape[0],) + (1,) * r)
         return out, 0
@@ -199,7 +194,7 @@ def aminmax(op, args, kwargs, dims):
     if d is None or r == 0:  # over all elements of each example
         if r == 0:
             physical_dim(d, r) if d is not None else None
-        mn, mx = op(_flat_examples(x), dim=1, keepdim=False)
+        mn, mx = op(flat_examples(x), dim=1, keepdim=False)
         if keepdim:
             shape = (x.shape[0],) + (1,) * r
             mn, mx = mn.reshape(shape), mx.reshape(shape)
@@ -212,7 +207,7 @@ def aminmax(op, args, kwargs, dims):
 def median_all(op, args, kwargs, dims):
     # the (lower) median of all elements of each example
     x = args[0]
-    flat = _flat_examples(x)
+    flat = flat_examples(x)
     dim_op = aten.median.dim if op is aten.median.default else aten.nanmedian.dim
     return dim_op(flat, 1)[0], 0
 
@@ -386,7 +381,7 @@ def _histogram(x, edges, weight, density, algorithm):
     hist = torch.zeros((B, total), dtype=x.dtype, device=x.device).scatter_add(1, flat, w)
     hist = hist.reshape((B, *nbins))
     if density:
-        hist = hist / hist.reshape(B, -1).sum(1).reshape((B,) + (1,) * N)
+        hist = hist / flat_examples(hist, B).sum(1).reshape((B,) + (1,) * N)
         for d, e in enumerate(edges):
             shape = [B] + [1] * N
             shape[1 + d] = nbins[d]
@@ -420,7 +415,7 @@ def histc(op, args, kwargs, dims):
     flat = x.reshape(B, -1, 1)
     lo, hi = float(lo), float(hi)
     if lo == hi and flat.shape[1] > 0:  # per example, the data's range
-        lo, hi = (t.to(torch.float64) for t in aten.aminmax.default(flat.reshape(B, -1), dim=1))
+        lo, hi = (t.to(torch.float64) for t in aten.aminmax.default(flat_examples(flat, B), dim=1))
         _check_data_range(lo[:, None], hi[:, None], lambda d, a, b: f"torch.histc: range of [{a}, {b}] is not finite")
     else:
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -450,7 +445,7 @@ def histogram(op, args, kwargs, dims, kwarg_dims=None):
         algorithm = "local"
     else:
         _check_hist_input(x, [bins.shape[-1] - 1])
-        edges = [materialize(bins, dims[1], B).reshape(B, -1)]
+        edges = [flat_examples(materialize(bins, dims[1], B), B)]
         algorithm = "binary"
     hist = _histogram(xm, edges, w, density, algorithm)
     if op is aten.histogram.bins_tensor and dims[1] is None:
@@ -500,6 +495,6 @@ def histogramdd_from_bins(op, args, kwargs, dims, kwarg_dims=None):
         edges, algorithm = _bin_edges(xm, bins, kwargs.get("range")), "local"
     else:
         _check_hist_input(x, [b.shape[-1] - 1 for b in bins])
-        edges = [materialize(b, d, B).reshape(B, -1) for b, d in zip(bins, bdims)]
+        edges = [flat_examples(materialize(b, d, B), B) for b, d in zip(bins, bdims)]
         algorithm = "binary"
     return _histogram(xm, edges, w, density, algorithm), 0

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._registry import batch_rule, check_example, overloads, per_example_checked, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
+from ._registry import flat_examples, batch_rule, check_example, overloads, per_example_checked, batch_size_of, materialize, pad_to_rank, physical_dim, rank, wrap_dim
 
 aten = torch.ops.aten
 
@@ -219,7 +219,7 @@ def roll(op, args, kwargs, dims):
     r = rank(x, 0)
     if not ds:
         B = x.shape[0]
-        return op(x.reshape(B, -1), shifts, [1]).reshape(x.shape), 0
+        return op(flat_examples(x, B), shifts, [1]).reshape(x.shape), 0
     return op(x, shifts, [physical_dim(d, r) for d in ds]), 0
 
 
@@ -229,7 +229,7 @@ def unfold(op, args, kwargs, dims):
     r = rank(x, 0)
     if r == 0:  # a scalar unfolds as a 1-element dim: shape (size,) == (1,)
         physical_dim(d, r)
-        return op(x.unsqueeze(1), 1, size, step).reshape(x.shape[0], -1), 0
+        return flat_examples(op(x.unsqueeze(1), 1, size, step)), 0
     return op(x, physical_dim(d, r), size, step), 0
 
 
