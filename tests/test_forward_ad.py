@@ -457,3 +457,38 @@ def test_inplace_into_captured_dual_with_batched_values_raises():
     with pytest.raises(RuntimeError):
         pf.jvp(lambda w: pf.vmap(lambda r: w.clone().add_(r) + w.add_(r))(x), (w.clone(),), (w,))
 
+
+
+@pytest.mark.parametrize("norm", [
+    lambda a: torch.linalg.vector_norm(a + 0.1),
+    lambda a: torch.norm(a * 2.0 - 0.3),
+    lambda a: (a - 0.2).norm(dim=0),
+    lambda a: torch.linalg.vector_norm(a.reshape(2, 3), dim=1).sum(),
+])
+def test_third_derivatives_of_the_two_norm_match_finite_differences(norm):
+    # torch's 2-norm derivative writes in place into a tensor that its own differentiation
+    # saved: grad(hessian(norm)) failed in plain torch and in torch.func ("modified by an
+    # inplace operation"); the oracle is finite differences of plain autograd's Hessian
+    x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def hvv(a):  # v' H(a) v by plain autograd (exact at second order)
+        a = a.clone().requires_grad_()
+        g = torch.autograd.grad(norm(a), a, create_graph=True)[0]
+        return (torch.autograd.grad((g * v).sum(), a)[0] * v).sum()
+
+    h = 1e-4
+    fd = (hvv(x + h * v) - hvv(x - h * v)) / (2 * h)  # third derivative along v
+    ours = [
+        (pf.grad(lambda a: (pf.hessian(norm)(a) @ v @ v))(x) * v).sum(),
+        (pf.grad(lambda a: (pf.jacfwd(pf.grad(norm))(a) @ v @ v))(x) * v).sum(),
+        pf.jvp(lambda a: pf.hessian(norm)(a) @ v @ v, (x,), (v,))[1],
+    ]
+    for o in ours:
+        assert_close(o, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_two_norm_at_zero_keeps_torch_zero_subgradient_under_nesting():
+    x = torch.zeros(3, dtype=torch.float64)
+    out = pf.jacfwd(pf.grad(torch.linalg.vector_norm))(x)
+    assert torch.equal(out, torch.zeros(3, 3, dtype=torch.float64))  # torch's grad at 0 is 0

@@ -139,3 +139,50 @@ _core.NESTED_DECOMPOSITIONS.update({
     aten._native_batch_norm_legit.no_stats: _legit_no_stats,
     aten.native_batch_norm_backward.default: _native_batch_norm_backward,
 })
+
+
+# -- vector norms under nested forward-over-reverse -------------------------------------------
+# torch's derivative formula of the 2-norm (norm_backward) writes in place (masked_fill_) into
+# a tensor that the differentiation of that formula saved: grad(jacfwd(grad(vector_norm))) and
+# grad(hessian(vector_norm)) fail in plain torch and in torch.func ("modified by an inplace
+# operation"). While two differentiation levels are live and one of them is forward mode, the
+# user's 2-norm is computed from functional ops instead, with torch's convention of a zero
+# derivative where the norm is zero (the `where` picks a constant there).
+
+
+def _nested_forward_live() -> bool:
+    diff = [it.kind for it in _core._state.stack if it.kind in ("grad", "jvp")]
+    return len(diff) >= 2 and "jvp" in diff
+
+
+def _safe_two_norm(x, dim, keepdim):
+    s = (x * x).sum(dim=dim, keepdim=keepdim) if dim is not None else (x * x).sum()
+    if dim is None and keepdim:
+        s = s.reshape((1,) * x.dim())
+    zero = s == 0
+    return torch.where(zero, torch.zeros_like(s), torch.sqrt(torch.where(zero, torch.ones_like(s), s)))
+
+
+def _two_norm_call(x, ord_, dim, keepdim, dtype) -> bool:
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and dtype is None
+            and (ord_ == 2 or ord_ == "fro" or ord_ is None)
+            and (dim is None or isinstance(dim, int) or (isinstance(dim, (tuple, list)) and ord_ != 2)
+                 or (isinstance(dim, (tuple, list)) and len(dim) == 1)))
+
+
+def vector_norm_entry(original, args, kwargs):
+    """``torch.linalg.vector_norm`` / ``torch.norm`` / ``Tensor.norm`` while transforms are
+    live: the 2-norm as functional ops under nested forward-over-reverse (see above)."""
+    if not _nested_forward_live() or kwargs.get("out") is not None:
+        return original(*args, **kwargs)
+    name = getattr(original, "__name__", "")
+    default_ord = 2 if name == "vector_norm" else "fro"
+    names = ("input", "ord" if name == "vector_norm" else "p", "dim", "keepdim")
+    params = dict(zip(names, args))
+    params.update(kwargs)
+    x = params.get("input", params.get("x", params.get("self")))
+    ord_ = params.get(names[1], default_ord)
+    dim, keepdim, dtype = params.get("dim"), bool(params.get("keepdim", False)), params.get("dtype")
+    if len(args) > 4 or not _two_norm_call(x, ord_, dim, keepdim, dtype):
+        return original(*args, **kwargs)
+    return _safe_two_norm(x, dim, keepdim)

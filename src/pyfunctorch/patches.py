@@ -26,6 +26,7 @@ from .batching.convolution import circular_pad_entry
 from .batching.linalg import matrix_rank_entry
 from .batching.normalization import batch_norm_module_entry
 from .batching.recurrent import rnn_entry
+from ._nested_decomp import vector_norm_entry
 from .custom_function.entry import _APPLY_FN, _ENTRY_CODE
 
 
@@ -71,6 +72,11 @@ PATCHES: tuple[Patch, ...] = (
           "torch.autograd.grad on BatchedTensors inside vmap differentiates per example"),
     Patch(torch.Tensor, ("backward",), backward_entry,
           "Tensor.backward on a BatchedTensor inside vmap: one backward of the physical batch"),
+    Patch(torch.linalg, ("vector_norm",), vector_norm_entry,
+          "torch's 2-norm derivative writes in place into a tensor its own differentiation saved: under "
+          "nested forward-over-reverse the user's 2-norm is computed from functional ops"),
+    Patch(torch, ("norm",), vector_norm_entry, "as torch.linalg.vector_norm"),
+    Patch(torch.Tensor, ("norm",), vector_norm_entry, "as torch.linalg.vector_norm"),
     Patch(torch.linalg, ("matrix_rank",), matrix_rank_entry,
           "matrix_rank with tensor tolerances is a C++ composite that reads them; batched tolerances need a rule"),
     Patch(torch.nn.functional, ("pad",), circular_pad_entry,
