@@ -860,6 +860,15 @@ def mismatch(actual, expected, rtol, atol) -> str | None:
     return None
 
 
+def max_err(actual, expected) -> float:
+    """The largest absolute difference over all leaves (same structure assumed)."""
+    worst = 0.0
+    for a, e in zip(pytree.tree_leaves(actual), pytree.tree_leaves(expected)):
+        if isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor) and a.numel() and a.shape == e.shape:
+            worst = max(worst, float((a.detach().double() - e.detach().double()).abs().max()))
+    return worst
+
+
 TOL = {"float64": (1e-6, 1e-8), "float32": (1e-4, 1e-5)}
 LOOSE32 = (2e-3, 5e-4)  # float32 result vs the float64 reference
 
@@ -971,7 +980,9 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
             m = mismatch(P, R, *LOOSE32)
             if m is None:
                 kind = "pass_tf_error" if te is not None else "pass_tf_differs"
-            elif te is None and mismatch(T, R, *LOOSE32) is not None and mismatch(P, T, *LOOSE32) is None:
+            elif te is None and mismatch(T, R, *LOOSE32) is not None and (
+                    mismatch(P, T, *LOOSE32) is None or max_err(P, R) <= 1.5 * max_err(T, R)):
+                # float32 rounding at high order: torch.func is as far from the float64 reference
                 kind = "imprecise"
             else:
                 d = m if te is not None else f"{m}; vs torch.func: {mismatch(P, T, rtol, atol)}"
