@@ -281,6 +281,18 @@ class Case:
     def time(self, **kw):
         self.timings = measure(self.impls, **kw)
 
+    def failed(self) -> list[str]:
+        """``workload [config] impl`` of every implementation that failed or errored."""
+        return [f"{self.workload} [{self.config}] {i.name}" for i in self.impls
+                if i.status and ("FAILED" in i.status or "ERROR" in i.status)]
+
+    def summary(self) -> list[dict]:
+        """One machine-readable row per implementation (run.py --json, cuda_suite)."""
+        return [{"workload": self.workload.split()[0], "case": f"{self.workload} [{self.config}]",
+                 "impl": i.name, "status": i.status or "ok", "note": i.note,
+                 "median_s": self.timings[i.name].median_s if i.name in self.timings else None}
+                for i in self.impls]
+
     def rows(self) -> list[list[str]]:
         out = []
         for impl in self.impls:

@@ -375,11 +375,8 @@ def run(which, device="cuda", check=False, quick=False, out=None, json_path=None
         if not check:
             case.time(**kw)
         bad = [i.name for i in case.impls if i.status and ("FAILED" in i.status or "ERROR" in i.status)]
-        failed += [f"{case.workload} [{case.config}] {b}" for b in bad]
-        summary += [{"workload": case.workload.split()[0], "case": f"{case.workload} [{case.config}]",
-                     "impl": i.name, "status": i.status or "ok", "note": i.note,
-                     "median_s": case.timings[i.name].median_s if i.name in case.timings else None}
-                    for i in case.impls]
+        failed += case.failed()
+        summary += case.summary()
         done.append(case)
         loud(f"[{case.workload} | {case.config}] check ok: {', '.join(i.name for i in case.impls if i.status is None)}"
              + (f"; FAILED: {', '.join(bad)}" if bad else ""), flush=True)

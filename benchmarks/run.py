@@ -585,11 +585,8 @@ def main(argv=None):
             if not args.check:
                 case.time(**kw)
             bad = [i.name for i in case.impls if i.status and ("FAILED" in i.status or "ERROR" in i.status)]
-            failed += [f"{case.workload} [{case.config}] {b}" for b in bad]
-            summary += [{"workload": case.workload.split()[0], "case": f"{case.workload} [{case.config}]",
-                         "impl": i.name, "status": i.status or "ok", "note": i.note,
-                         "median_s": case.timings[i.name].median_s if i.name in case.timings else None}
-                        for i in case.impls]
+            failed += case.failed()
+            summary += case.summary()
             done.append(case)
             ok = [i.name for i in case.impls if i.status is None]
             notes = [f"{i.name}: {i.note}" for i in case.impls if "loop fallback" in i.note]

@@ -478,7 +478,8 @@ def _dispatch_with_dead(func, args, kwargs):
         return type(exemplar)(exemplar._value, exemplar._interp)
     rargs = _resolve_dead(args)
     rkwargs = {k: _resolve_dead(v) for k, v in kwargs.items()}
-    if _only_pristine_dead(args, kwargs) and _mutated_returns(func) is None:
+    aliased = _mutated_returns(func)
+    if aliased is None and _only_pristine_dead(args, kwargs):
         # constants made inside an ended level: the op on their values, plain results (the
         # autograd kernels above this dispatch record what the live levels need)
         return func(*rargs, **rkwargs)
@@ -487,7 +488,6 @@ def _dispatch_with_dead(func, args, kwargs):
             out = _run_inner(func, rargs, rkwargs, exemplar._interp.level)
         else:
             out = func(*rargs, **rkwargs)
-    aliased = _mutated_returns(func)
     if aliased is not None:
         return _return_aliases(aliased, args, kwargs, out)
     cls, interp = type(exemplar), exemplar._interp

@@ -245,26 +245,18 @@ batch_rule(aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.
     per_example_checked(trailing_only))
 
 
-@batch_rule(aten.as_strided.default)
+@batch_rule(aten.as_strided.default, aten.as_strided_.default)
 def as_strided(op, args, kwargs, dims):
     # Each example's storage starts one batch stride after the previous one (true for every
     # batched value this library allocates), so per-example as_strided(size, stride, offset)
-    # is physical as_strided with the batch stride prepended.
+    # is physical as_strided with the batch stride prepended. (as_strided_: in place; the
+    # dispatcher hands the rule a fresh view to restride.)
     x, size, stride = args[0], tuple(args[1]), tuple(args[2])
     offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", None)
     if offset is None:
         offset = x.storage_offset()
-    return x.as_strided((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
-
-
-@batch_rule(aten.as_strided_.default)
-def as_strided_(op, args, kwargs, dims):
-    # in place, as as_strided above (the dispatcher hands the rule a fresh view to restride)
-    x, size, stride = args[0], tuple(args[1]), tuple(args[2])
-    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", None)
-    if offset is None:
-        offset = x.storage_offset()
-    return x.as_strided_((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
+    restride = x.as_strided_ if op is aten.as_strided_.default else x.as_strided
+    return restride((x.shape[0],) + size, (x.stride(0),) + stride, offset), 0
 
 
 def _storage_change_error(op, what):
