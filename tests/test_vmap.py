@@ -749,3 +749,57 @@ def test_vmap_matches_torch_func_on_mlp(device):
 
     assert_close(vmap(f)(x), tf.vmap(f)(x))
     assert math.isfinite(float(vmap(f)(x).sum()))
+
+
+# ----------------------------------------------------------------------------------------
+# pointwise rule: the fast path and the activations' backward kernels
+# ----------------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("op, extra", [
+    (aten.gelu_backward.default, ()), (aten.gelu_backward.default, {"approximate": "tanh"}),
+    (aten.tanh_backward.default, ()), (aten.sigmoid_backward.default, ()),
+    (aten.threshold_backward.default, (0.0,)), (aten.silu_backward.default, ()),
+])
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (1, None), (0, 0)])
+def test_activation_backward_kernels_with_broadcast_operands(device, dtype, op, extra, in_dims):
+    # run on broadcast operands where the kernel takes them (no copy of the unbatched one),
+    # on operands of one shape where it refuses (oneDNN's gelu_backward, float32/bfloat16)
+    g = torch.randn(4, 5, 3, dtype=dtype, device=device)
+    y = torch.randn(4, 5, 3, dtype=dtype, device=device)
+    g0 = g if in_dims[0] is not None else g[0]
+    y0 = y if in_dims[1] is not None else y[0]
+    if in_dims[0] == 1:
+        g0 = g.transpose(0, 1)[:, :, :]
+    kw = extra if isinstance(extra, dict) else {}
+    pos = () if kw else extra
+    f = lambda a, b: op(a, b, *pos, **kw)  # noqa: E731
+    got = vmap(f, in_dims=in_dims)(g0, y0)
+    assert_close(got, loop_vmap(f, in_dims=in_dims)(g0, y0))
+
+
+@pytest.mark.parametrize("a_dt, b_dt", [(torch.float32, torch.float32), (torch.int64, torch.float32),
+                                        (torch.float32, torch.float64), (torch.int32, torch.int64),
+                                        (torch.bool, torch.int64)])
+@pytest.mark.parametrize("b_shape", [(), (3,), (2, 3)])
+def test_binary_pointwise_fast_path_matches_the_loop(device, a_dt, b_dt, b_shape):
+    # batched logically-0-dim or 2-dim self, unbatched 0-dim / dimensioned / batched other:
+    # broadcasting and type promotion as per example (fast path when the dtypes agree)
+    for a_shape in [(5,), (5, 2, 3)]:
+        a = (torch.randn(a_shape, device=device) * 5).to(a_dt)
+        b = (torch.randn(b_shape, device=device) * 5).to(b_dt)
+        bb = (torch.randn((5,) + b_shape, device=device) * 5).to(b_dt)
+        for f in (torch.add, torch.mul, torch.maximum, lambda x, y: x * 2.5, lambda x, y: x + 3):
+            for in_dims, args in (((0, None), (a, b)), ((0, 0), (a, bb)), ((None, 0), (a[0], bb))):
+                if in_dims == (0, 0) and len(a_shape) != len(b_shape) + 1 and b_shape:
+                    continue
+                try:
+                    want = loop_vmap(f, in_dims=in_dims)(*args)
+                except RuntimeError:
+                    continue
+                got = vmap(f, in_dims=in_dims)(*args)
+                assert got.dtype == want.dtype
+                assert_close(got, want)

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ._compiler import opaque_to_compiler
+from ._core import patches_held
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError
 from .reverse import _check_argnums, _check_diff_inputs, _vjp_impl
@@ -83,6 +84,10 @@ def jacrev(
     @functools.wraps(func)
     @opaque_to_compiler
     def wrapper(*args):
+        with patches_held():  # vjp, then vmap over vjp_fn: one install
+            return _jacrev(args)
+
+    def _jacrev(args):
         nums = _check_argnums(argnums, len(args), "jacrev")
         diff = [args[n] for n in nums]
         # the other arguments are wrapped as constants of the vjp level (as torch.func)

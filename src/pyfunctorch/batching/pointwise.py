@@ -110,8 +110,36 @@ def _expand_to_common_shape(args, tensor_pos):
 
 def broadcasting_rule(op, args, kwargs, dims):
     """n-ary elementwise op with broadcasting (and its in-place form)."""
-    if len(args) == 1 or not any(isinstance(a, torch.Tensor) for a in args[1:]):
+    if len(args) == 1:
         return op(*args, **kwargs), 0  # one tensor (self, batched): nothing to align
+    # Fast path (x * 1.01, x * y): the tensor operands share one dtype, the batched ones one
+    # rank (batch dim in front) and the unbatched ones are 0-dim: then broadcasting and type
+    # promotion of the whole batch are those of each example, and the op runs as it is.
+    dtype = rank_ = None
+    for a, d in zip(args, dims):
+        if isinstance(a, torch.Tensor):
+            if dtype is None:
+                dtype = a.dtype
+            elif a.dtype is not dtype:
+                break
+            if d is None:
+                if a.dim():
+                    break
+            elif rank_ is None:
+                rank_ = a.dim()
+            elif a.dim() != rank_:
+                break
+    else:
+        if dims[0] is not None or not op._schema.is_mutable:
+            return op(*args, **kwargs), 0
+    return _broadcast(op, args, kwargs, dims)
+
+
+def _broadcast(op, args, kwargs, dims):
+    """broadcasting_rule's general case: pad the batched operands to one logical rank, promote
+    as the example's op would, and run per example where only that is exact."""
+    if not any(isinstance(a, torch.Tensor) for a in args[1:]):
+        return op(*args, **kwargs), 0
     tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     if len(tensor_pos) == 1:
         return op(*args, **kwargs), 0
@@ -124,8 +152,6 @@ def broadcasting_rule(op, args, kwargs, dims):
         if dims[i] is not None:
             new[i] = pad_to_rank(args[i], 0, r)
     promoted = _promote_logical_scalars(op, args, new, kwargs, dims, tensor_pos, inplace)
-    if promoted is not None and op.overloadpacket in _SAME_SHAPE_KERNELS:
-        promoted = _expand_to_common_shape(promoted, tensor_pos)
     if promoted is None:  # exact only per example
         B = batch_size_of(args, dims)
         ex = [[a.select(0, b) if d is not None else a for a, d in zip(args, dims)] for b in range(B)]
@@ -169,10 +195,24 @@ POINTWISE = [
 
 batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(broadcasting_rule)
 
-#: elementwise kernels that need operands of one shape (their schemas say elementwise, but
-#: e.g. oneDNN's gelu_backward fails on a broadcast operand): the activations' backward
-#: formulas; an unbatched operand is expanded to the batch's shape first
-_SAME_SHAPE_KERNELS = frozenset(getattr(aten, n) for n in POINTWISE if n.endswith("_backward") and hasattr(aten, n))
+
+@batch_rule(*non_out_overloads(*(n for n in POINTWISE if n.endswith("_backward"))))
+def same_shape_kernel_rule(op, args, kwargs, dims):
+    """The activations' backward formulas: elementwise by schema, but some kernels need operands
+    of one shape (oneDNN's gelu_backward fails on a broadcast operand). They run on broadcast
+    operands first (no copy: tanh_backward's saved output is unbatched in every jacrev); where
+    the kernel refuses them (an error, raised before any write: these ops are functional), on
+    operands expanded to one shape."""
+    try:
+        return broadcasting_rule(op, args, kwargs, dims)
+    except RuntimeError:
+        tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        r = max(rank(args[i], dims[i]) for i in tensor_pos)
+        padded = [pad_to_rank(a, d, r) if i in tensor_pos else a for i, (a, d) in enumerate(zip(args, dims))]
+        promoted = _promote_logical_scalars(op, args, padded, kwargs, dims, tensor_pos, False)
+        if promoted is None:
+            raise
+        return op(*_expand_to_common_shape(promoted, tensor_pos), **kwargs), 0
 
 
 @batch_rule(*overloads(aten.copy_))
