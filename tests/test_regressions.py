@@ -76,7 +76,8 @@ def test_transforms_in_several_threads_keep_torch_patched_only_while_needed():
         t.join()
     assert errors == []
     assert (torch.randn, torch.zeros, torch.Tensor.detach) == originals
-    assert core._patch_users == 0
+    from pyfunctorch import _patching
+    assert _patching._patch_users == 0
 
 
 def test_autograd_function_closing_over_a_differentiated_tensor_raises():

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import itertools
 import sys
-import threading
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
@@ -30,23 +29,16 @@ with warnings.catch_warnings():  # torch's own module jit-scripts its decomposit
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
-from ._ops import _InplaceViewAliases, _mutated_returns, _return_aliases, aten_equivalent  # noqa: F401
+from ._ops import _InplaceViewAliases, _OpSet, _mutated_returns, _return_aliases, aten_equivalent  # noqa: F401
+from ._patching import (  # noqa: F401  (re-exported: the core's API for patches.py and the transforms)
+    _PATCHES, _install_patches, _uninstall_patches, patch_while_active, patches_held, swap_code_while_active,
+)
+from ._state import _State, _state  # noqa: F401
 from .errors import EscapedTensorError, MixedTransformsError
 
 aten = torch.ops.aten
 
 _level_counter = itertools.count(1)
-
-
-class _State(threading.local):
-    def __init__(self) -> None:
-        self.stack: list[Interpreter] = []
-        self.saved_attrs: list = []
-        self.jvp_depth = 0
-        self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
-
-
-_state = _State()
 
 
 def interpreter_stack() -> list["Interpreter"]:
@@ -143,20 +135,30 @@ class WrapperInterpreter(Interpreter):
         return self.wrapper(tensor, self)
 
     def process(self, func, args, kwargs):
-        if func is aten.detach.default or func is aten.alias.default:
+        if func is _DETACH or func is _ALIAS:
             # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
             # that must not cut the inner value's graph of lower levels.
             return self.wrapper(args[0]._value, self)
-        aliased = _mutated_returns(func)
+        try:
+            aliased = func._pyf_alias
+        except AttributeError:
+            aliased = _mutated_returns(func)
         if aliased is not None:
             self.check_mutation(func, aliased, args, kwargs)
-        uargs = tuple(unwrap_level(a, self) for a in args)
+        uargs = tuple([a._value if isinstance(a, LevelTensor) and a._interp is self else
+                       unwrap_level(a, self) if isinstance(a, (list, tuple)) else a for a in args])
         ukwargs = {k: unwrap_level(v, self) for k, v in kwargs.items()} if kwargs else kwargs
         if _state.jvp_depth:
             uargs, ukwargs = lift_mixed(uargs, ukwargs)
-        out = _run_inner(func, uargs, ukwargs, self.level)
+            out = _run_inner(func, uargs, ukwargs, self.level)
+        elif func in _NESTED_DECOMPOSED:
+            out = _run_inner(func, uargs, ukwargs, self.level)
+        else:  # (_run_inner's common case, inlined: this runs for every op at every level)
+            out = func(*uargs, **ukwargs)
         if aliased is not None:
             return _return_aliases(aliased, args, kwargs, out)
+        if type(out) is torch.Tensor:
+            return self.wrapper(out, self)
         return wrap_level(out, self)
 
 
@@ -178,6 +180,9 @@ _JVP_ONLY = ("jvp",)
 #: formula, decomposed under a lower jvp level (filled by ``_nested_decomp``)
 NESTED_DECOMPOSITIONS: dict = {}
 FORWARD_AD_DECOMPOSITIONS: dict = {}
+
+
+_NESTED_DECOMPOSED = _OpSet(NESTED_DECOMPOSITIONS, "_pyf_nested_decomp")
 
 def _run_inner(func, args, kwargs, level: int):
     """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
@@ -243,90 +248,7 @@ def peel(x, interp):
     return x
 
 
-# -- Python entry points patched while any transform is live ------------------------
-#
-# A few torch calls never reach a tensor subclass: random factories (``torch.randn(3)``
-# has no tensor argument, trap 7) and random ops on plain tensors; and the user's
-# ``x.detach()`` must be told apart from autograd's internal detach (trap 2). A global
-# TorchFunctionMode would see them but costs ~2.5 us on *every* op, so instead these
-# entry points are swapped for thin wrappers while the interpreter stack is non-empty.
-# Each wrapper checks this thread's stack, so other threads are unaffected.
-
-_PATCHES: list[tuple[Any, str, Callable, Callable]] = []  # (owner, attr, original, wrapper)
-_MISSING_ATTR = object()
-
-
-def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
-    """While a transform is live, ``owner.attr(*args, **kwargs)`` calls
-    ``handler(original, args, kwargs)`` (only on threads with a live transform)."""
-    original = getattr(owner, attr)
-
-    def wrapper(*args, **kwargs):
-        if not _state.stack:
-            return original(*args, **kwargs)
-        return handler(original, args, kwargs)
-
-    wrapper.__name__ = getattr(original, "__name__", attr)
-    wrapper.__qualname__ = getattr(original, "__qualname__", attr)
-    wrapper.__doc__ = getattr(original, "__doc__", None)
-    wrapper.__wrapped__ = original
-    _PATCHES.append((owner, attr, original, wrapper))
-
-
-def swap_code_while_active(fn: Callable, code: Any) -> None:
-    """While a transform is live, ``fn`` runs ``code`` (for entry points that a wrapper set
-    with ``setattr`` cannot replace, e.g. a classmethod bound before the transform began)."""
-    _PATCHES.append((fn, "__code__", fn.__code__, code))
-
-
-# The patches are process-wide while *any* thread has a live transform: a count of the
-# outermost transform calls in flight (over all threads) decides when to install and
-# remove them, so one thread finishing never unpatches under another.
-_patch_lock = threading.Lock()
-_patch_users = 0
-_patch_saved: list = []
-
-
-def _install_patches() -> None:
-    global _patch_users, _patch_saved
-    with _patch_lock:
-        _patch_users += 1
-        if _patch_users > 1:
-            return
-        saved = []
-        for owner, attr, _original, wrapper in _PATCHES:
-            saved.append(owner.__dict__.get(attr, _MISSING_ATTR) if isinstance(owner, type) else getattr(owner, attr))
-            setattr(owner, attr, wrapper)
-        _patch_saved = saved
-
-
-def _uninstall_patches() -> None:
-    global _patch_users, _patch_saved
-    with _patch_lock:
-        _patch_users -= 1
-        if _patch_users > 0:
-            return
-        for (owner, attr, _original, _wrapper), old in zip(_PATCHES, _patch_saved):
-            if old is _MISSING_ATTR:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, old)
-        _patch_saved = []
-
-
-@contextmanager
-def patches_held() -> Iterator[None]:
-    """Keep the patched entry points installed for the block: a composite transform that runs
-    several outermost levels in turn (jacrev: vjp, then vmap over vjp_fn) installs them once.
-    (The wrappers call the originals while no level is live; installing is cheap, but each
-    swap of a ``torch.Tensor`` attribute invalidates Python's attribute caches and specialized
-    bytecode: ~70 us of jacrev's time on a 256x256 MLP went there.)"""
-    _install_patches()
-    try:
-        yield
-    finally:
-        _uninstall_patches()
-
+# -- Python entry points patched while any transform is live: see _patching -------------
 
 
 @contextmanager
@@ -527,6 +449,7 @@ def _metadata_query(func, args):
 
 _COMPLEX = (torch.complex64, torch.complex128, torch.complex32)
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_DETACH, _ALIAS = aten.detach.default, aten.alias.default
 _IS_SAME_SIZE = aten.is_same_size.default
 _SAME_STORAGE_NUMEL = aten._has_same_storage_numel.default
 _METADATA_OPS = {_IS_SAME_SIZE, _SAME_STORAGE_NUMEL}

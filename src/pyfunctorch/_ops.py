@@ -70,3 +70,22 @@ def aten_equivalent(op):
         if cand is not None and len([a for a in cand._schema.arguments if not a.kwarg_only]) >= n:
             return cand
     return None
+
+
+class _OpSet:
+    """Membership of OpOverloads in a table, read from a flag on the op (``OpOverload.__hash__``
+    is a Python method: a dict lookup costs more than the attribute read)."""
+
+    def __init__(self, table: dict, flag: str) -> None:
+        self.table, self.flag = table, flag
+
+    def __contains__(self, func) -> bool:
+        try:
+            return getattr(func, self.flag)
+        except AttributeError:
+            found = func in self.table
+            try:
+                setattr(func, self.flag, found)
+            except AttributeError:  # not an OpOverload
+                pass
+            return found
