@@ -615,3 +615,39 @@ def test_outputs_are_freed_when_the_caller_drops_them():
             assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+@pytest.mark.slow
+def test_backend_inductor_compiles_the_graph_directly():
+    # backend='inductor' compiles the traced aten graph with inductor itself (no dynamo frame
+    # evaluation per call): outputs keep their structure and types, in-place updates of an
+    # input happen once per call, and autograd runs through the compiled graph
+    import copy
+
+    def f1(x, y):
+        return x.sin() + y, (x * y).sum()
+
+    def f2(x):
+        x.add_(1)
+        return x * 2
+
+    def f3(d):
+        return {"a": [d["x"] * 2], "b": (d["x"].exp(),)}
+
+    for fn, make in ((f1, lambda: (torch.randn(4, 3), torch.randn(3))), (f2, lambda: (torch.randn(3),)),
+                     (f3, lambda: ({"x": torch.randn(2)},))):
+        c = pf.compile(fn, backend="inductor")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pf.PerformanceWarning)  # no fallback to the replay
+            for _ in range(3):
+                got_args = make()
+                want_args = copy.deepcopy(got_args)
+                got, want = c(*got_args), fn(*want_args)
+                assert_close(got, want)
+                assert type(got) is type(want)
+                assert_close(got_args, want_args)
+        assert c.cache_info().traces == 1
+    w = torch.randn(3, requires_grad=True)
+    c = pf.compile(pf.grad(lambda x: (x.sin() * 2).sum()), backend="inductor")
+    (g,) = torch.autograd.grad(c(w).sum(), w)
+    assert_close(g, -2 * w.detach().sin())

@@ -35,6 +35,9 @@ def compile(fn: Callable | None = None, backend: Any = None, *, mode: str | None
     replay that FX graph. ``backend`` is ``None`` (replay the FX graph) or a
     ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, a callable ...), which
     compiles the recorded graph (not pyfunctorch's eager wrappers, which graph-break).
+    ``"inductor"`` (without CUDA graphs) compiles it with inductor directly
+    (``torch._inductor.compile``): no dynamo frame evaluation per call, whose guards
+    would only repeat pyfunctorch's own (~25 us less per call on CPU).
     ``mode="reduce-overhead"`` captures the replay in a CUDA graph (see below).
 
     Semantics:
@@ -125,7 +128,9 @@ def compile(fn: Callable | None = None, backend: Any = None, *, mode: str | None
       copy, not the same tensor). Random ops draw fresh numbers on each replay.
       Signatures with CPU tensors or tensors that require grad use the plain replay
       (a one-time warning), as does a graph that cannot be captured. With
-      ``backend="inductor"`` the mode is passed on to ``torch.compile``.
+      ``backend="inductor"`` the mode is passed on to ``torch.compile`` (inductor's CUDA
+      graphs take their static inputs from dynamo); other inductor modes become
+      inductor options (``torch._inductor.list_mode_options``).
     * **torch.compile interop.** Inside a ``torch.compile``d function a compiled
       function is a graph break (dynamo does not trace the cache and the tracer) and
       runs as usual. A ``torch.compile``d module or function called *by* ``fn`` runs its

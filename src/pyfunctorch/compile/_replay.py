@@ -29,8 +29,10 @@ class _BackendRunner:
     def __init__(self, owner: Any, gm):  # owner: the CompiledFunction (a layer above)
         self.owner = owner
         self.gm = gm
-        options = {"mode": owner._mode} if owner._mode is not None else {}
-        self.compiled = torch.compile(gm, backend=owner._backend, dynamic=False, fullgraph=True, **options)
+        self.compiled = None
+        if not _direct_inductor(owner._backend, owner._mode):
+            options = {"mode": owner._mode} if owner._mode is not None else {}
+            self.compiled = torch.compile(gm, backend=owner._backend, dynamic=False, fullgraph=True, **options)
         self.run = self._first
 
     def __call__(self, *tensors):
@@ -38,6 +40,16 @@ class _BackendRunner:
 
     def _first(self, *tensors):
         try:
+            if self.compiled is None:
+                # Speed: inductor compiles the traced aten graph directly. Through torch.compile,
+                # every call would also pass dynamo's frame evaluation and guards (~25 us on
+                # CPU): the graph has no Python to guard, and pyfunctorch's own guards decide
+                # when it is stale.
+                import torch._inductor
+
+                mode = self.owner._mode
+                options = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else None
+                self.compiled = _tuple_call(torch._inductor.compile(self.gm, list(tensors), options=options), self.gm)
             out = self.compiled(*tensors)
         except Exception as exc:  # noqa: BLE001
             if self.owner._strict:
@@ -53,6 +65,24 @@ class _BackendRunner:
             return out
         self.run = self.compiled
         return out
+
+
+def _direct_inductor(backend, mode) -> bool:
+    """Whether inductor compiles the graph itself (no dynamo in front): for backend='inductor'
+    without CUDA graphs (its CUDA-graph trees take their static inputs from dynamo)."""
+    return backend == "inductor" and mode in (None, "default", "max-autotune-no-cudagraphs")
+
+
+def _tuple_call(compiled: Callable, gm) -> Callable:
+    """The compiled graph returning what the graph module returns (inductor may give a list
+    where the graph returns a tuple)."""
+    want_tuple = isinstance(gm.graph.output_node().args[0], tuple)
+
+    def run(*tensors):
+        out = compiled(*tensors)
+        return tuple(out) if want_tuple and type(out) is list else out
+
+    return run if want_tuple else compiled
 
 
 _LITERALS = (int, bool, str, type(None))
