@@ -24,6 +24,21 @@ class BatchedTensor(LevelTensor):
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, interp: "Interpreter"):
+        shape = value.shape
+        if bdim == 0 and value.is_contiguous() and not value.storage_offset() and 1 not in shape and 0 not in shape:
+            # (the common case, a fresh result: the default strides and offset are exactly the
+            # example's -- contiguous, and no size-1 or empty dim whose stride could be any
+            # value; fewer keyword arguments make this ~0.35 us cheaper)
+            r = torch.Tensor._make_wrapper_subclass(cls, shape[1:], dtype=value.dtype, device=value.device)
+            r._value = value
+            r._bdim = 0
+            r._interp = interp
+            if value.dtype in _core._COMPLEX:
+                if value.is_conj():
+                    torch._C._set_conj(r, True)
+                if value.is_neg():
+                    torch._C._set_neg(r, True)
+            return r
         if bdim == 0:
             shape = value.shape[1:]
             stride = value.stride()[1:]
