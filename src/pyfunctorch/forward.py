@@ -58,6 +58,8 @@ class JvpTensor(LevelTensor):
             return out
         args, kwargs = _core.lift_mixed(args, kwargs)
         args, kwargs = _lift_duals_into_vmap(func, args, kwargs)
+        if not kwargs and func in _ADDITIVE_CALLS:
+            args = _core.zero_tangents_for_constants(args)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         if isinstance(out, JvpTensor):
@@ -115,6 +117,10 @@ _T = torch.Tensor
 #: methods that only read a tensor's metadata (property getters are recognized by name)
 _METADATA_READS = frozenset({_T.stride, _T.storage_offset, _T.size, _T.dim, _T.numel, _T.is_floating_point,
                              _T.is_complex, _T._is_view, _T.is_inference, _T.is_contiguous, _T.element_size})
+
+#: the user-level forms of _core.ADDITIVE (functional only: an in-place write must reach its target)
+_ADDITIVE_CALLS = frozenset({_T.__add__, _T.__radd__, _T.add, torch.add, _T.__sub__, _T.__rsub__, _T.sub, torch.sub,
+                             _T.subtract, torch.subtract, torch.rsub})
 
 _SCALAR_OPS = {
     torch.Tensor.__mul__: aten.mul.Scalar, torch.Tensor.__rmul__: aten.mul.Scalar, torch.Tensor.mul: aten.mul.Scalar,
@@ -255,6 +261,7 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         # (only needed under another differentiation level: at the outermost one the
         # tangents stay plain, and their formulas' ops never reach Python dispatch)
         nested = _core._differentiated_below(lvl)
+        interp.plain_tangents = not nested  # (see _core.zero_tangents_for_constants)
         duals = []
         for p, t in zip(p_flat, t_flat):
             p = lift(p, lvl)

@@ -336,12 +336,22 @@ def _first_example(op, args, kwargs, dims):
          for a, d in zip(args, dims)], **kwargs)
 
 
-def per_example_checked(rule: Callable) -> Callable:
-    """``rule`` preceded by ``check_example``: for rules of rank-polymorphic ops."""
+def per_example_checked(rule: Callable = None, *, valid: Callable | None = None) -> Callable:
+    """``rule`` preceded by ``check_example``: for rules of rank-polymorphic ops. ``valid(op,
+    args, dims)``: a cheap test that the examples are certainly valid (then the check, a
+    cache lookup of a few us, is skipped); False means "not known", not "invalid"."""
+    if rule is None:
+        return lambda r: per_example_checked(r, valid=valid)
 
-    def checked(op, args, kwargs, dims, *rest):
-        check_example(op, args, kwargs, dims)
-        return rule(op, args, kwargs, dims, *rest)
+    if valid is not None:
+        def checked(op, args, kwargs, dims, *rest):
+            if kwargs or not valid(op, args, dims):
+                check_example(op, args, kwargs, dims)
+            return rule(op, args, kwargs, dims, *rest)
+    else:
+        def checked(op, args, kwargs, dims, *rest):
+            check_example(op, args, kwargs, dims)
+            return rule(op, args, kwargs, dims, *rest)
 
     checked.__name__ = getattr(rule, "__name__", "rule")
     checked.__doc__ = rule.__doc__

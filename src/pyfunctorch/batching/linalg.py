@@ -25,8 +25,29 @@ from ._registry import (
 
 aten = torch.ops.aten
 
+def _products_valid(op, args, dims) -> bool:
+    """The examples of mm/bmm/mv/dot are certainly valid: the logical ranks the op takes, matching
+    inner sizes, one dtype and device (anything else goes to the per-example check)."""
+    if len(args) != 2:
+        return False
+    a, b = args
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dtype is not b.dtype \
+            or a.device != b.device:
+        return False
+    ra, rb = a.dim() - (dims[0] is not None), b.dim() - (dims[1] is not None)
+    if (ra, rb) != _PRODUCT_RANKS[op]:
+        return False
+    if ra == 3 and a.shape[-3] != b.shape[-3]:
+        return False
+    return a.shape[-1] == b.shape[-1 if rb == 1 else -2]
+
+
+_PRODUCT_RANKS = {aten.mm.default: (2, 2), aten.bmm.default: (3, 3), aten.mv.default: (2, 1),
+                  aten.dot.default: (1, 1), aten.vdot.default: (1, 1)}
+
+
 @batch_rule(aten.mm.default, aten.bmm.default)
-@per_example_checked  # (matmul would broadcast over an example's extra dims)
+@per_example_checked(valid=_products_valid)  # (matmul would broadcast over an example's extra dims)
 def mm(op, args, kwargs, dims):
     # Logical shapes are exact for mm/bmm, so matmul's broadcasting over the leading batch
     # dim gives the per-example products. With only the right operand batched, matmul
@@ -39,7 +60,7 @@ def mm(op, args, kwargs, dims):
 
 
 @batch_rule(aten.mv.default)
-@per_example_checked  # (matmul would broadcast over an example's extra dims)
+@per_example_checked(valid=_products_valid)  # (matmul would broadcast over an example's extra dims)
 def mv(op, args, kwargs, dims):
     a, v = args
     if dims[0] is None:  # unbatched matrix: one (B, k) @ (k, n) product
@@ -48,7 +69,7 @@ def mv(op, args, kwargs, dims):
 
 
 @batch_rule(aten.dot.default, aten.vdot.default)
-@per_example_checked  # (matmul would broadcast over an example's extra dims)
+@per_example_checked(valid=_products_valid)  # (matmul would broadcast over an example's extra dims)
 def dot(op, args, kwargs, dims):
     a, b = args
     if op is aten.vdot.default:
