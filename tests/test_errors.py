@@ -482,3 +482,21 @@ def test_print_inside_transform_does_not_raise(capsys):
     out = capsys.readouterr().out
     assert "vmap" in out.lower() and "grad" in out.lower()
     assert not _INTERNALS.search(out)
+
+
+def test_import_on_an_untested_torch_says_what_to_do():
+    import warnings
+
+    from pyfunctorch._compat import check_torch
+
+    with pytest.raises(ImportError, match=r"torch 2\.13.*Function\.apply is implemented in C\+\+"):
+        check_torch("2.15.0+cu132")
+    with pytest.raises(ImportError, match=r"pip install 'torch==2\.13\.\*'"):
+        check_torch("2.14.1")
+    with pytest.warns(RuntimeWarning, match="inference_mode"):
+        check_torch("2.11.0+cu130")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_torch("2.13.0+cpu")
+        check_torch("2.13.1")
+        check_torch("not-a-version")

@@ -6,7 +6,11 @@
 depth. Switching your torch.func imports to pyfunctorch gives the same results.
 """
 
-from .functional import functional_call, stack_module_state
+from ._compat import check_torch as _check_torch
+
+_check_torch()  # before anything that needs the tested torch (a clear ImportError, not an AttributeError)
+
+from .functional import functional_call, stack_module_state  # noqa: E402
 from .reverse import grad, grad_and_value, vjp
 from .jacobians import hessian, jacfwd, jacrev
 from .forward import jvp, linearize
