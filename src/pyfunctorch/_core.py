@@ -199,7 +199,7 @@ def _run_inner(func, args, kwargs, level: int):
             return out
     if _state.jvp_depth:
         if getattr(func, "namespace", None) == "prims":
-            if _all_meta(args):
+            if _on_meta(args):
                 # Speed: torch._refs computing the metadata of forward AD's zero tangents on meta
                 # values. Nothing there has a derivative: the prims op itself, below autograd
                 # (as aten, its meta kernel would run torch._refs a second time: ~130 us each)
@@ -215,7 +215,8 @@ def _run_inner(func, args, kwargs, level: int):
     return func(*args, **kwargs)
 
 
-def _all_meta(args) -> bool:
+def _on_meta(args) -> bool:
+    """Every tensor argument (wrappers included) is on the meta device, and there is one."""
     found = False
     for a in args:
         if isinstance(a, torch.Tensor):

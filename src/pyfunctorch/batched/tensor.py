@@ -30,33 +30,19 @@ class BatchedTensor(LevelTensor):
             # example's -- contiguous, and no size-1 or empty dim whose stride could be any
             # value; fewer keyword arguments make this ~0.35 us cheaper)
             r = torch.Tensor._make_wrapper_subclass(cls, shape[1:], dtype=value.dtype, device=value.device)
-            r._value = value
-            r._bdim = 0
-            r._interp = interp
-            if value.dtype in _core._COMPLEX:
-                if value.is_conj():
-                    torch._C._set_conj(r, True)
-                if value.is_neg():
-                    torch._C._set_neg(r, True)
-            return r
-        if bdim == 0:
-            shape = value.shape[1:]
-            stride = value.stride()[1:]
         else:
-            shape = value.shape
-            shape = shape[:bdim] + shape[bdim + 1 :]
             stride = value.stride()
-            stride = stride[:bdim] + stride[bdim + 1 :]
-        r = torch.Tensor._make_wrapper_subclass(
-            cls,
-            shape,
-            strides=stride,
-            # Forward AD compares a view's tangent layout with its primal's: the physical
-            # offset is the per-example offset whenever the batch dim is outermost.
-            storage_offset=value.storage_offset(),
-            dtype=value.dtype,
-            device=value.device,
-        )
+            shape, stride = shape[:bdim] + shape[bdim + 1:], stride[:bdim] + stride[bdim + 1:]
+            r = torch.Tensor._make_wrapper_subclass(
+                cls,
+                shape,
+                strides=stride,
+                # Forward AD compares a view's tangent layout with its primal's: the physical
+                # offset is the per-example offset whenever the batch dim is outermost.
+                storage_offset=value.storage_offset(),
+                dtype=value.dtype,
+                device=value.device,
+            )
         r._value = value
         r._bdim = bdim
         r._interp = interp
