@@ -467,7 +467,7 @@ def _metadata_query(func, args):
     return NotImplemented
 
 
-_COMPLEX = (torch.complex64, torch.complex128, torch.complex32)
+_COMPLEX = tuple(getattr(torch, n) for n in ("complex64", "complex128", "complex32", "bcomplex32") if hasattr(torch, n))
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _DETACH, _ALIAS = aten.detach.default, aten.alias.default
 _IS_SAME_SIZE = aten.is_same_size.default

@@ -35,8 +35,9 @@ def _combine_categories(higher, lower):
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
+# (torch 2.15 added bcomplex32, the complex type of bfloat16; before it, bfloat16 went to complex64)
 _COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128,
-               torch.bfloat16: torch.complex64}
+               torch.bfloat16: getattr(torch, "bcomplex32", torch.complex64)}
 #: operands that do not take part in type promotion: where's condition
 _NOT_PROMOTED = {"where": (0,)}
 #: ops whose tensor operands are not promoted together (the op converts or requires dtypes)
