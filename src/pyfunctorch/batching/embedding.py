@@ -270,12 +270,35 @@ def _bag_of_index(o2b, off, B, L, nb):
     return aten.searchsorted.Tensor(off[:, :nb].contiguous(), pos, right=True) - 1
 
 
+_FREQ_OF_SORTED_POSITION: dict = {}  # device type -> whether its kernel has the quirk below
+
+
+def _freq_of_sorted_position(device) -> bool:
+    """Whether this device's kernel scales group number ``i`` by the frequency of
+    ``sorted_indices[i]`` (torch 2.13's CPU kernel) instead of the group's own frequency (torch
+    2.15's): asked of the kernel itself, once per device type, on indices [3, 1, 3, 5, 1, 3]
+    (row 3 gets 1.5 with the quirk, 1.0 without)."""
+    quirk = _FREQ_OF_SORTED_POSITION.get(device.type)
+    if quirk is None:
+        kw = dict(device=device)
+        idx = torch.tensor([3, 1, 3, 5, 1, 3], **kw)
+        o2b = torch.tensor([0, 0, 1, 1, 2, 2], **kw)
+        size = torch.full((3,), 2, **kw)
+        out = aten._embedding_bag_dense_backward.default(
+            torch.ones((3, 1), dtype=torch.float64, **kw), idx, o2b, size, torch.zeros(3, dtype=torch.long, **kw),
+            6, True, 0, None, -1)
+        quirk = _FREQ_OF_SORTED_POSITION[device.type] = bool(out[3, 0] != 1)
+    return quirk
+
+
 def _bag_grad_by_freq(grad, idx, bag, bag_size, V, mode, psw, pad):
     """The table gradient of 'sum'/'mean' bags with scale_grad_by_freq, ``(B, V, D)``, computed
-    by hand: the CPU kernel walks the sorted indices in groups of equal values and divides group
-    number ``i`` by the frequency of ``sorted_indices[i]`` (not of the group's own value), which
-    no fold of the examples into one call reproduces. Same arithmetic: the scale in double
-    (per-sample weight / frequency / bag size), applied in the gradient's dtype."""
+    by hand: torch 2.13's CPU kernel walks the sorted indices in groups of equal values and
+    divides group number ``i`` by the frequency of ``sorted_indices[i]`` (not of the group's own
+    value), which no fold of the examples into one call reproduces; torch 2.15's divides by the
+    group's own frequency. Which one the device's kernel does is asked of the kernel
+    (``_freq_of_sorted_position``). Same arithmetic: the scale in double (per-sample weight /
+    frequency / bag size), applied in the gradient's dtype."""
     B, nb, D = grad.shape
     L = idx.shape[1]
     idx = idx.long()
@@ -283,7 +306,8 @@ def _bag_grad_by_freq(grad, idx, bag, bag_size, V, mode, psw, pad):
     first = torch.ones((B, 1), dtype=torch.bool, device=idx.device)
     group = torch.cat([first, srt[:, 1:] != srt[:, :-1]], 1).long().cumsum(1) - 1  # group of sorted[k]
     where = aten.searchsorted.Tensor(srt.contiguous(), idx.contiguous())  # first sorted position of idx[j]
-    key = srt.gather(1, group.gather(1, where))  # sorted[group of idx[j]]
+    # sorted[group of idx[j]] where the kernel has the quirk, else idx[j]'s own value
+    key = srt.gather(1, group.gather(1, where)) if _freq_of_sorted_position(idx.device) else idx
     counts = torch.zeros((B, V), dtype=torch.float64, device=idx.device).scatter_add(
         1, idx, torch.ones((), dtype=torch.float64, device=idx.device).expand(B, L))
     scale = 1.0 / counts.gather(1, key)
