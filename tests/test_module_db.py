@@ -87,11 +87,15 @@ def test_known_failures_are_configs():
 
 #: configs whose custom-op backward writes a batched grad_output into scratch that torch made
 #: from unbatched constants (LinearCrossEntropyLoss, reduction='none'); torch.func fails them.
-PER_EXAMPLE_BACKWARD_CONFIGS = [
-    "nn.LinearCrossEntropyLoss[train]#414",
-    "nn.LinearCrossEntropyLoss[train]#552",
-    "nn.LinearCrossEntropyLoss[train]#828",
-]
+#: Chosen by what they are, not by index: module_db's config list differs between torch releases.
+def _per_example_backward_configs():
+    info = INFOS["nn.LinearCrossEntropyLoss"]
+    return [mc.config_key(info, "train", i, mi) for i, mi in mc.configs(info, "train")
+            if mi.constructor_input.kwargs.get("reduction") == "none"]
+
+
+PER_EXAMPLE_BACKWARD_CONFIGS = _per_example_backward_configs()
+assert len(PER_EXAMPLE_BACKWARD_CONFIGS) >= 3, "module_db has no LinearCrossEntropyLoss reduction='none' configs"
 
 
 @pytest.mark.parametrize("key", PER_EXAMPLE_BACKWARD_CONFIGS)

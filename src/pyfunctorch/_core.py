@@ -26,8 +26,10 @@ import torch.autograd.forward_ad as _fwAD
 import torch._decomp  # noqa: F401  imported before any transform is live: some of torch's
 
 with warnings.catch_warnings():  # torch's own module jit-scripts its decompositions at import, which
-    # torch 2.13 reports as a DeprecationWarning; `python -W error -c "import pyfunctorch"` must stay quiet
+    # torch 2.13 reports as a DeprecationWarning (2.15: a FutureWarning); `python -W error -c "import
+    # pyfunctorch"` must stay quiet
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script", category=FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401  lazy imports jit-script torch.zeros & co.
 
 from ._ops import _InplaceViewAliases, _OpSet, _mutated_returns, _return_aliases, aten_equivalent  # noqa: F401

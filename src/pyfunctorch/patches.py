@@ -91,7 +91,9 @@ for _p in PATCHES:
         _core.patch_while_active(_p.owner, _name, _p.handler)
 
 # ``Function.apply`` is a classmethod, often bound before a transform starts (``vmap(MyFn.apply)``):
-# a setattr wrapper would miss those, so its code object is swapped instead (custom_function/entry.py)
+# a setattr wrapper would miss those, so its code object is swapped instead (custom_function/entry.py).
+# (torch >= 2.14 implements apply in C++: importing pyfunctorch makes Function.apply a Python
+# classmethod that calls it, the one torch attribute replaced for good; custom_function/_common.py)
 CODE_PATCHES = ((_APPLY_FN, _ENTRY_CODE, "autograd.Function.apply never reaches __torch_dispatch__ and runs forward "
                  "under no_grad: without this, grad(grad(F.apply)) is silently wrong (trap 10)"),)
 for _fn, _code, _why in CODE_PATCHES:

@@ -10,7 +10,25 @@ from torch.autograd.function import Function, _SingleLevelFunction
 
 from .._pytree import tensor_leaves as _leaves
 
-_ORIG_APPLY = Function.__dict__["apply"]  # a classmethod object
+_ORIG_APPLY = Function.__dict__["apply"]  # a classmethod object (torch <= 2.13)
+if not isinstance(_ORIG_APPLY, classmethod):
+    # torch >= 2.14 implements apply in C++ (``_C._FunctionBase.apply``, a classmethod_descriptor):
+    # there is no Python code to swap while a transform is live (entry.py). At import, Function.apply
+    # becomes a Python classmethod that calls the C++ one (one Python frame per custom Function call,
+    # torch.compile traces it, fullgraph included), and the entry point swaps *its* code instead.
+    _C_APPLY = _ORIG_APPLY
+
+    def _make_apply():
+        __class__ = None  # one free variable, as the entry point's code has (entry.py asserts it)
+
+        def apply(cls, *args, **kwargs):
+            __class__  # noqa: B018
+            return _C_APPLY.__get__(None, cls)(*args, **kwargs)
+
+        return apply
+
+    _ORIG_APPLY = classmethod(_make_apply())
+    Function.apply = _ORIG_APPLY
 _APPLY_FN = _ORIG_APPLY.__func__
 # the original code keeps running as a copy of the function while the entry point's code
 # is swapped into Function.apply (see entry.py)
