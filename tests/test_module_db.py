@@ -89,13 +89,16 @@ def test_known_failures_are_configs():
 #: from unbatched constants (LinearCrossEntropyLoss, reduction='none'); torch.func fails them.
 #: Chosen by what they are, not by index: module_db's config list differs between torch releases.
 def _per_example_backward_configs():
-    info = INFOS["nn.LinearCrossEntropyLoss"]
-    return [mc.config_key(info, "train", i, mi) for i, mi in mc.configs(info, "train")
+    info = INFOS.get("nn.LinearCrossEntropyLoss")
+    if info is None:  # (torch 2.11's module_db has no LinearCrossEntropyLoss)
+        return []
+    keys = [mc.config_key(info, "train", i, mi) for i, mi in mc.configs(info, "train")
             if mi.constructor_input.kwargs.get("reduction") == "none"]
+    assert len(keys) >= 3, "module_db has no LinearCrossEntropyLoss reduction='none' configs"
+    return keys
 
 
 PER_EXAMPLE_BACKWARD_CONFIGS = _per_example_backward_configs()
-assert len(PER_EXAMPLE_BACKWARD_CONFIGS) >= 3, "module_db has no LinearCrossEntropyLoss reduction='none' configs"
 
 
 @pytest.mark.parametrize("key", PER_EXAMPLE_BACKWARD_CONFIGS)

@@ -30,9 +30,8 @@ def check_torch(version: str | None = None) -> None:
         return
     warnings.warn(
         f"pyfunctorch is tested with torch 2.13 to 2.15; this is torch {version}. On torch 2.11 the test "
-        "suite has failures: wrong results for transforms called under torch.inference_mode, errors for "
-        "non-reentrant checkpoint under forward AD and some torch.library custom ops. Use torch 2.13 or "
-        "newer for trustworthy results.",
+        "suite has failures (errors for non-reentrant checkpoint under forward AD and for torch.library "
+        "custom-op backwards per example; float16 addbmm rounding). Use torch 2.13 or newer.",
         RuntimeWarning,
         stacklevel=3,
     )
