@@ -163,6 +163,19 @@ class NoJvp(torch.autograd.Function):
         return g * x.cos()
 
 
+def test_function_apply_is_the_python_entry_point_on_every_supported_torch():
+    # torch >= 2.14 implements apply in C++: pyfunctorch installs a Python classmethod calling it,
+    # whose code the transforms swap while live (bound-before-the-transform calls included)
+    from pyfunctorch.custom_function._common import _APPLY_FN
+
+    assert isinstance(torch.autograd.Function.__dict__["apply"], classmethod)
+    assert torch.autograd.Function.__dict__["apply"].__func__ is _APPLY_FN
+    apply = NoJvp.apply  # bound before the transforms start
+    x = torch.randn(3, dtype=torch.float64)
+    assert_close(pf.grad(pf.grad(lambda y: apply(y).sum()))(x[0]), -x[0].sin())
+    assert_close(pf.vmap(pf.grad(lambda y: apply(y).sum()))(x), x.cos())
+
+
 class OldExp(torch.autograd.Function):
     """Old style: forward(ctx, ...) with no setup_context."""
 

@@ -498,36 +498,3 @@ def test_import_on_an_untested_torch_says_what_to_do():
         for v in ("2.13.0+cpu", "2.13.1", "2.14.1+cu130", "2.15.0", "not-a-version"):
             check_torch(v)
 
-
-def test_function_apply_is_the_python_entry_point_on_every_supported_torch():
-    # torch >= 2.14 implements apply in C++: pyfunctorch installs a Python classmethod calling it,
-    # whose code the transforms swap while live (bound-before-the-transform calls included)
-    from pyfunctorch.custom_function._common import _APPLY_FN
-
-    assert isinstance(torch.autograd.Function.__dict__["apply"], classmethod)
-    assert torch.autograd.Function.__dict__["apply"].__func__ is _APPLY_FN
-
-    class Sq(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 2 * x * g
-
-        @staticmethod
-        def jvp(ctx, t):
-            raise AssertionError("not used")
-
-    import pyfunctorch as pf
-
-    apply = Sq.apply  # bound before the transforms start
-    x = torch.randn(3, dtype=torch.float64)
-    assert torch.allclose(pf.grad(pf.grad(lambda y: apply(y).sum()))(x[0]), torch.tensor(2.0, dtype=torch.float64))
-    assert torch.allclose(pf.vmap(pf.grad(lambda y: apply(y).sum()))(x), 2 * x)

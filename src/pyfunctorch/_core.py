@@ -188,15 +188,16 @@ FORWARD_AD_DECOMPOSITIONS: dict = {}
 
 
 _NESTED_DECOMPOSED = _OpSet(NESTED_DECOMPOSITIONS, "_pyf_nested_decomp")
+_FORWARD_AD_DECOMPOSED = _OpSet(FORWARD_AD_DECOMPOSITIONS, "_pyf_fwad_decomp")
+
 
 def _run_inner(func, args, kwargs, level: int):
     """Run ``func`` on the inner values of a differentiation level ``level``. Ops whose
     derivative formulas read non-differentiable statistics run decomposed when a lower
     level differentiates them further, and backward kernels without a usable forward-AD
     formula when a lower jvp level is live (see ``_nested_decomp``)."""
-    decomp = NESTED_DECOMPOSITIONS.get(func)
-    if decomp is not None and _differentiated_below(level):
-        out = decomp(*args, **kwargs)
+    if func in _NESTED_DECOMPOSED and _differentiated_below(level):
+        out = NESTED_DECOMPOSITIONS[func](*args, **kwargs)
         if out is not NotImplemented:
             return out
     if _state.jvp_depth:
@@ -210,9 +211,8 @@ def _run_inner(func, args, kwargs, level: int):
             # trap 6 at a differentiation level: torch._refs (e.g. the metadata of forward AD's
             # zero tangents) emit prims.* ops, whose autograd kernels have no forward-AD formula
             func = aten_equivalent(func) or func
-        decomp = FORWARD_AD_DECOMPOSITIONS.get(func)
-        if decomp is not None and _differentiated_below(level, _JVP_ONLY):
-            return decomp(*args, **kwargs)
+        if func in _FORWARD_AD_DECOMPOSED and _differentiated_below(level, _JVP_ONLY):
+            return FORWARD_AD_DECOMPOSITIONS[func](*args, **kwargs)
         return call_op_at_vmap(func, args, kwargs)
     return func(*args, **kwargs)
 
