@@ -30,7 +30,6 @@ process writes files.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -1223,12 +1222,10 @@ def _device_available(device):
 
 
 def _no_tf32():
-    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
-    plain assignments to the cuDNN flags: allow them for this one change)."""
-    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
-    with (allow() if allow is not None else contextlib.nullcontext()):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _gpu import no_tf32  # (shared by the three sweeps; the scripts are also loaded by path)
+
+    no_tf32()
 
 
 def main(argv=None):

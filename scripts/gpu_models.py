@@ -13,7 +13,7 @@ through vmap's per-example loop fallback) and exits 1 if any model fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import sys
 import time
 import traceback
@@ -155,12 +155,10 @@ def check(name, model, make_x, B, device, dtype, rtol, atol):
 
 
 def _no_tf32():
-    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
-    plain assignments to the cuDNN flags: allow them for this one change)."""
-    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
-    with (allow() if allow is not None else contextlib.nullcontext()):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _gpu import no_tf32  # (shared by the three sweeps; the scripts are also loaded by path)
+
+    no_tf32()
 
 
 def main(argv=None):

@@ -37,7 +37,6 @@ The harness is importable (tests/test_module_db.py uses ``run_config``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import signal
@@ -425,12 +424,10 @@ def write_markdown(recs, path):
 
 
 def _no_tf32():
-    """Compare in true float32 on a GPU: TF32 off (torch's test utilities, once imported, refuse
-    plain assignments to the cuDNN flags: allow them for this one change)."""
-    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", None)
-    with (allow() if allow is not None else contextlib.nullcontext()):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _gpu import no_tf32  # (shared by the three sweeps; the scripts are also loaded by path)
+
+    no_tf32()
 
 
 def main(argv=None):
