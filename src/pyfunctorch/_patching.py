@@ -35,6 +35,7 @@ def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
     wrapper.__qualname__ = getattr(original, "__qualname__", attr)
     wrapper.__doc__ = getattr(original, "__doc__", None)
     wrapper.__wrapped__ = original
+    wrapper._pyf_original = original  # (what a __torch_function__ handler calls: see BatchedTensor)
     _PATCHES.append((owner, attr, original, wrapper))
 
 

@@ -8,8 +8,39 @@ import weakref
 import torch
 
 from .. import _core
-from .._core import Interpreter, LevelTensor
+from .._core import Interpreter, LevelTensor, _state
+from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
+
+_NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_SCALARS = (int, float, bool, complex)
+
+
+def _user_calls(names):
+    """The Python callables through which a user's code reaches these ops (``torch.sin``,
+    ``x.sin()``, ``x * y`` -- reported as ``Tensor.mul`` --, ``F.gelu``)."""
+    found = set()
+    for owner in (torch._C.TensorBase, torch._C._VariableFunctions, torch._C._nn, torch._C._special):
+        for name in names:
+            fn = getattr(owner, name, None)
+            if fn is not None:
+                found.add(fn)
+    return frozenset(found)
+
+
+_DEFAULT_HANDLER = torch.Tensor.__torch_function__.__func__
+
+
+def _own_handler(t) -> bool:
+    """Whether tensor type ``t`` handles torch functions itself (not torch's default, not
+    disabled, not a BatchedTensor)."""
+    h = t.__torch_function__
+    return getattr(h, "__func__", h) not in (_DEFAULT_HANDLER, torch._C._disabled_torch_function_impl) \
+        and not issubclass(t, BatchedTensor)
+
+
+#: a user's call of one of these on BatchedTensors takes the torch-function fast path
+_FAST_CALLS = _user_calls(USER_POINTWISE)
 
 
 
@@ -53,6 +84,29 @@ class BatchedTensor(LevelTensor):
                 torch._C._set_neg(r, True)
         return r
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Speed: a user's pointwise call (``x * 1.01``, ``torch.sin(x)``) on tensors batched
+        # at one level runs on the physical values right here, before torch's dispatcher:
+        # ~4 us per op instead of ~11 through __torch_dispatch__ (see _pointwise_call).
+        if func in _FAST_CALLS and not kwargs and not _state.jvp_depth:
+            out = _pointwise_call(func, args)
+            if out is not None:
+                return out
+        if len(types) > 1:
+            others = tuple(t for t in types if t is not BatchedTensor and _own_handler(t))
+            if others:  # the other subclasses' handlers (JvpTensor's lifting), as if we had none
+                for t in others:
+                    out = t.__torch_function__(func, others, args, kwargs or {})
+                    if out is not NotImplemented:
+                        return out
+                return NotImplemented
+        # everything else: exactly as without a __torch_function__ (one of our patched entry
+        # points is called as the original it wraps: its handler has run already)
+        func = getattr(func, "_pyf_original", func)
+        with _NoTorchFunction():
+            return func(*args, **kwargs) if kwargs else func(*args)
+
     def _describe(self) -> str:
         return f"BatchedTensor[vmap level {self._interp.level}, batch dim {self._bdim}]"
 
@@ -86,6 +140,41 @@ class BatchedTensor(LevelTensor):
         if self._lazy and _core._pristine(self):
             return self._lazy_plain
         return super()._escaped()
+
+
+def _pointwise_call(func, args):
+    """``func(*args)`` for an elementwise op whose tensor arguments are all batched at one
+    live level, in front, with one logical rank and one dtype, the rest Python numbers:
+    then broadcasting and type promotion of the whole batch are each example's, and the op
+    on the physical values is the batched result (what broadcasting_rule's fast path does
+    after torch's dispatcher). Autograd and lower levels see the op on the values as usual.
+    None where another case is met (the call then takes the dispatcher)."""
+    interp = rank = dtype = None
+    values = []
+    with _NoTorchFunction():  # (metadata reads of the wrappers and lower-level values)
+        for a in args:
+            if type(a) is BatchedTensor:
+                if a._bdim or a._lazy or a.requires_grad:  # (a wrapper that records: dispatcher)
+                    return None
+                v = a._value
+                if interp is None:
+                    interp, rank, dtype = a._interp, v.dim(), v.dtype
+                elif a._interp is not interp or v.dim() != rank or v.dtype is not dtype:
+                    return None
+                values.append(v)
+            elif type(a) in _SCALARS or a is None:
+                values.append(a)
+            else:
+                return None
+        if interp is None or not interp.alive:
+            return None
+    out = func(*values)
+    if type(out) is not torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            return None
+        with _NoTorchFunction():
+            return BatchedTensor(out, 0, interp)
+    return BatchedTensor(out, 0, interp)
 
 
 def batched_here(x, interp) -> bool:

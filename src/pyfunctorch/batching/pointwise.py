@@ -196,6 +196,24 @@ POINTWISE = [
 
 batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(broadcasting_rule)
 
+#: Functional elementwise ops whose user-level calls (``torch.sin(x)``, ``x * y``) on tensors
+#: batched in front, of one rank and dtype, run as they are before torch's dispatcher
+#: (BatchedTensor.__torch_function__). Views, factories, in-place and multi-output ops are
+#: left out: they take the dispatcher.
+USER_POINTWISE = [
+    "abs", "absolute", "acos", "acosh", "asin", "asinh", "atan", "atanh", "bitwise_not", "ceil", "clamp",
+    "clamp_min", "clamp_max", "clip", "cos", "cosh", "deg2rad", "digamma", "erf", "erfc", "erfinv", "exp",
+    "exp2", "expm1", "fix", "floor", "frac", "i0", "lgamma", "log", "log10", "log1p", "log2", "logical_not",
+    "logit", "nan_to_num", "neg", "negative", "rad2deg", "reciprocal", "round", "rsqrt", "sgn", "sigmoid",
+    "sign", "sin", "sinc", "sinh", "sqrt", "square", "tan", "tanh", "trunc", "relu", "relu6", "gelu", "silu",
+    "mish", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish", "hardshrink",
+    "softshrink", "softplus",
+    "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "atan2", "arctan2",
+    "hypot", "maximum", "minimum", "fmax", "fmin", "copysign", "xlogy", "logaddexp", "logaddexp2", "eq", "ne",
+    "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "lerp", "addcmul", "addcdiv",
+]
+
 
 @batch_rule(*non_out_overloads(*(n for n in POINTWISE if n.endswith("_backward"))))
 def same_shape_kernel_rule(op, args, kwargs, dims):

@@ -1,0 +1,256 @@
+"""vmap's pointwise fast paths against the per-example loop and torch.func: a user's pointwise
+call taken before torch's dispatcher (BatchedTensor.__torch_function__), the pointwise rule's
+own fast path, and the activations' backward kernels on broadcast operands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.func as tf
+
+import pyfunctorch
+from pyfunctorch import grad, jacfwd, jacrev, jvp, vmap
+from pyfunctorch.batched import tensor as batched_tensor
+from pyfunctorch.batched.interpreter import VmapInterpreter
+
+from conftest import assert_close, loop_vmap
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------------------
+# pointwise rule: the fast path and the activations' backward kernels
+# ----------------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("op, extra", [
+    (aten.gelu_backward.default, ()), (aten.gelu_backward.default, {"approximate": "tanh"}),
+    (aten.tanh_backward.default, ()), (aten.sigmoid_backward.default, ()),
+    (aten.threshold_backward.default, (0.0,)), (aten.silu_backward.default, ()),
+])
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (1, None), (0, 0)])
+def test_activation_backward_kernels_with_broadcast_operands(device, dtype, op, extra, in_dims):
+    # run on broadcast operands where the kernel takes them (no copy of the unbatched one),
+    # on operands of one shape where it refuses (oneDNN's gelu_backward, float32/bfloat16)
+    g = torch.randn(4, 5, 3, dtype=dtype, device=device)
+    y = torch.randn(4, 5, 3, dtype=dtype, device=device)
+    g0 = g if in_dims[0] is not None else g[0]
+    y0 = y if in_dims[1] is not None else y[0]
+    if in_dims[0] == 1:
+        g0 = g.transpose(0, 1)[:, :, :]
+    kw = extra if isinstance(extra, dict) else {}
+    pos = () if kw else extra
+    f = lambda a, b: op(a, b, *pos, **kw)  # noqa: E731
+    got = vmap(f, in_dims=in_dims)(g0, y0)
+    assert_close(got, loop_vmap(f, in_dims=in_dims)(g0, y0))
+
+
+@pytest.mark.parametrize("a_dt, b_dt", [(torch.float32, torch.float32), (torch.int64, torch.float32),
+                                        (torch.float32, torch.float64), (torch.int32, torch.int64),
+                                        (torch.bool, torch.int64)])
+@pytest.mark.parametrize("b_shape", [(), (3,), (2, 3)])
+def test_binary_pointwise_fast_path_matches_the_loop(device, a_dt, b_dt, b_shape):
+    # batched logically-0-dim or 2-dim self, unbatched 0-dim / dimensioned / batched other:
+    # broadcasting and type promotion as per example (fast path when the dtypes agree)
+    for a_shape in [(5,), (5, 2, 3)]:
+        a = (torch.randn(a_shape, device=device) * 5).to(a_dt)
+        b = (torch.randn(b_shape, device=device) * 5).to(b_dt)
+        bb = (torch.randn((5,) + b_shape, device=device) * 5).to(b_dt)
+        for f in (torch.add, torch.mul, torch.maximum, lambda x, y: x * 2.5, lambda x, y: x + 3):
+            for in_dims, args in (((0, None), (a, b)), ((0, 0), (a, bb)), ((None, 0), (a[0], bb))):
+                if in_dims == (0, 0) and len(a_shape) != len(b_shape) + 1 and b_shape:
+                    continue
+                try:
+                    want = loop_vmap(f, in_dims=in_dims)(*args)
+                except RuntimeError:
+                    continue
+                got = vmap(f, in_dims=in_dims)(*args)
+                assert got.dtype == want.dtype
+                assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------------------
+# a user's pointwise call on tensors batched at one level: before torch's dispatcher
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_dispatch(monkeypatch):
+    """The number of aten ops that reached a vmap level's dispatch."""
+    seen = []
+    original = VmapInterpreter.dispatch
+
+    def counting(self, func, args, kwargs):
+        seen.append(func)
+        return original(self, func, args, kwargs)
+
+    monkeypatch.setattr(VmapInterpreter, "dispatch", counting)
+    return seen
+
+
+def test_user_pointwise_call_skips_the_dispatcher(count_dispatch):
+    # the mechanism: a chain of pointwise calls on tensors batched in front at one level
+    x = torch.randn(6, 4, 3)
+    y = torch.randn(6, 4, 3)
+    f = lambda a, b: torch.sin(a * 1.5 + b).exp() - b.cos() / 2  # noqa: E731
+    got = vmap(f)(x, y)
+    assert count_dispatch == []
+    assert_close(got, loop_vmap(f)(x, y))
+
+
+@pytest.mark.parametrize("case", ["batch dim 1", "ranks differ", "dtypes differ", "unbatched tensor",
+                                  "keyword argument", "wrapper requires grad"])
+def test_other_calls_take_the_dispatcher(count_dispatch, case):
+    x = torch.randn(5, 3, dtype=DT)
+    if case == "batch dim 1":
+        f, args, in_dims = (lambda a: torch.sin(a)), (x.t(),), 1
+    elif case == "ranks differ":
+        f, args, in_dims = (lambda a, b: a * b), (x, torch.randn(5, 2, 3, dtype=DT)), 0
+    elif case == "dtypes differ":
+        f, args, in_dims = (lambda a, b: a * b), (x, torch.randn(5, 3)), 0
+    elif case == "unbatched tensor":
+        f, args, in_dims = (lambda a, b: a * b), (x, torch.randn(3, dtype=DT)), (0, None)
+    elif case == "keyword argument":
+        f, args, in_dims = (lambda a: torch.add(a, a, alpha=2)), (x,), 0
+    else:
+        def f(a):  # autograd records on the wrapper itself, as on each example
+            a = a.detach().requires_grad_()
+            y = (a * a).sin()
+            return y.detach() + y.requires_grad
+        args, in_dims = (x,), 0
+    got = vmap(f, in_dims=in_dims)(*args)
+    assert count_dispatch != []
+    assert_close(got, loop_vmap(f, in_dims=in_dims)(*args))
+
+
+def _same(got, want):
+    assert type(got) is torch.Tensor and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+_DTYPES = [torch.float32, torch.float64, torch.int64, torch.int32, torch.bool, torch.complex64, torch.bfloat16]
+_SCALARS = [2, 2.5, True, 1 + 2j, -3]
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "div", "pow", "maximum", "remainder", "atan2", "eq",
+                                  "lt", "logical_and", "bitwise_and", "floor_divide", "hypot", "copysign"])
+def test_binary_user_calls_match_the_loop(device, dtype, name):
+    # every way of calling (torch.f, method, operator), with tensors and Python scalars:
+    # dtype and value as per example, or the example's error
+    x = (torch.randn(4, 2, 3, device=device) * 4).to(dtype)
+    y = (torch.randn(4, 2, 3, device=device) * 4 + 0.5).to(dtype)
+    fn = getattr(torch, name)
+    calls = [lambda a, b: fn(a, b), lambda a, b: getattr(a, name)(b)]
+    calls += [lambda a, b, s=s: fn(a, s) for s in _SCALARS]
+    calls += [lambda a, b, s=s: fn(s, a) for s in _SCALARS if name in ("add", "mul", "pow", "sub")]
+    for f in calls:
+        try:
+            want = loop_vmap(f)(x, y)
+        except (RuntimeError, TypeError) as e:
+            with pytest.raises(type(e)):
+                vmap(f)(x, y)
+            continue
+        _same(vmap(f)(x, y), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128, torch.int64, torch.float16])
+@pytest.mark.parametrize("name", ["sin", "exp", "log1p", "sigmoid", "tanh", "relu", "abs", "neg", "sqrt",
+                                  "reciprocal", "sgn", "square", "ceil", "logical_not", "nan_to_num"])
+def test_unary_user_calls_match_the_loop(device, dtype, name):
+    x = (torch.randn(4, 3, device=device) * 3).to(dtype)
+    fn = getattr(torch, name)
+    for f in (lambda a: fn(a), lambda a: getattr(a, name)(), lambda a: fn(a.conj()) if a.is_complex() else fn(-a)):
+        try:
+            want = loop_vmap(f)(x)
+        except (RuntimeError, TypeError) as e:
+            with pytest.raises(type(e)):
+                vmap(f)(x)
+            continue
+        _same(vmap(f)(x), want)
+
+
+def test_activation_and_clamp_calls_with_positional_scalars(device):
+    x = torch.randn(6, 5, dtype=DT, device=device)
+    F = torch.nn.functional
+    for f in (lambda a: a.clamp(-0.5, 0.5), lambda a: torch.clamp(a, None, 0.3), lambda a: F.leaky_relu(a, 0.2),
+              lambda a: F.gelu(a), lambda a: F.softplus(a), lambda a: F.hardtanh(a, -0.1, 0.2),
+              lambda a: torch.lerp(a, a.sin(), 0.3), lambda a: torch.addcmul(a, a, a.cos())):
+        assert_close(vmap(f)(x), loop_vmap(f)(x))
+        assert_close(vmap(f)(x), tf.vmap(f)(x))
+
+
+def _chain(x, w):
+    return (torch.sin(x * w) + x.exp() * 0.5 - (x * x).tanh()).sigmoid()
+
+
+@pytest.mark.parametrize("composition", ["vmap(grad)", "grad(vmap)", "vmap(vmap)", "jacrev(vmap)", "jacfwd(vmap)",
+                                         "vmap(jvp)", "jvp(vmap)", "vmap(jacrev)"])
+def test_compositions_through_the_fast_path_match_torch_func(device, composition):
+    xs = torch.randn(3, 4, 5, dtype=DT, device=device)
+    w = torch.randn(5, dtype=DT, device=device)
+    t = torch.randn(5, dtype=DT, device=device)
+    def run(m):
+        if composition == "vmap(grad)":
+            return m.vmap(m.grad(lambda x: _chain(x, w).sum()))(xs[0])
+        if composition == "grad(vmap)":
+            return m.grad(lambda w: m.vmap(lambda x: _chain(x, w))(xs[0]).sum())(w)
+        if composition == "vmap(vmap)":
+            return m.vmap(m.vmap(lambda x: _chain(x, w)))(xs)
+        if composition == "jacrev(vmap)":
+            return m.jacrev(lambda w: m.vmap(lambda x: _chain(x, w))(xs[0]))(w)
+        if composition == "jacfwd(vmap)":
+            return m.jacfwd(lambda w: m.vmap(lambda x: _chain(x, w))(xs[0]))(w)
+        if composition == "vmap(jvp)":
+            return m.vmap(lambda x: m.jvp(lambda x: _chain(x, w), (x,), (t,)))(xs[0])
+        if composition == "jvp(vmap)":
+            return m.jvp(lambda x: m.vmap(lambda r: _chain(r, w))(x), (xs[0],), (xs[1],))
+        return m.vmap(m.jacrev(lambda x: _chain(x, w)))(xs[0])
+    assert_close(run(pyfunctorch), run(tf))
+
+
+def test_grad_of_a_captured_batched_tensor_records_through_the_fast_path(device):
+    # inside vmap, grad over w: x (batched, captured) * w is a grad-level op; .sin() of it is
+    # a pointwise call on a tensor batched at the vmap level whose value the grad level tracks
+    xs = torch.randn(4, 3, dtype=DT, device=device)
+    w = torch.randn(3, dtype=DT, device=device)
+    f = lambda x: grad(lambda w: ((x * w).sin() * 2.0).exp().sum())(w)  # noqa: E731
+    assert_close(vmap(f)(xs), tf.vmap(tf.grad(lambda w, x: ((x * w).sin() * 2.0).exp().sum()), in_dims=(None, 0))(w, xs))
+
+
+def test_inference_mode_inside_vmap(device):
+    xs = torch.randn(4, 3, device=device)
+
+    def f(x):
+        with torch.inference_mode():
+            y = x * 2 + 1
+        return y.sin()
+    got = vmap(f)(xs)
+    assert_close(got, loop_vmap(f)(xs))
+
+
+def test_a_user_tensor_subclass_keeps_its_own_handler(device):
+    calls = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    xs = torch.randn(4, 3, device=device)
+    c = torch.randn(3, device=device).as_subclass(Logged)
+    got = vmap(lambda x: x * c)(xs)
+    assert "mul" in calls
+    assert_close(got, xs * c.as_subclass(torch.Tensor))
+
+
+def test_escaped_tensor_in_a_pointwise_call_raises():
+    leak = []
+    vmap(lambda x: leak.append(x * 2) or x)(torch.randn(3, 2))
+    with pytest.raises(pyfunctorch.EscapedTensorError):
+        leak[0].sin()
