@@ -74,6 +74,7 @@ class Impl:
     status: str | None = None
     note: str = ""
     convert: Callable | None = None  # applied to the result before checking (e.g. JAX -> torch)
+    around: Callable | None = None  # a context manager factory entered around each timed batch of calls
 
 
 @dataclass
@@ -167,7 +168,10 @@ def _first_line(e: BaseException, n=160) -> str:
     return s[:n]
 
 
-def _time_once(fn, inner: int) -> float:
+def _time_once(fn, inner: int, around=None) -> float:
+    if around is not None:  # (e.g. pyfunctorch.hold_entry_points: a loop of calls inside one block)
+        with around():
+            return _time_once(fn, inner)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -192,10 +196,10 @@ def measure(
         warnings.simplefilter("ignore")
         for impl in runnable:  # warm up twice, then calibrate
             impl.fn()
-            t = _time_once(impl.fn, 1)
-            t = min(t, _time_once(impl.fn, 1))
+            t = _time_once(impl.fn, 1, impl.around)
+            t = min(t, _time_once(impl.fn, 1, impl.around))
             inner[impl.name] = max(1, int(round(target_s / max(t, 1e-7))))
-        per_round = sum(inner[i.name] * _time_once(i.fn, 1) for i in runnable)
+        per_round = sum(inner[i.name] * _time_once(i.fn, 1, i.around) for i in runnable)
         # at least one full rotation, so every implementation runs in every position
         rounds = int(max(min_rounds, len(runnable), min(max_rounds, budget_s / max(per_round, 1e-9))))
         samples = {i.name: [] for i in runnable}
@@ -204,7 +208,7 @@ def measure(
             gc.collect()
             order = runnable[r % n :] + runnable[: r % n]
             for impl in order:
-                samples[impl.name].append(_time_once(impl.fn, inner[impl.name]))
+                samples[impl.name].append(_time_once(impl.fn, inner[impl.name], impl.around))
     return {k: Timing(statistics.median(v), v, inner[k]) for k, v in samples.items()}
 
 

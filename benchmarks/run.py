@@ -402,7 +402,10 @@ def w5_pointwise(shape, opts) -> H.Case:
         elif i.name == "for-loop":
             i.name = "loop"
     c.ref = c.hand = "hand-batched"
-    c.impls += optional_impls(opts, tf.vmap(overhead.chain), pf.vmap(overhead.chain), (x,))
+    pf_v = pf.vmap(overhead.chain)
+    c.impls.append(H.Impl("pyfunctorch, held", lambda: pf_v(x), around=pf.hold_entry_points,
+                          note="calls inside pyfunctorch.hold_entry_points()"))
+    c.impls += optional_impls(opts, tf.vmap(overhead.chain), pf_v, (x,))
     return c
 
 

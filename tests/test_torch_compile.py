@@ -106,3 +106,21 @@ def test_torch_compile_of_pyfunctorch_compile(where):
         torch.testing.assert_close(out, expected + shift)
     assert frames == 0, dict(counters["frames"])
     assert traced.cache_info().traces == 1
+
+
+def test_torch_compile_inside_hold_entry_points():
+    # the held wrappers stand in for torch.zeros / Tensor.clone / torch.randn: dynamo traces
+    # through them and the compiled code computes what torch's functions compute
+    def g(x):
+        return torch.zeros(3) + x.clone().sin() * torch.ones(3)
+
+    x = torch.randn(3)
+    with pyfunctorch.hold_entry_points():
+        pyfunctorch.vmap(torch.sin)(torch.randn(2, 3))
+        fn = torch.compile(g, backend="eager")
+        torch.testing.assert_close(fn(x), x.sin())
+        torch.testing.assert_close(fn(x + 1), (x + 1).sin())
+        # a transform inside the compiled function, with the entry points held around it
+        h = torch.compile(lambda v: pyfunctorch.vmap(lambda r: r.cos() + torch.zeros(()))(v), backend="eager")
+        v = torch.randn(4, 3)
+        torch.testing.assert_close(h(v), v.cos())

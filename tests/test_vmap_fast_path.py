@@ -254,3 +254,60 @@ def test_escaped_tensor_in_a_pointwise_call_raises():
     vmap(lambda x: leak.append(x * 2) or x)(torch.randn(3, 2))
     with pytest.raises(pyfunctorch.EscapedTensorError):
         leak[0].sin()
+
+
+# ----------------------------------------------------------------------------------------
+# hold_entry_points: torch's patched entry points kept for a loop of transform calls
+# ----------------------------------------------------------------------------------------
+
+
+def test_hold_entry_points_keeps_plain_torch_unchanged_and_restores_it(device):
+    originals = (torch.randn, torch.zeros, torch.Tensor.clone, torch.Tensor.detach, torch.Tensor.normal_)
+    xs = torch.randn(5, 3, device=device)
+    f = lambda x: (x * 2 + torch.ones(3, device=x.device)).sin()  # noqa: E731
+    want_vmap = loop_vmap(f)(xs)
+    want_grad = tf.vmap(tf.grad(lambda x: f(x).sum()))(xs)
+    torch.manual_seed(3)
+    want_plain = (torch.randn(4, device=device), torch.zeros(2, 2), xs.clone().normal_())
+    with pyfunctorch.hold_entry_points():
+        for _ in range(3):
+            assert_close(vmap(f)(xs), want_vmap)
+            assert_close(vmap(grad(lambda x: f(x).sum()))(xs), want_grad)
+        assert torch.randn is not originals[0]  # held between the calls ...
+        torch.manual_seed(3)  # ... and plain torch outside any transform is torch's
+        got_plain = (torch.randn(4, device=device), torch.zeros(2, 2), xs.clone().normal_())
+        d = xs.detach()
+        assert type(d) is torch.Tensor and d.data_ptr() == xs.data_ptr()
+        with pyfunctorch.hold_entry_points():  # nested blocks
+            assert_close(vmap(f)(xs), want_vmap)
+        assert torch.randn is not originals[0]
+    for g, w in zip(got_plain, want_plain):
+        assert torch.equal(g, w)
+    assert (torch.randn, torch.zeros, torch.Tensor.clone, torch.Tensor.detach, torch.Tensor.normal_) == originals
+
+
+def test_hold_entry_points_with_randomness_and_threads():
+    import threading
+
+    errors = []
+
+    def work():
+        try:
+            x = torch.randn(4, 3)
+            for _ in range(10):
+                out = vmap(lambda a: a + torch.randn(()), randomness="different")(x)
+                assert out.shape == (4, 3) and not torch.equal(out[0] - x[0], out[1] - x[1])
+                with pytest.raises(pyfunctorch.RandomnessError):
+                    vmap(lambda a: a + torch.randn(()))(x)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    with pyfunctorch.hold_entry_points():
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    from pyfunctorch import _patching
+    assert _patching._patch_users == 0

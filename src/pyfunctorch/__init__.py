@@ -20,6 +20,7 @@ from .errors import (ArgumentError, ArgumentTypeError, BatchedWriteError, DataDe
 from .control_flow import cond, scan, while_loop
 from .compile import compile
 from . import random
+from ._patching import hold_entry_points
 from . import custom_function  # noqa: F401  (torch.autograd.Function under transforms)
 from . import patches  # noqa: F401  (the torch entry points replaced while a transform is live)
 
@@ -40,6 +41,7 @@ __all__ = [
     "scan",
     "compile",
     "random",
+    "hold_entry_points",
     "ArgumentError",
     "ArgumentTypeError",
     "BatchedWriteError",

@@ -77,7 +77,7 @@ class BatchedTensor(LevelTensor):
         r._value = value
         r._bdim = bdim
         r._interp = interp
-        if value.dtype in _core._COMPLEX:  # keep lazy conj/neg bits visible on the wrapper
+        if value.is_complex():  # keep lazy conj/neg bits visible on the wrapper
             if value.is_conj():
                 torch._C._set_conj(r, True)
             if value.is_neg():
@@ -149,24 +149,35 @@ def _pointwise_call(func, args):
     on the physical values is the batched result (what broadcasting_rule's fast path does
     after torch's dispatcher). Autograd and lower levels see the op on the values as usual.
     None where another case is met (the call then takes the dispatcher)."""
-    interp = rank = dtype = None
-    values = []
+    interp = None
     with _NoTorchFunction():  # (metadata reads of the wrappers and lower-level values)
-        for a in args:
-            if type(a) is BatchedTensor:
-                if a._bdim or a._lazy or a.requires_grad:  # (a wrapper that records: dispatcher)
-                    return None
-                v = a._value
-                if interp is None:
-                    interp, rank, dtype = a._interp, v.dim(), v.dtype
-                elif a._interp is not interp or v.dim() != rank or v.dtype is not dtype:
-                    return None
-                values.append(v)
-            elif type(a) in _SCALARS or a is None:
-                values.append(a)
-            else:
+        n = len(args)
+        if n == 1 or n == 2 and type(args[1]) in _SCALARS:  # (x.sin(), x * 2: the common cases)
+            a = args[0]
+            if type(a) is not BatchedTensor or a._bdim or a._lazy or a.requires_grad:
                 return None
-        if interp is None or not interp.alive:
+            interp = a._interp
+            values = (a._value,) if n == 1 else (a._value, args[1])
+        else:
+            values = []
+            for a in args:
+                if type(a) is BatchedTensor:
+                    # (batch dim in front, not a lazy buffer, not a wrapper that records itself)
+                    if a._bdim or a._lazy or a.requires_grad:
+                        return None
+                    v = a._value
+                    if interp is None:
+                        interp, rank, dtype = a._interp, v.dim(), v.dtype
+                    elif a._interp is not interp or v.dim() != rank or v.dtype is not dtype:
+                        return None
+                    values.append(v)
+                elif type(a) in _SCALARS or a is None:
+                    values.append(a)
+                else:
+                    return None
+            if interp is None:
+                return None
+        if not interp.alive:
             return None
     out = func(*values)
     if type(out) is not torch.Tensor:
