@@ -471,6 +471,7 @@ def _metadata_query(func, args):
 
 _COMPLEX = tuple(getattr(torch, n) for n in ("complex64", "complex128", "complex32", "bcomplex32") if hasattr(torch, n))
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_torch_function_on = torch._C._is_torch_function_enabled
 _DETACH, _ALIAS = aten.detach.default, aten.alias.default
 _IS_SAME_SIZE = aten.is_same_size.default
 _SAME_STORAGE_NUMEL = aten._has_same_storage_numel.default
@@ -516,6 +517,9 @@ class LevelTensor(torch.Tensor):
     def _same_shape(cls, value: torch.Tensor, interp: "Interpreter", requires_grad: bool = False):
         """A wrapper of ``cls`` with ``value``'s metadata (grad and jvp levels). Few keyword
         arguments: this runs for every op's output, and each one costs (~1.5 us in all)."""
+        if type(value) is not torch.Tensor and _torch_function_on():
+            with _NoTorchFunction():  # (a BatchedTensor's metadata, read outside our dispatch)
+                return LevelTensor._same_shape(cls, value, interp, requires_grad)
         shape = value.shape
         if not requires_grad and value.is_contiguous() and not value.storage_offset() and 1 not in shape \
                 and 0 not in shape:

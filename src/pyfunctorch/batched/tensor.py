@@ -13,6 +13,7 @@ from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
 
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_torch_function_on = torch._C._is_torch_function_enabled
 _SCALARS = (int, float, bool, complex)
 
 
@@ -55,6 +56,9 @@ class BatchedTensor(LevelTensor):
 
     @staticmethod
     def __new__(cls, value: torch.Tensor, bdim: int, interp: "Interpreter"):
+        if type(value) is not torch.Tensor and _torch_function_on():
+            with _NoTorchFunction():  # (an outer level's BatchedTensor, outside our dispatch)
+                return BatchedTensor.__new__(cls, value, bdim, interp)
         shape = value.shape
         if bdim == 0 and value.is_contiguous() and not value.storage_offset() and 1 not in shape and 0 not in shape:
             # (the common case, a fresh result: the default strides and offset are exactly the
