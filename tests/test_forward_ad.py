@@ -556,3 +556,80 @@ def test_jacfwd_of_bias_add_does_not_run_torch_python_meta_kernels():
         got = pf.jacfwd(f)(x)
     assert_close(got, tf.jacfwd(f)(x))
     assert not [e for e in prof.key_averages() if e.key == "prims::add"]
+
+
+# -- products with constants: the op on the dual's tangent (speed) ----------------------------
+
+_PW = _t(4, 5, seed=21)
+_WB = _t(3, 4, 5, seed=22)
+_C5 = _t(5, seed=23)
+_C5_INF = torch.tensor([1.0, float("inf"), -2.0, 0.0, 3.0], dtype=D)
+_PRODUCT_BODIES = {
+    "W@x": lambda x: torch.tanh(_PW @ x),
+    "mv": lambda x: torch.mv(_PW, x).sin(),
+    "x@W.T": lambda x: (x @ _PW.t()).exp(),
+    "mm": lambda x: torch.mm(x.unsqueeze(0), _PW.t()).sin(),
+    "bmm": lambda x: torch.bmm(_WB, x.expand(3, 5).unsqueeze(-1)).sin(),
+    "dot": lambda x: torch.dot(x.sin(), _C5),
+    "x*c": lambda x: (x * _C5).sin(),
+    "c*x": lambda x: (_C5 * x).cos(),
+    "broadcast": lambda x: (x * _PW).tanh(),
+    "float32_constant": lambda x: (x * _C5.float()).sin(),
+    "complex_constant": lambda x: torch.view_as_real(x * (_C5 + 1j * _C5.flip(0))).sin(),
+    "inf_constant": lambda x: (x * _C5_INF).atan(),
+    "linear": lambda x: F.linear(x, _PW).sin(),
+    "linear_bias": lambda x: F.linear(x, _PW, _C5[:4]).sin(),
+    "two_duals": lambda x: (x * x.sin()) @ _C5,
+    "mlp": lambda x: torch.tanh(_PW @ torch.tanh(x * _C5) + 1.0) @ _C5[:4],
+}
+
+
+@pytest.mark.parametrize("body", sorted(_PRODUCT_BODIES))
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian", "hvp", "jacfwd_jacfwd", "jvp_hessian"])
+def test_products_with_constants_match_torch_func(body, transform):
+    f = _PRODUCT_BODIES[body]
+    x, v = _t(5, seed=1), _t(5, seed=2)
+    V = _t(3, 5, seed=3)
+
+    def run(M):
+        s = lambda y: f(y).sum()  # noqa: E731
+        if transform == "jvp":
+            return M.jvp(f, (x,), (v,))
+        if transform == "jacfwd":
+            return M.jacfwd(f)(x)
+        if transform == "hessian":
+            return M.hessian(s)(x)
+        if transform == "hvp":
+            return M.vmap(lambda w: M.jvp(M.grad(s), (x,), (w,))[1])(V)
+        if transform == "jvp_hessian":
+            return M.jvp(M.hessian(s), (x,), (v,))
+        return M.jacfwd(M.jacfwd(s))(x)
+
+    assert_close(run(pf), run(tf), equal_nan=True)
+
+
+def test_product_with_a_dual_weight_and_the_outer_graph():
+    # jacfwd over the weight of F.linear (the dual in the second position, the bias left out
+    # of the tangent), and autograd outside through the constant input
+    x = _t(5, seed=1).requires_grad_(True)
+    b = _t(4, seed=2)
+    f = lambda W, x: F.linear(x, W, b).tanh()  # noqa: E731
+    got = pf.jacfwd(f)(_PW, x)
+    want = tf.jacfwd(f)(_PW, x)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got.sum(), x), torch.autograd.grad(want.sum(), x))
+
+
+def test_products_with_constants_do_not_run_torch_python_meta_kernels():
+    # the mechanism: the tangent of W @ x, x * c, dot(x, c) is the op on x's tangent, so forward
+    # AD never multiplies an efficient zero tensor (whose metadata torch computes in Python).
+    # (Not yet where a vmap level's rule runs the product between the jvp level and the user's
+    # op: hessian's backward of x * c under jacrev's vmap.)
+    f = lambda x: torch.dot(torch.tanh(_PW @ (x * _C5)), _C5[:4])  # noqa: E731
+    x = _t(5, seed=6)
+    for run in (lambda M: M.jacfwd(f)(x), lambda M: M.jvp(f, (x,), (x.cos(),)),
+                lambda M: M.vmap(lambda w: M.jvp(M.grad(f), (x,), (w,))[1])(_PW)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = run(pf)
+        assert_close(got, run(tf))
+        assert not [e.key for e in prof.key_averages() if e.key.startswith("prims::")]

@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from ._core import LevelTensor, WrapperInterpreter, _state, detach_all_levels, own_fresh_result_of_user_call
+from ._core import LevelTensor, WrapperInterpreter, _state, detach_all_levels
+from ._ownership import own_fresh_result_of_user_call
 
 
 # -- tensors created inside a transformed function ----------------------------------

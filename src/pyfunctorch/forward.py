@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from . import _core
+from . import _core, _ownership
 from ._compiler import opaque_to_compiler
 from ._core import Interpreter, LevelTensor, WrapperInterpreter, peel, push_interpreter
 from ._pytree import tree_flatten, tree_map, tree_unflatten
@@ -54,16 +54,21 @@ class JvpTensor(LevelTensor):
             # forward formula goes through torch._refs (~120 us); the .Scalar overload is ~8 us.
             out = scalar_op(args[0], args[1])
             if isinstance(out, JvpTensor):
-                out = _core.own_fresh_results(out, args, kwargs)
+                out = _ownership.own_fresh_results(out, args, kwargs)
             return out
         args, kwargs = _core.lift_mixed(args, kwargs)
         args, kwargs = _lift_duals_into_vmap(func, args, kwargs)
-        if not kwargs and func in _ADDITIVE_CALLS:
-            args = _core.zero_tangents_for_constants(args)
+        out = None
         with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
+            if not kwargs:
+                if func in _ADDITIVE_CALLS:
+                    args = _core.zero_tangents_for_constants(args)
+                elif func in _PRODUCT_CALLS:
+                    out = _core.product_with_constants(func, args, drop_bias=func is _LINEAR)
+            if out is None:
+                out = func(*args, **kwargs)
         if isinstance(out, JvpTensor):
-            out = _core.own_fresh_results(out, args, kwargs)
+            out = _ownership.own_fresh_results(out, args, kwargs)
         return out
 
     def _describe(self) -> str:
@@ -121,6 +126,12 @@ _METADATA_READS = frozenset({_T.stride, _T.storage_offset, _T.size, _T.dim, _T.n
 #: the user-level forms of _core.ADDITIVE (functional only: an in-place write must reach its target)
 _ADDITIVE_CALLS = frozenset({_T.__add__, _T.__radd__, _T.add, torch.add, _T.__sub__, _T.__rsub__, _T.sub, torch.sub,
                              _T.subtract, torch.subtract, torch.rsub})
+
+#: the user-level forms of _core.PRODUCTS, and F.linear (a product plus a constant bias)
+_LINEAR = torch._C._nn.linear
+_PRODUCT_CALLS = frozenset({_T.__matmul__, _T.matmul, torch.matmul, _T.mm, torch.mm, _T.mv, torch.mv, _T.dot,
+                            torch.dot, _T.bmm, torch.bmm, _T.__mul__, _T.__rmul__, _T.mul, torch.mul, _T.multiply,
+                            torch.multiply, _LINEAR})
 
 _SCALAR_OPS = {
     torch.Tensor.__mul__: aten.mul.Scalar, torch.Tensor.__rmul__: aten.mul.Scalar, torch.Tensor.mul: aten.mul.Scalar,
@@ -253,7 +264,7 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
     p_flat, p_spec, t_flat = _check_primals_tangents(primals, tangents, "jvp")
     # as torch.func: forward AD on even where it was switched off (autograd.Function.forward)
     with fwAD._set_fwd_grad_enabled(True), _jvp_level() as interp:
-        lift = _core.lift_into_live_levels
+        lift = _ownership.lift_into_live_levels
         lvl = interp.level
         # A tangent is a value at this level, as the primal is: wrapped (without a tangent of
         # its own) so that it may carry the derivatives of lower levels inside; forward AD

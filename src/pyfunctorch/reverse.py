@@ -16,7 +16,8 @@ import torch
 
 from . import _nested_decomp  # noqa: F401  (registers the nested-differentiation decompositions)
 from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _resolve_dead, interpreter_stack, level_of,
-                    lift_into_live_levels, no_inference_mode, peel, push_interpreter)
+                    no_inference_mode, peel, push_interpreter)
+from ._ownership import lift_into_live_levels
 from ._compiler import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError, ArgumentTypeError
