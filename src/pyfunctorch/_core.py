@@ -506,14 +506,14 @@ class LevelTensor(torch.Tensor):
         st.dispatch_depth += 1
         try:
             top, dead = _find_top(args, kwargs)
-            if dead:
-                return _dispatch_with_dead(func, args, kwargs)
             # The ops our dispatch runs on inner values (and its reads of their shapes and
             # strides) skip the wrappers' __torch_function__ (JvpTensor's lifting, BatchedTensor's
             # fast path: ~1 us each, ~70 calls per HVP): the levels' process has lifted their
             # operands already. (torch.func's transforms, C++ dispatch keys, never call an inner
             # __torch_function__ either.)
             with _NoTorchFunction():
+                if dead:
+                    return _dispatch_with_dead(func, args, kwargs)
                 return top.dispatch(func, args, kwargs)
         finally:
             st.dispatch_depth -= 1
