@@ -285,36 +285,40 @@ def markdown(rows, patch_us, info) -> str:
         "function with one output element no longer vmaps `vjp_fn` over a one-row basis, which took "
         "`hessian` of a scalar function from ~2x to ~1.3x torch.func (W4) and depth 3 below from ~7.7x to ~3x.",
         "- `torch Python meta`: where forward AD meets an operand without a tangent (`x + b` with a constant `b`, "
-        "the backward of `dot`), torch's C++ formula adds an efficient zero tensor, and that add/mul computes its "
-        "output's metadata by running torch's *Python* meta kernels (`_refs.add` -> `prims.add`, symbolic-shape "
-        "checks) on meta copies of the operands: 100-300 µs each, in plain torch too (`make_dual(x, t) + b` is "
-        "~40x slower than `x + b`), and torch.func pays it once per such op. Under pyfunctorch the operands are our "
-        "wrappers, so every `prims.*` op that `_refs.add` emits dispatches through the levels below; mapping "
-        "those `prims.add` back to `aten.add` under vmap used to run `_refs` a second time (2-6x as many events "
-        "as torch.func). vmap now runs elementwise prims on meta values directly (as many events as torch.func), "
-        "but each event still costs more than in torch.func; it is the largest category at depth 3 and in W4 "
-        "HVP. Where it is exact and cheap, forward AD no longer sees a missing tangent: a constant in an additive "
-        "op (`x + b`, `b - x`; `_core.zero_tangents_for_constants`) gets an explicit zero tangent, one small add "
-        "instead of ~250 µs of meta events (jacfwd of the 3-layer MLP 1.5x -> 1.2x torch.func, Hessian 1.12x -> "
-        "1.04x, HVP 2.1x -> 1.9x, direct paired timing). Not for products (`W @ x`, `x * c`, `dot`): a zero "
-        "tangent there computes `self * 0`, NaN where the primal is inf, where the efficient zero gives 0.",
+        "`W @ x` with a constant `W`, the backward of `dot`), torch's C++ formula takes an efficient zero tensor "
+        "for the missing tangent, and the ops on it compute their outputs' metadata by running torch's *Python* "
+        "meta kernels (`_refs.add` -> `prims.add`, symbolic-shape checks) on meta copies of the operands: "
+        "80-300 µs each, in plain torch too (`make_dual(x, t) * c` is ~80x slower than `x * c`). Under "
+        "pyfunctorch the operands are our wrappers, so every `prims.*` op dispatches through the levels below. "
+        "Forward AD no longer meets most of them: a constant in an additive op (`x + b`, `b - x`; "
+        "`_core.zero_tangents_for_constants`) gets an explicit zero tangent, and a product with one dual operand "
+        "and constants (`W @ x`, `x * c`, `dot`, `mm`/`mv`/`bmm`, `F.linear` with a constant bias; "
+        "`_core.product_with_constants`) gets the op on the dual's tangent as its tangent, exactly the formula's "
+        "nonzero term (jacfwd of the 3-layer MLP 1.25x -> 1.04x torch.func, Hessian 1.18x -> 0.93x, HVP "
+        "2.0x -> 1.5x). What is left of the category: products that a vmap rule runs between the jvp level "
+        "and the user's op (hessian's backward under jacrev's vmap), and jvp levels with a differentiation level "
+        "below them (their tangents are wrappers).",
         "- Also measured and done: the activations' backward kernels ran on a copy of the unbatched operand "
         "expanded to the batch (for oneDNN's gelu_backward); they now run broadcast and copy only where a kernel "
         "refuses (jacrev's tanh_backward: ~100 µs per call); `jacrev` installs the patched entry points once for "
-        "its vjp and its vmap (~70 µs); JvpTensor.__torch_function__ is skipped inside our own dispatch (~70 "
-        "calls per HVP); the pointwise rule runs `x * y`, `x * 1.01` as they are when dtypes and ranks agree.",
+        "its vjp and its vmap (~70 µs); torch functions are off inside our own dispatch (JvpTensor's and "
+        "BatchedTensor's `__torch_function__` are never re-entered there); the pointwise rule runs `x * y`, "
+        "`x * 1.01` as they are when dtypes and ranks agree.",
+        "- Depth 1 (one vmap, tiny tensors): a user's pointwise call on tensors batched in front at one level "
+        "(`x * 1.01`, `torch.sin(x)`) runs on the physical values in `BatchedTensor.__torch_function__`, before "
+        "torch's dispatcher: ~5-6 µs per op instead of ~11 (`benchmarks/dispatch_floor.py` puts a minimal "
+        "`__torch_dispatch__` wrapper, no rules and no levels, at ~8.7 µs). W5 tiny went from ~3.2x to ~2.1x "
+        "torch.func.",
         "- The fixed cost per outermost call is dominated by installing and removing the patched entry points "
-        "(`patches.py`, 72 attributes, 20 of them on `torch.Tensor`). Measured (paired, W5 tiny): with the "
-        "patches left installed between calls pyfunctorch/torch.func goes from 3.2x to 2.7x; the writes "
-        "themselves are cheap (grouping them per owner changed nothing), the cost is their effect (type-attribute "
-        "caches and specialized bytecode invalidated on every swap). Leaving them installed would break the "
-        "invariant that torch is patched only while a transform is live (tests/test_regressions.py), a decision "
-        "for the project, not made here.",
-        "- Depth 1 (one vmap, tiny tensors): `benchmarks/dispatch_floor.py` puts a wrapper subclass whose "
-        "dispatch only unwraps, runs the op and rewraps (no rules, no levels) at ~1.9x torch.func per op, and "
-        "pyfunctorch.vmap at ~3.4x (same run): a 2.0x target for W5 tiny is the floor of any Python "
-        "`__torch_dispatch__` design, not reachable eagerly; the traced path (`pyfunctorch.compile`) is below "
-        "torch.func there. Large tensors (W5 large, W1/W2) are kernel-bound and within a few percent of torch.func.",
+        "(`patches.py`, 72 attributes, 20 of them on `torch.Tensor`): the writes themselves are cheap, the cost "
+        "is their effect (type-attribute caches and specialized bytecode invalidated on every swap), ~40 µs per "
+        "call. `pyfunctorch.hold_entry_points()` keeps them installed for a block (a loop of transform calls; "
+        "outside transforms the wrappers call torch's functions unchanged, and torch is restored after the "
+        "block): W5 tiny ~2.1x -> ~1.75x torch.func (the suite's 'pyfunctorch, held' row). By default torch "
+        "stays patched only while a transform is live (tests/test_regressions.py).",
+        "- Large tensors (W5 large, W1/W2 at B=256) are kernel-bound and within ~10% of torch.func; W1 at B=64 "
+        "pays a fixed ~0.8 ms of Python events (54 per call over two levels, ~15 µs each) that torch.func pays "
+        "in C++: paired, B=8 1.65x, B=64 1.36x, B=256 1.11x.",
         "",
         END,
     ])
