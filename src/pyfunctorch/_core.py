@@ -717,17 +717,18 @@ def product_with_constants(func, args, drop_bias=False):
     if not _state.dispatch_depth and _state.stack[-1] is not top:
         return None  # a user's call under a higher level: own_fresh_results decides (make_dual gives a view)
     for i, a in enumerate(args):
-        if a is None:
-            continue
-        if _is_dual(a):  # (any tensor: a wrapper of a level between may carry a tangent too)
-            if not (isinstance(a, LevelTensor) and a._interp is top):
-                return None
-            dual, n = i, n + 1
-        elif isinstance(a, LevelTensor) and a._interp is top:
-            return None  # (a lifted constant: its tangent would be a wrapper of this level)
+        if isinstance(a, LevelTensor):
+            if a._interp is top:
+                primal, tangent = _fwAD.unpack_dual(a)
+                if tangent is None:
+                    return None  # (a lifted constant: its tangent would be a wrapper of this level)
+                dual, n = i, n + 1
+            # (a lower level is a vmap level: with plain tangents no jvp level is below this one,
+            # and call_op_at_vmap keeps forward AD off the vmap wrappers)
+        elif a is not None and _is_dual(a):  # (a dual the user made with torch's forward AD)
+            return None
     if n != 1 or (drop_bias and dual == 2):
         return None
-    primal, tangent = _fwAD.unpack_dual(args[dual])
     out = func(*args[:dual], primal, *args[dual + 1:])
     targs = args[:dual] + (tangent,) + args[dual + 1:]
     return _fwAD.make_dual(out, func(*(targs[:2] if drop_bias else targs)))
