@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -182,3 +183,21 @@ def numerical_jacobian(f, args, argnum=0, eps=1e-6):
 def fd_assert_close(actual, expected):
     """Comparison against finite differences (float64, central): looser tolerances."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def run_in_threads(work, n):
+    """Run ``work()`` in ``n`` threads at once; the exceptions they raised (empty when none)."""
+    errors = []
+
+    def target():
+        try:
+            work()
+        except Exception as e:  # reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

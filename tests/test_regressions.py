@@ -6,6 +6,8 @@ import pytest
 
 import pyfunctorch as pf
 
+from conftest import run_in_threads
+
 
 def test_plain_torch_unchanged_after_transforms():
     # patching a slot method (Tensor.__getitem__) on torch.Tensor changes the type for good
@@ -52,29 +54,16 @@ def test_writing_a_derivative_into_an_outside_tensor_raises_before_writing():
 
 
 def test_transforms_in_several_threads_keep_torch_patched_only_while_needed():
-    import threading
-
-    import pyfunctorch._core as core
-
     originals = (torch.randn, torch.zeros, torch.Tensor.detach)
-    errors = []
 
     def work():
-        try:
-            for _ in range(40):
-                x = torch.randn(4, 3)
-                out = pf.vmap(lambda a: a.sin() + torch.randn(()), randomness="different")(x)
-                assert out.shape == (4, 3)
-                torch.testing.assert_close(pf.grad(lambda a: a.exp().sum())(x), x.exp())
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(40):
+            x = torch.randn(4, 3)
+            out = pf.vmap(lambda a: a.sin() + torch.randn(()), randomness="different")(x)
+            assert out.shape == (4, 3)
+            torch.testing.assert_close(pf.grad(lambda a: a.exp().sum())(x), x.exp())
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(work, 4) == []
     assert (torch.randn, torch.zeros, torch.Tensor.detach) == originals
     from pyfunctorch import _patching
     assert _patching._patch_users == 0

@@ -13,7 +13,7 @@ from pyfunctorch import grad, jacfwd, jacrev, jvp, vmap
 from pyfunctorch.batched import tensor as batched_tensor
 from pyfunctorch.batched.interpreter import VmapInterpreter
 
-from conftest import assert_close, loop_vmap
+from conftest import assert_close, loop_vmap, run_in_threads
 
 DT = torch.float64
 
@@ -287,27 +287,16 @@ def test_hold_entry_points_keeps_plain_torch_unchanged_and_restores_it(device):
 
 
 def test_hold_entry_points_with_randomness_and_threads():
-    import threading
-
-    errors = []
-
     def work():
-        try:
-            x = torch.randn(4, 3)
-            for _ in range(10):
-                out = vmap(lambda a: a + torch.randn(()), randomness="different")(x)
-                assert out.shape == (4, 3) and not torch.equal(out[0] - x[0], out[1] - x[1])
-                with pytest.raises(pyfunctorch.RandomnessError):
-                    vmap(lambda a: a + torch.randn(()))(x)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        x = torch.randn(4, 3)
+        for _ in range(10):
+            out = vmap(lambda a: a + torch.randn(()), randomness="different")(x)
+            assert out.shape == (4, 3) and not torch.equal(out[0] - x[0], out[1] - x[1])
+            with pytest.raises(pyfunctorch.RandomnessError):
+                vmap(lambda a: a + torch.randn(()))(x)
 
     with pyfunctorch.hold_entry_points():
-        threads = [threading.Thread(target=work) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_in_threads(work, 3)
     assert errors == []
     from pyfunctorch import _patching
     assert _patching._patch_users == 0
