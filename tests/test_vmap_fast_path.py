@@ -12,6 +12,7 @@ import pyfunctorch
 from pyfunctorch import grad, jacfwd, jacrev, jvp, vmap
 from pyfunctorch.batched import tensor as batched_tensor
 from pyfunctorch.batched.interpreter import VmapInterpreter
+from pyfunctorch.batching.pointwise import USER_POINTWISE
 
 from conftest import assert_close, loop_vmap, run_in_threads
 
@@ -181,6 +182,54 @@ def test_activation_and_clamp_calls_with_positional_scalars(device):
               lambda a: torch.lerp(a, a.sin(), 0.3), lambda a: torch.addcmul(a, a, a.cos())):
         assert_close(vmap(f)(x), loop_vmap(f)(x))
         assert_close(vmap(f)(x), tf.vmap(f)(x))
+
+
+def _user_callables(name):
+    F = torch.nn.functional
+    found = [getattr(torch, name, None), getattr(torch.Tensor, name, None), getattr(F, name, None),
+             getattr(torch._C._nn, name, None)]  # (F's Python wrappers pass keywords: the dispatcher)
+    if name.startswith("special_"):
+        found.append(getattr(torch.special, name[len("special_"):], None))
+    return [fn for fn in found if callable(fn)]
+
+
+_CALL_PATTERNS = [  # (how many batched tensors, the call's arguments made from them)
+    (1, lambda a: (a,)), (2, lambda a, b: (a, b)), (1, lambda a: (a, 0.7)), (1, lambda a: (a, 2)),
+    (1, lambda a: (1, a)), (2, lambda a, b: (a, b, b)), (2, lambda a, b: (a, b, 0.3)), (1, lambda a: (a, 0.7, 2.0)),
+    (2, lambda a, b: (a, b, 1)),
+]
+
+
+@pytest.mark.parametrize("name", USER_POINTWISE)
+def test_every_fast_call_matches_the_loop_and_skips_the_dispatcher(name, count_dispatch):
+    # the whole table: each op called the ways it accepts (1-3 tensors, Python scalars; a
+    # positional `inplace` of F's wrappers included), on float and, where float is refused,
+    # integer inputs; equal to the loop (results and what it wrote into the inputs), and at
+    # least one form taken before the dispatcher (no aten op reached the vmap level)
+    fast = ran = 0
+    for dtype in (torch.float64, torch.int64, torch.bool):
+        x = torch.rand(4, 3, dtype=torch.float64).add(0.5).mul(3).to(dtype)
+        y = torch.rand(4, 3, dtype=torch.float64).sub(0.5).to(dtype)
+        for fn in _user_callables(name):
+            for n, make in _CALL_PATTERNS:
+                f = lambda *t, fn=fn, make=make: fn(*make(*t))  # noqa: E731
+                loop_ins = tuple(t.clone() for t in (x, y)[:n])
+                try:
+                    want = loop_vmap(f)(*loop_ins)
+                except Exception:
+                    continue
+                if not isinstance(want, torch.Tensor):
+                    continue
+                ins = tuple(t.clone() for t in (x, y)[:n])
+                count_dispatch.clear()
+                _same(vmap(f)(*ins), want)
+                for a, b in zip(ins, loop_ins):
+                    _same(a, b)
+                ran += 1
+                fast += not count_dispatch
+        if ran:
+            break
+    assert ran and fast, f"{name}: ran {ran} forms, {fast} before the dispatcher"
 
 
 def _chain(x, w):

@@ -196,23 +196,18 @@ POINTWISE = [
 
 batch_rule(*non_out_overloads(*POINTWISE, *(name + "_" for name in POINTWISE)))(broadcasting_rule)
 
-#: Functional elementwise ops whose user-level calls (``torch.sin(x)``, ``x * y``) on tensors
+#: The elementwise ops above whose user-level calls (``torch.sin(x)``, ``x * y``) on tensors
 #: batched in front, of one rank and dtype, run as they are before torch's dispatcher
-#: (BatchedTensor.__torch_function__). Views, factories, in-place and multi-output ops are
-#: left out: they take the dispatcher.
-USER_POINTWISE = [
-    "abs", "absolute", "acos", "acosh", "asin", "asinh", "atan", "atanh", "bitwise_not", "ceil", "clamp",
-    "clamp_min", "clamp_max", "clip", "cos", "cosh", "deg2rad", "digamma", "erf", "erfc", "erfinv", "exp",
-    "exp2", "expm1", "fix", "floor", "frac", "i0", "lgamma", "log", "log10", "log1p", "log2", "logical_not",
-    "logit", "nan_to_num", "neg", "negative", "rad2deg", "reciprocal", "round", "rsqrt", "sgn", "sigmoid",
-    "sign", "sin", "sinc", "sinh", "sqrt", "square", "tan", "tanh", "trunc", "relu", "relu6", "gelu", "silu",
-    "mish", "elu", "selu", "celu", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish", "hardshrink",
-    "softshrink", "softplus",
-    "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "atan2", "arctan2",
-    "hypot", "maximum", "minimum", "fmax", "fmin", "copysign", "xlogy", "logaddexp", "logaddexp2", "eq", "ne",
-    "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or",
-    "bitwise_xor", "lerp", "addcmul", "addcdiv",
-]
+#: (BatchedTensor.__torch_function__): all but views and conj/neg bits, factories and the
+#: entry points patched while a transform is live, multi-output and internal ops, and
+#: ``where`` (one argument: the indices of nonzero elements). Those take the dispatcher.
+_DISPATCHER_ONLY = {
+    "_conj", "_neg_view", "alias_copy", "conj", "imag", "real", "resolve_conj", "resolve_neg", "view_as_complex",
+    "view_as_real", "positive",
+    "_to_copy", "clone", "empty_like", "fill", "full_like", "ones_like", "zero", "zeros_like",
+    "log_sigmoid_forward", "_masked_scale", "where",
+}
+USER_POINTWISE = [n for n in POINTWISE if not n.endswith("_backward") and n not in _DISPATCHER_ONLY]
 
 
 @batch_rule(*non_out_overloads(*(n for n in POINTWISE if n.endswith("_backward"))))
