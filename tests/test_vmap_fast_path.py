@@ -232,6 +232,39 @@ def test_every_fast_call_matches_the_loop_and_skips_the_dispatcher(name, count_d
     assert ran and fast, f"{name}: ran {ran} forms, {fast} before the dispatcher"
 
 
+_F_CALLS = [
+    lambda a: F.relu(a), lambda a: F.relu6(a * 4), lambda a: F.silu(a), lambda a: F.mish(a), lambda a: F.hardswish(a),
+    lambda a: F.hardsigmoid(a), lambda a: F.selu(a), lambda a: F.celu(a, 0.5), lambda a: F.elu(a, 0.7),
+    lambda a: F.leaky_relu(a, 0.2), lambda a: F.leaky_relu(a), lambda a: F.hardtanh(a, -0.3, 0.4),
+    lambda a: F.threshold(a, 0.1, -2.0), lambda a: torch.nn.ReLU()(a), lambda a: torch.nn.SiLU()(a),
+]
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("k", range(len(_F_CALLS)))
+def test_functional_wrappers_skip_the_dispatcher(device, k, count_dispatch):
+    # torch.nn.functional's Python wrappers (nn.ReLU -> F.relu(x, inplace=False)) reach
+    # __torch_function__ with keywords: out of place, they run as the C function they call
+    f = _F_CALLS[k]
+    x = torch.randn(5, 4, 3, dtype=DT, device=device)
+    got = vmap(f)(x)
+    assert count_dispatch == []
+    assert_close(got, loop_vmap(f)(x))
+    assert_close(got, tf.vmap(f)(x))
+
+
+@pytest.mark.parametrize("f", [lambda a: F.relu(a, inplace=True), lambda a: F.leaky_relu(a, 0.2, True),
+                               lambda a: F.hardtanh(a, -0.3, 0.4, True), lambda a: F.elu(a, 0.7, inplace=True)])
+def test_functional_wrappers_in_place_take_the_dispatcher(f, count_dispatch):
+    x = torch.randn(5, 3, dtype=DT)
+    xl = x.clone()
+    want = loop_vmap(f)(xl)
+    got = vmap(f)(x)
+    assert count_dispatch != []
+    assert_close(got, want)
+    assert_close(x, xl)  # written in place, as each example is
+
+
 def _chain(x, w):
     return (torch.sin(x * w) + x.exp() * 0.5 - (x * x).tanh()).sigmoid()
 

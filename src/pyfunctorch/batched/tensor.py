@@ -43,6 +43,25 @@ def _own_handler(t) -> bool:
 #: a user's call of one of these on BatchedTensors takes the torch-function fast path
 _FAST_CALLS = _user_calls(USER_POINTWISE)
 
+_F = torch.nn.functional
+#: torch.nn.functional's Python wrappers (nn.ReLU's F.relu ...) reach __torch_function__ with
+#: keywords: the C function each calls, and the keywords it passes on positionally
+_F_TWINS = {
+    _F.relu: (torch.relu, ()), _F.relu6: (torch._C._nn.relu6, ()), _F.silu: (torch._C._nn.silu, ()),
+    _F.mish: (torch._C._nn.mish, ()), _F.hardswish: (torch._C._nn.hardswish, ()),
+    _F.hardsigmoid: (torch._C._nn.hardsigmoid, ()), _F.selu: (torch.selu, ()), _F.celu: (torch.celu, ("alpha",)),
+    _F.elu: (torch._C._nn.elu, ("alpha",)), _F.leaky_relu: (torch._C._nn.leaky_relu, ("negative_slope",)),
+    _F.hardtanh: (torch._C._nn.hardtanh, ("min_val", "max_val")), _F.threshold: (torch.threshold, ()),
+}
+
+
+def _twin_call(func, args, kwargs):
+    """``(C function, args)`` for an out-of-place call of one of F's wrappers; else None."""
+    c_func, names = _F_TWINS[func]
+    if kwargs.get("inplace") or any(k != "inplace" and k not in names for k in kwargs):
+        return None
+    return c_func, args + tuple(kwargs[n] for n in names if n in kwargs)
+
 
 
 class BatchedTensor(LevelTensor):
@@ -93,8 +112,14 @@ class BatchedTensor(LevelTensor):
         # Speed: a user's pointwise call (``x * 1.01``, ``torch.sin(x)``) on tensors batched
         # at one level runs on the physical values right here, before torch's dispatcher:
         # ~5-6 us per op instead of ~11 through __torch_dispatch__ (see _pointwise_call).
-        if func in _FAST_CALLS and not kwargs and not _state.jvp_depth:
-            out = _pointwise_call(func, args)
+        if not _state.jvp_depth:
+            if not kwargs:
+                out = _pointwise_call(func, args) if func in _FAST_CALLS else None
+            elif func in _F_TWINS:
+                call = _twin_call(func, args, kwargs)
+                out = None if call is None else _pointwise_call(*call)
+            else:
+                out = None
             if out is not None:
                 return out
         if len(types) > 1:
