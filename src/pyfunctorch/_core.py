@@ -34,7 +34,7 @@ with warnings.catch_warnings():  # torch's own module jit-scripts its decomposit
 
 from ._ops import _InplaceViewAliases, _OpSet, _mutated_returns, _return_aliases, aten_equivalent  # noqa: F401
 from ._patching import (  # noqa: F401  (re-exported: the core's API for patches.py and the transforms)
-    _PATCHES, _install_patches, _uninstall_patches, patch_while_active, patches_held, swap_code_while_active,
+    _PATCHES, _install_patches, _uninstall_patches, patch_while_active, hold_entry_points, swap_code_while_active,
 )
 from ._state import _State, _state  # noqa: F401
 from .errors import EscapedTensorError, MixedTransformsError
@@ -474,7 +474,6 @@ def _metadata_query(func, args):
     return NotImplemented
 
 
-_COMPLEX = tuple(getattr(torch, n) for n in ("complex64", "complex128", "complex32", "bcomplex32") if hasattr(torch, n))
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _torch_function_on = torch._C._is_torch_function_enabled
 _DETACH, _ALIAS = aten.detach.default, aten.alias.default
@@ -543,7 +542,7 @@ class LevelTensor(torch.Tensor):
             )
         r._value = value
         r._interp = interp
-        if value.dtype in _COMPLEX:
+        if value.is_complex():
             # lazy conj/neg views: forward AD compares a view's tangent layout (these bits
             # included) with its primal's
             if value.is_conj():

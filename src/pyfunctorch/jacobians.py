@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ._compiler import opaque_to_compiler
-from ._core import patches_held
+from ._core import hold_entry_points
 from ._pytree import tree_flatten, tree_map, tree_unflatten
 from .errors import ArgumentError
 from .reverse import _check_argnums, _check_diff_inputs, _vjp_impl
@@ -84,7 +84,7 @@ def jacrev(
     @functools.wraps(func)
     @opaque_to_compiler
     def wrapper(*args):
-        with patches_held():  # vjp, then vmap over vjp_fn: one install
+        with hold_entry_points():  # vjp, then vmap over vjp_fn: one install
             return _jacrev(args)
 
     def _jacrev(args):
