@@ -347,15 +347,11 @@ def lowered(level: int):
     "current", so factories and random calls inside do not belong to them."""
     st = _state
     saved_stack = list(st.stack)
-    saved_attrs = st.saved_attrs
     st.stack[:] = [i for i in saved_stack if i.level < level]
     try:
         yield
     finally:
-        # (an emptied stack makes a push inside re-install the already installed
-        # patches; restoring saved_attrs keeps the originals for the final uninstall)
         st.stack[:] = saved_stack
-        st.saved_attrs = saved_attrs
 
 
 

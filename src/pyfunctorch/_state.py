@@ -8,7 +8,6 @@ import threading
 class _State(threading.local):
     def __init__(self) -> None:
         self.stack: list = []  # live Interpreters (pyfunctorch._core), innermost last
-        self.saved_attrs: list = []
         self.jvp_depth = 0
         self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
 

@@ -343,15 +343,10 @@ def per_example_checked(rule: Callable = None, *, valid: Callable | None = None)
     if rule is None:
         return lambda r: per_example_checked(r, valid=valid)
 
-    if valid is not None:
-        def checked(op, args, kwargs, dims, *rest):
-            if kwargs or not valid(op, args, dims):
-                check_example(op, args, kwargs, dims)
-            return rule(op, args, kwargs, dims, *rest)
-    else:
-        def checked(op, args, kwargs, dims, *rest):
+    def checked(op, args, kwargs, dims, *rest):
+        if valid is None or kwargs or not valid(op, args, dims):
             check_example(op, args, kwargs, dims)
-            return rule(op, args, kwargs, dims, *rest)
+        return rule(op, args, kwargs, dims, *rest)
 
     checked.__name__ = getattr(rule, "__name__", "rule")
     checked.__doc__ = rule.__doc__
