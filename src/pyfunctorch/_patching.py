@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import types
 from contextlib import contextmanager
+from itertools import repeat
 from typing import Any, Callable, Iterator
 
 from ._state import _state
@@ -51,6 +53,30 @@ def swap_code_while_active(fn: Callable, code: Any) -> None:
 _patch_lock = threading.Lock()
 _patch_users = 0
 _patch_saved: list = []
+_plan: list = []  # _PATCHES grouped by owner (see _swap_plan)
+_plan_len = -1
+
+
+def _swap_plan() -> list:
+    """``_PATCHES`` grouped by owner, for the swaps paid on every outermost transform call
+    (speed: ~15 -> ~5 us per install + removal): ``(namespace, names, {name: wrapper},
+    setter)``. A module's (``torch``, ``torch._VF`` ...) attributes are its ``__dict__``,
+    updated in one call; a class's (``torch.Tensor``) need ``setattr`` (type caches); a
+    function's ``__code__`` too."""
+    global _plan, _plan_len
+    if _plan_len != len(_PATCHES):
+        groups: dict = {}
+        for owner, attr, _original, wrapper in _PATCHES:
+            groups.setdefault(id(owner), (owner, {}))[1][attr] = wrapper
+        plan = []
+        for owner, wrappers in groups.values():
+            names = tuple(wrappers)
+            if isinstance(owner, types.ModuleType) and type(owner).__setattr__ is types.ModuleType.__setattr__:
+                plan.append((owner.__dict__, names, wrappers, None))
+            else:
+                plan.append((owner, names, wrappers, setattr))
+        _plan, _plan_len = plan, len(_PATCHES)
+    return _plan
 
 
 def _install_patches() -> None:
@@ -60,9 +86,15 @@ def _install_patches() -> None:
         if _patch_users > 1:
             return
         saved = []
-        for owner, attr, _original, wrapper in _PATCHES:
-            saved.append(owner.__dict__.get(attr, _MISSING_ATTR) if isinstance(owner, type) else getattr(owner, attr))
-            setattr(owner, attr, wrapper)
+        for ns, names, wrappers, setter in _swap_plan():
+            if setter is None:  # a module's namespace
+                saved.append(list(map(ns.get, names, repeat(_MISSING_ATTR))))
+                ns.update(wrappers)
+            else:
+                own = ns.__dict__ if isinstance(ns, type) else None
+                saved.append([own.get(n, _MISSING_ATTR) if own is not None else getattr(ns, n) for n in names])
+                for n, w in wrappers.items():
+                    setter(ns, n, w)
         _patch_saved = saved
 
 
@@ -72,11 +104,20 @@ def _uninstall_patches() -> None:
         _patch_users -= 1
         if _patch_users > 0:
             return
-        for (owner, attr, _original, _wrapper), old in zip(_PATCHES, _patch_saved):
-            if old is _MISSING_ATTR:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, old)
+        for (ns, names, _wrappers, setter), old in zip(_plan, _patch_saved):
+            if setter is None and _MISSING_ATTR not in old:
+                ns.update(zip(names, old))
+                continue
+            for n, o in zip(names, old):
+                if o is _MISSING_ATTR:
+                    if setter is None:
+                        del ns[n]
+                    else:
+                        delattr(ns, n)
+                elif setter is None:
+                    ns[n] = o
+                else:
+                    setter(ns, n, o)
         _patch_saved = []
 
 

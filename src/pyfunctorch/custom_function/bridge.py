@@ -115,6 +115,12 @@ def _through_bridge(interp, cls, args, kwargs, wrapper_cls):
 
 @level_rule("grad")
 def _grad_rule(interp, cls, args, kwargs):
+    shadow = getattr(interp, "shadow", None)
+    if shadow is not None:
+        # the plain graph below holds the real Function, whose backward the engine would call
+        # on whatever grads it gets (batched ones under vmap(vjp_fn)): the bridge's
+        # call_backward handles those, so this level differentiates its wrappers
+        shadow.usable = False
     if _core._state.jvp_depth:
         # tangents of lower jvp levels must not reach this level's bridge (trap 5)
         args, _ = _core.lift_mixed(args, {})
