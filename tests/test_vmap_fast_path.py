@@ -73,6 +73,36 @@ def test_binary_pointwise_fast_path_matches_the_loop(device, a_dt, b_dt, b_shape
                 assert_close(got, want)
 
 
+@pytest.mark.parametrize("b_shape", [(), (4,), (1, 4), (3, 1), (3, 4), (2, 3, 4), (5, 1, 1, 4)])
+@pytest.mark.parametrize("a_shape", [(), (4,), (1, 4), (3, 4)])
+def test_broadcasting_rule_with_unbatched_operands_of_any_rank(device, a_shape, b_shape):
+    # the rule's fast path runs the op as it is when the unbatched operand has fewer dims than
+    # the batched one's physical rank; otherwise it pads. In place only into batched self.
+    a = torch.randn((6,) + a_shape, device=device)
+    b = torch.randn(b_shape, device=device)
+    outs = (aten.add.Tensor, aten.mul.Tensor, aten.atan2.default, aten.tanh_backward.default,
+            lambda x, y: aten.where.self(y > 0, x, y), lambda x, y: aten.lerp.Tensor(x, y, y))
+    for op in outs:
+        for in_dims, args in (((0, None), (a, b)), ((None, 0), (b, a))):
+            f = lambda x, y: op(x, y)  # noqa: E731
+            try:
+                want = loop_vmap(f, in_dims=in_dims)(*args)
+            except RuntimeError:
+                with pytest.raises(RuntimeError):
+                    vmap(f, in_dims=in_dims)(*args)
+                continue
+            assert_close(vmap(f, in_dims=in_dims)(*args), want)
+    for op in (aten.add_.Tensor, aten.mul_.Tensor):
+        f = lambda x, y: op(x.clone(), y)  # noqa: E731
+        try:
+            want = loop_vmap(f, in_dims=(0, None))(a, b)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                vmap(f, in_dims=(0, None))(a, b)
+            continue
+        assert_close(vmap(f, in_dims=(0, None))(a, b), want)
+
+
 # ----------------------------------------------------------------------------------------
 # a user's pointwise call on tensors batched at one level: before torch's dispatcher
 # ----------------------------------------------------------------------------------------

@@ -113,10 +113,14 @@ def broadcasting_rule(op, args, kwargs, dims):
     """n-ary elementwise op with broadcasting (and its in-place form)."""
     if len(args) == 1:
         return op(*args, **kwargs), 0  # one tensor (self, batched): nothing to align
-    # Fast path (x * 1.01, x * y): the tensor operands share one dtype, the batched ones one
-    # rank (batch dim in front) and the unbatched ones are 0-dim: then broadcasting and type
-    # promotion of the whole batch are those of each example, and the op runs as it is.
+    # Fast path (x * 1.01, x * y, tanh_backward(g, y) with y unbatched): the tensor operands
+    # share one dtype, the batched ones one rank (batch dim in front) and the unbatched ones
+    # have fewer dims than that: then broadcasting (aligned from the right, never reaching the
+    # batch dim) and type promotion of the whole batch are those of each example, and the op
+    # runs as it is. (In place, unbatched operands must be 0-dim: a broadcast error then reads
+    # as the example's.)
     dtype = rank_ = None
+    unbatched = 0  # the most dims of an unbatched operand
     for a, d in zip(args, dims):
         if isinstance(a, torch.Tensor):
             if dtype is None:
@@ -124,14 +128,16 @@ def broadcasting_rule(op, args, kwargs, dims):
             elif a.dtype is not dtype:
                 break
             if d is None:
-                if a.dim():
-                    break
+                n = a.dim()
+                if n > unbatched:
+                    unbatched = n
             elif rank_ is None:
                 rank_ = a.dim()
             elif a.dim() != rank_:
                 break
     else:
-        if dims[0] is not None or not op._schema.is_mutable:
+        if dims[0] is not None and unbatched == 0 or rank_ is not None and unbatched < rank_ \
+                and not op._schema.is_mutable:
             return op(*args, **kwargs), 0
     return _broadcast(op, args, kwargs, dims)
 
@@ -145,8 +151,14 @@ def _broadcast(op, args, kwargs, dims):
     if len(tensor_pos) == 1:
         return op(*args, **kwargs), 0
     inplace = op._schema.is_mutable
-    if inplace and dims[0] is None:
-        raise batched_write_error(op)
+    if inplace:
+        if dims[0] is None:
+            raise batched_write_error(op)
+        # an example's self cannot grow by broadcasting: raise its error (padded, the batch would)
+        if any(args[i].dim() - (dims[i] is not None) > args[0].dim() - 1 for i in tensor_pos) or \
+                torch.broadcast_shapes(*[args[i].shape[1:] if dims[i] is not None else args[i].shape
+                                         for i in tensor_pos]) != args[0].shape[1:]:
+            check_example(op, args, kwargs, dims, kernel=True)
     r = max(rank(args[i], dims[i]) for i in tensor_pos)
     new = list(args)
     for i in tensor_pos:
