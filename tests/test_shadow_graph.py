@@ -80,6 +80,14 @@ def _bodies(W1, W2, oracle=False):
             return W2 @ torch.tanh(W1 @ x)
         return checkpoint(lambda a: W2 @ torch.tanh(W1 @ a), x, use_reentrant=False)
 
+    def checkpoint_and_function(x):
+        # the custom Function makes the level differentiate its wrappers (as torch 2.11's
+        # checkpoint does itself, before its region): the recomputation then runs during that
+        # backward. (A Function inside the region fails under vjp as before the shadow graph.)
+        if oracle:
+            return Cube.apply(W2 @ torch.tanh(W1 @ x))
+        return Cube.apply(checkpoint(lambda a: W2 @ torch.tanh(W1 @ a), x, use_reentrant=False))
+
     def hooks_inside(x):
         if oracle:
             return W2 @ (W1 @ x).exp()
@@ -99,7 +107,8 @@ def _bodies(W1, W2, oracle=False):
         return W2 @ y
 
     return {f.__name__: f for f in (mlp, views_and_writes, linear_ce, layer_norm, custom_function, hook,
-                                    checkpointed, hooks_inside, detach_and_no_grad, in_place_on_intermediate)}
+                                    checkpointed, checkpoint_and_function, hooks_inside, detach_and_no_grad,
+                                    in_place_on_intermediate)}
 
 
 BODIES = list(_bodies(*_weights("cpu")))
@@ -165,7 +174,11 @@ def _flat(out):
 
 @pytest.mark.parametrize("comp", COMPOSITIONS)
 @pytest.mark.parametrize("body", BODIES)
-def test_results_and_requires_grad_match_torch_func(comp, body, device):
+def test_results_and_requires_grad_match_torch_func(comp, body, device, request):
+    if body == "checkpoint_and_function" and comp == "jacrev_of_jacrev":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known before the shadow graph: non-reentrant checkpoint with a custom Function under "
+            "nested jacrev recomputes a different number of saved tensors (CheckpointError)")))
     ours, _, _ = _run(pf, comp, body, device)
     theirs, _, _ = _run(tf, comp, body, device)
     for a, b in zip(_flat(ours), _flat(theirs), strict=True):
@@ -174,7 +187,8 @@ def test_results_and_requires_grad_match_torch_func(comp, body, device):
 
 
 @pytest.mark.parametrize("comp", ["grad_of", "grad_and_value_aux", "vjp_once", "jacrev"])
-@pytest.mark.parametrize("body", ["mlp", "layer_norm", "hook", "checkpointed", "in_place_on_intermediate"])
+@pytest.mark.parametrize("body", ["mlp", "layer_norm", "hook", "checkpointed", "checkpoint_and_function",
+                                  "in_place_on_intermediate"])
 def test_weights_that_require_grad_stay_differentiable(comp, body, device):
     # a closed-over weight requiring grad (outside autograd): the results carry its graph,
     # and differentiating them by torch.autograd gives torch.func's numbers

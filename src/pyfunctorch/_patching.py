@@ -23,15 +23,21 @@ _PATCHES: list[tuple[Any, str, Callable, Callable]] = []  # (owner, attr, origin
 _MISSING_ATTR = object()
 
 
-def patch_while_active(owner: Any, attr: str, handler: Callable) -> None:
+def patch_while_active(owner: Any, attr: str, handler: Callable, every_thread: bool = False) -> None:
     """While a transform is live, ``owner.attr(*args, **kwargs)`` calls
-    ``handler(original, args, kwargs)`` (only on threads with a live transform)."""
+    ``handler(original, args, kwargs)`` (only on threads with a live transform, unless
+    ``every_thread``: then the handler decides, for a rare call whose handler has state
+    of its own)."""
     original = getattr(owner, attr)
 
-    def wrapper(*args, **kwargs):
-        if not _state.stack:
-            return original(*args, **kwargs)
-        return handler(original, args, kwargs)
+    if every_thread:
+        def wrapper(*args, **kwargs):
+            return handler(original, args, kwargs)
+    else:
+        def wrapper(*args, **kwargs):
+            if not _state.stack:
+                return original(*args, **kwargs)
+            return handler(original, args, kwargs)
 
     wrapper.__name__ = getattr(original, "__name__", attr)
     wrapper.__qualname__ = getattr(original, "__qualname__", attr)

@@ -1,4 +1,4 @@
-"""The per-thread state of the transforms: the interpreter stack and two depth counters."""
+"""The per-thread state of the transforms: the interpreter stack and its counters."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ class _State(threading.local):
         self.stack: list = []  # live Interpreters (pyfunctorch._core), innermost last
         self.jvp_depth = 0
         self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
+        self.shadow_backward = 0  # > 0 while the wrappers of a level with a shadow graph are differentiated
 
 
 _state = _State()

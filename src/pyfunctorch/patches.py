@@ -36,6 +36,7 @@ class Patch(NamedTuple):
     names: tuple
     handler: Callable
     why: str
+    every_thread: bool = False  # the handler runs without a live transform too (it checks its own state)
 
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "arange", "linspace", "logspace", "eye", "tensor", "zeros_like",
@@ -86,13 +87,14 @@ PATCHES: tuple[Patch, ...] = (
           "running statistics shared by the whole batch (num_batches_tracked counts vmap calls as the loop does)"),
     Patch(torch._C._autograd, ("_push_saved_tensors_default_hooks",), shadow_saved_hooks_entry,
           "saved-tensor hooks (checkpoint) pushed where a grad level records a shadow graph (reverse._Shadow) "
-          "apply to the wrappers' graph only"),
+          "apply to the wrappers' graph only (also while such a level's wrappers are differentiated "
+          "after it ended: checkpoint's recomputation)", every_thread=True),
     Patch(torch._VF, _RNNS, rnn_entry, "RNN kernels take flat weights in C++: the batch is folded into the RNN's own"),
 )
 
 for _p in PATCHES:
     for _name in _p.names:
-        _core.patch_while_active(_p.owner, _name, _p.handler)
+        _core.patch_while_active(_p.owner, _name, _p.handler, _p.every_thread)
 
 # ``Function.apply`` is a classmethod, often bound before a transform starts (``vmap(MyFn.apply)``):
 # a setattr wrapper would miss those, so its code object is swapped instead (custom_function/entry.py).

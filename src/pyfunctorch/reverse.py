@@ -18,13 +18,15 @@ outside tensors, escapes, nested transforms); only the backward differs. See ``_
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _nested_decomp  # noqa: F401  (registers the nested-differentiation decompositions)
-from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _functorch_active, _resolve_dead, interpreter_stack, level_of,
+from ._core import (Interpreter, LevelTensor, WrapperInterpreter, _functorch_active, _install_patches,
+                    _resolve_dead, _uninstall_patches, interpreter_stack, level_of,
                     lowered, no_inference_mode, peel, push_interpreter)
 from ._ownership import lift_into_live_levels
 from ._state import _state
@@ -253,13 +255,33 @@ class _Shadow:
 _BYPASS = object()
 
 
+@contextmanager
+def wrapper_backward(shadow):
+    """The block differentiates the wrappers of a level that recorded a shadow graph: saved-
+    tensor hooks pushed in it (checkpoint's recomputation) skip plain tensors as the
+    forward pass's did (see shadow_saved_hooks_entry)."""
+    if shadow is None:
+        yield
+        return
+    st = _state
+    st.shadow_backward += 1
+    _install_patches()
+    try:
+        yield
+    finally:
+        _uninstall_patches()
+        st.shadow_backward -= 1
+
+
 def shadow_saved_hooks_entry(original, args, kwargs):
     """Saved-tensor hooks pushed inside a function whose grad/vjp level records a shadow
     graph (``torch.utils.checkpoint``, ``save_on_cpu``): the hooks get the tensors the
     wrappers' graph saves, as without the shadow; the plain tensors the shadow graph
     saves are kept as they are (checkpoint counts the saved tensors of its region and
-    recomputes them per wrapper graph; the shadow's backward then never recomputes)."""
-    if not any(getattr(it, "shadow", None) is not None for it in _state.stack):
+    recomputes them per wrapper graph; the shadow's backward then never recomputes). Where the
+    wrappers are differentiated instead (``wrapper_backward``), a recomputation sees the same."""
+    st = _state
+    if not st.shadow_backward and not any(getattr(it, "shadow", None) is not None for it in st.stack):
         return original(*args, **kwargs)
     pack, unpack = args
 
@@ -387,7 +409,8 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
             if shadow.usable:
                 grads = shadow.grad(interp, [out], None, shadow.foreign, None)
             else:
-                grads = [_peel(g, interp) for g in _autograd_grad(out, inputs, None, interp, shadow.foreign)]
+                with wrapper_backward(shadow):
+                    grads = [_peel(g, interp) for g in _autograd_grad(out, inputs, None, interp, shadow.foreign)]
             grads = [shadow.outside(g) for g in grads]
             value = shadow.outside(_peel(out, interp))
             aux = tree_map(lambda x: shadow.outside(_peel(x, interp)), aux)
@@ -587,7 +610,8 @@ def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
                 # that level's results would carry their graph)
                 grads = shadow.grad(interp, out_flat, ct_flat, create, retain_graph)
                 return tree_unflatten([shadow.outside(g) for g in grads] if create else grads, spec)
-            grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, create, retain_graph=retain_graph)
+            with wrapper_backward(interp.shadow):
+                grads = _autograd_grad(out_flat, wrapped, ct_flat, interp, create, retain_graph=retain_graph)
         if aliases is not None:
             return tree_unflatten([shadow.outside(_resolve_dead(g)) for g in grads], spec)
         return tree_unflatten([_resolve_dead(g) for g in grads], spec)
