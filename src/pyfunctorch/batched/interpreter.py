@@ -16,6 +16,8 @@ from .fallbacks import decomposition, has_lazy, lazy_wrap, loop_fallback, materi
 from .randomness import draw_predicate, random_op
 from .tensor import BatchedTensor, batched_here, slice_example
 
+_new_batched = BatchedTensor.__new__
+
 aten = torch.ops.aten
 
 
@@ -405,7 +407,7 @@ class VmapInterpreter(Interpreter):
 
     def _wrap(self, out, out_dims):
         if type(out_dims) is int and type(out) is torch.Tensor:
-            return BatchedTensor(out, out_dims, self)
+            return _new_batched(BatchedTensor, out, out_dims, self)  # (no __init__ call: ~0.2 us)
         if isinstance(out, torch.Tensor):
             if out_dims is None:
                 return out

@@ -214,7 +214,10 @@ def _pointwise_call(func, args):
             return None
         with _NoTorchFunction():
             return BatchedTensor(out, 0, interp)
-    return BatchedTensor(out, 0, interp)
+    return _new_batched(BatchedTensor, out, 0, interp)  # (no __init__ call: ~0.2 us)
+
+
+_new_batched = BatchedTensor.__new__
 
 
 def batched_here(x, interp) -> bool:
