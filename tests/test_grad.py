@@ -530,3 +530,36 @@ def test_stack_module_state():
         assert v.shape == (3,) + dict(models[0].named_parameters())[k].shape
         assert v.requires_grad and v.is_leaf
         assert_close(v.detach()[1], dict(models[1].named_parameters())[k].detach())
+
+
+def test_autograds_detach_of_a_live_wrapper_keeps_the_inner_value_without_a_dispatch(monkeypatch):
+    # trap 2 on the fast path: autograd saving an output of a grad level's op detaches the
+    # wrapper; the result wraps the same inner value (lower levels' graphs intact) and no
+    # interpreter runs for it
+    from pyfunctorch import reverse
+
+    calls = []
+    orig = reverse.GradInterpreter.dispatch
+
+    def counting(self, func, args, kwargs):
+        calls.append(func)
+        return orig(self, func, args, kwargs)
+
+    monkeypatch.setattr(reverse.GradInterpreter, "dispatch", counting)
+    seen = {}
+
+    def f(x):
+        y = torch.tanh(x * 2)
+        d = torch.ops.aten.detach.default(y)
+        if hasattr(y, "_value"):  # (pyfunctorch's wrapper; f also runs under torch.func)
+            seen["same"] = d._value is y._value and type(d) is type(y)
+        return (y * y).sum()
+
+    x = torch.randn(5, dtype=torch.float64)
+    assert_close(pf.grad(f)(x), tf.grad(f)(x))
+    assert seen["same"]
+    assert torch.ops.aten.detach.default not in calls
+    # second order: the saved tanh output keeps the outer level's graph
+    g = lambda a: pf.grad(f)(a).sum()  # noqa: E731
+    h = lambda a: tf.grad(f)(a).sum()  # noqa: E731
+    assert_close(pf.grad(g)(x), tf.grad(h)(x))
