@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import pyfunctorch as pf
 from pyfunctorch import _core, reverse
 
-from conftest import assert_close
+from conftest import assert_close, run_in_threads
 
 DT = torch.float64
 
@@ -326,3 +326,53 @@ def test_shadow_is_not_taken_under_transforms_or_modes(monkeypatch):
     with Passthrough():
         pf.grad(f)(x[0])
     assert taken == [True, False, False, False, False, False]
+
+
+def _edge_cases(lib):
+    x = torch.randn(3, dtype=DT)
+    with torch.inference_mode():
+        xi = torch.randn(3, dtype=DT)
+    base = torch.randn(6, dtype=DT, requires_grad=True)
+    p = torch.nn.Parameter(torch.randn(3, dtype=DT))
+    one = torch.ones(3, dtype=DT)
+    out, fn = lib.vjp(torch.sin, x)
+    return {
+        "inference tensor input": lambda: lib.grad(lambda a: a.sin().sum())(xi),
+        "inference tensor jacrev": lambda: lib.jacrev(torch.sin)(xi),
+        "view requiring grad": lambda: lib.grad(lambda a: (a ** 3).sum())(base[:3]),
+        "parameter": lambda: lib.grad(lambda w: (w * x).sum())(p),
+        "one tensor twice": lambda: lib.grad(lambda a, b: (a * b).sum(), argnums=(0, 1))(x, x),
+        "dict input": lambda: lib.grad(lambda d: (d["a"] * d["b"]).sum())({"a": x, "b": x * 3}),
+        "aux is the input": lambda: lib.grad(lambda a: (a.sum(), a), has_aux=True)(x),
+        "constant output": lambda: lib.grad(lambda a: torch.tensor(1.0, dtype=DT))(x),
+        "vjp_fn create_graph": lambda: lib.vjp(torch.sin, x)[1](one, create_graph=True),
+        "grad over a saved vjp_fn": lambda: lib.grad(lambda v: fn(v)[0].sum())(one),
+        "jvp over a saved vjp_fn": lambda: lib.jvp(lambda v: fn(v)[0], (one,), (one,)),
+        "seeded dropout": lambda: (torch.manual_seed(0), lib.grad(lambda a: F.dropout(a, 0.5).sum())(x))[1],
+    }
+
+
+@pytest.mark.parametrize("case", list(_edge_cases(tf)))
+def test_edge_cases_match_torch_func(case):
+    torch.manual_seed(1)
+    ours = _edge_cases(pf)[case]()
+    torch.manual_seed(1)
+    theirs = _edge_cases(tf)[case]()
+    for a, b in zip(_flat(ours), _flat(theirs), strict=True):
+        assert_close(a, b)
+        assert a.requires_grad == b.requires_grad
+
+
+def test_levels_in_several_threads():
+    W1, W2 = _weights("cpu")
+    f = lambda a: W2 @ torch.tanh(W1 @ a)  # noqa: E731
+    xs = torch.randn(8, 4, dtype=DT)
+    want = [tf.jacrev(f)(x) for x in xs]
+
+    def work():
+        for _ in range(10):
+            for x, w in zip(xs, want):
+                assert_close(pf.jacrev(f)(x), w)
+                assert_close(pf.grad(lambda a: f(a).sum())(x), w.sum(0))
+
+    assert run_in_threads(work, 4) == []

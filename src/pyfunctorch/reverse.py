@@ -184,7 +184,7 @@ class _Shadow:
             # measured slower than the wrappers' graph for per-sample gradients)
             return None
         for x in flat:
-            if type(x) not in _PLAIN:
+            if type(x) not in _PLAIN or x.is_inference():  # (an inference tensor cannot require grad)
                 return None
         return [x.view_as(x) if x.requires_grad else _plain_detach(x).requires_grad_() for x in flat]
 
