@@ -556,10 +556,45 @@ def test_autograds_detach_of_a_live_wrapper_keeps_the_inner_value_without_a_disp
         return (y * y).sum()
 
     x = torch.randn(5, dtype=torch.float64)
-    assert_close(pf.grad(f)(x), tf.grad(f)(x))
+    assert_close(pf.grad(f)(x), tf.grad(f)(x))  # (a shadow graph: the inner value is cut, see test_shadow_graph)
+    xs = torch.randn(2, 5, dtype=torch.float64)
+    assert_close(pf.vmap(pf.grad(f))(xs), tf.vmap(tf.grad(f))(xs))  # (no shadow under vmap)
     assert seen["same"]
     assert torch.ops.aten.detach.default not in calls
     # second order: the saved tanh output keeps the outer level's graph
     g = lambda a: pf.grad(f)(a).sum()  # noqa: E731
     h = lambda a: tf.grad(f)(a).sum()  # noqa: E731
     assert_close(pf.grad(g)(x), tf.grad(h)(x))
+
+
+@pytest.mark.parametrize("cut", ["data", "new_tensor", "detach"])
+@pytest.mark.parametrize("composition", ["grad", "grad(grad)", "jacfwd(grad)", "vmap(grad)", "jacrev"])
+def test_data_new_tensor_and_detach_cut_levels_as_torch_func(cut, composition):
+    # x.data cuts the level it is read at (the lower levels keep their graphs); new_tensor(x)
+    # and x.detach() give a constant at every level -- torch.func's semantics for each
+    import warnings
+
+    def cutter(y):
+        if cut == "data":
+            return y.data
+        if cut == "detach":
+            return y.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return y.new_tensor(y)
+
+    def f(a):
+        y = a.sin()
+        return (cutter(y) * y * a).sum()
+
+    def build(lib):
+        return {
+            "grad": lib.grad(f),
+            "grad(grad)": lambda x: lib.grad(lambda a: lib.grad(f)(a).sum())(x),
+            "jacfwd(grad)": lib.jacfwd(lib.grad(f)),
+            "vmap(grad)": lambda x: lib.vmap(lib.grad(f))(x.expand(2, 3)),
+            "jacrev": lib.jacrev(lambda a: f(a) * a),
+        }[composition]
+
+    x = torch.randn(3, dtype=torch.float64)
+    assert_close(build(pf)(x), build(tf)(x))

@@ -6,6 +6,8 @@ the mechanism tests check that the shadow is taken where it should be (they fail
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.func as tf
@@ -88,6 +90,19 @@ def _bodies(W1, W2, oracle=False):
             return Cube.apply(W2 @ torch.tanh(W1 @ x))
         return Cube.apply(checkpoint(lambda a: W2 @ torch.tanh(W1 @ a), x, use_reentrant=False))
 
+    def cut_by_data(x):
+        # ``.data`` cuts the wrappers' graph (this level only, as torch.func): the plain graph
+        # must not keep the edge (alias is a view: kept)
+        y = W1 @ x.sin()
+        return W2 @ (y.data * y + torch.ops.aten.alias.default(y) * y)
+
+    def cut_by_new_tensor(x):
+        y = torch.tanh(W1 @ x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (torch's "use clone().detach()")
+            c = y.new_tensor(y)
+        return W2 @ (c * y)
+
     def hooks_inside(x):
         if oracle:
             return W2 @ (W1 @ x).exp()
@@ -108,7 +123,7 @@ def _bodies(W1, W2, oracle=False):
 
     return {f.__name__: f for f in (mlp, views_and_writes, linear_ce, layer_norm, custom_function, hook,
                                     checkpointed, checkpoint_and_function, hooks_inside, detach_and_no_grad,
-                                    in_place_on_intermediate)}
+                                    in_place_on_intermediate, cut_by_data, cut_by_new_tensor)}
 
 
 BODIES = list(_bodies(*_weights("cpu")))
@@ -188,7 +203,7 @@ def test_results_and_requires_grad_match_torch_func(comp, body, device, request)
 
 @pytest.mark.parametrize("comp", ["grad_of", "grad_and_value_aux", "vjp_once", "jacrev"])
 @pytest.mark.parametrize("body", ["mlp", "layer_norm", "hook", "checkpointed", "checkpoint_and_function",
-                                  "in_place_on_intermediate"])
+                                  "in_place_on_intermediate", "cut_by_data", "cut_by_new_tensor"])
 def test_weights_that_require_grad_stay_differentiable(comp, body, device):
     # a closed-over weight requiring grad (outside autograd): the results carry its graph,
     # and differentiating them by torch.autograd gives torch.func's numbers

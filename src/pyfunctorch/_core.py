@@ -137,10 +137,15 @@ class WrapperInterpreter(Interpreter):
     def lift(self, tensor):
         return self.wrapper(tensor, self)
 
+    def rewrap_detached(self, t):
+        """Trap 2: autograd detaches wrappers internally (e.g. to save outputs); that must
+        not cut the inner value's graph of lower levels: the same inner value, rewrapped."""
+        return self.wrapper(t._value, self)
+
     def process(self, func, args, kwargs):
-        if func is _DETACH or func is _ALIAS:
-            # Trap 2: autograd detaches wrappers internally (e.g. to save outputs);
-            # that must not cut the inner value's graph of lower levels.
+        if func is _DETACH:
+            return self.rewrap_detached(args[0])
+        if func is _ALIAS:  # (a differentiable view of the same value: kept whole at every level)
             return self.wrapper(args[0]._value, self)
         try:
             aliased = func._pyf_alias
@@ -502,7 +507,7 @@ class LevelTensor(torch.Tensor):
             a = args[0]
             it = a._interp
             if it.alive and isinstance(it, WrapperInterpreter) and type(a) is it.wrapper:
-                return it.wrapper(a._value, it)
+                return it.rewrap_detached(a)
         if kwargs is None:
             kwargs = {}
         st = _state

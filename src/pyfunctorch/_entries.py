@@ -17,6 +17,13 @@ def factory_entry(original, args, kwargs):
     """Factories called inside transforms (torch.zeros, arange, ...) return tensors that
     belong to every live level (lifted from the bottom up), so writing transformed data
     into them works per example (vmap) and stays differentiable (grad/jvp)."""
+    name = getattr(original, "__name__", "")
+    if name in ("tensor", "new_tensor") and args:
+        # copying a transformed tensor's data: a constant at every level (as ``x.detach()``);
+        # torch's C++ detach inside would be autograd's own (trap 2), keeping lower graphs
+        k = 1 if name == "new_tensor" else 0
+        if len(args) > k and isinstance(args[k], LevelTensor):
+            args = args[:k] + (detach_all_levels(args[k]),) + args[k + 1:]
     out = original(*args, **kwargs)
     if not isinstance(out, torch.Tensor) or isinstance(out, LevelTensor) or out.requires_grad:
         return out

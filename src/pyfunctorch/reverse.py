@@ -93,6 +93,22 @@ class GradInterpreter(WrapperInterpreter):
         if not self.grad_below:  # (an instance attribute: the common case pays nothing)
             self.process = self._process_no_grad_below  # type: ignore[method-assign]
 
+    def rewrap_detached(self, t):
+        # With a shadow graph the inner value must be cut too where the wrapper is cut: a
+        # user's ``x.data`` (or ``new_tensor(x)``) reaches here like autograd's saving of an
+        # output, and the plain graph would keep the edge the wrappers' graph drops. The
+        # wrappers' saved copies then hold cut values: fine for differentiating the shadow,
+        # and for the wrappers' graph where nothing from outside requires grad; where
+        # something does, the value stays whole (trap 2) and the wrappers are differentiated.
+        v = t._value
+        shadow = self.shadow
+        if shadow is not None and v.requires_grad:
+            if shadow.reaches_outside(v):
+                shadow.usable = False
+            else:
+                v = _plain_detach(v)
+        return GradTensor(v, self)
+
     def _process_no_grad_below(self, func, args, kwargs):
         if not torch.is_grad_enabled():
             return WrapperInterpreter.process(self, func, args, kwargs)
