@@ -18,6 +18,7 @@ import pyfunctorch as pf
 from pyfunctorch import _core, reverse
 
 from conftest import assert_close, run_in_threads
+from test_custom_function import Cube  # (x**3 with its own backward and jvp)
 
 DT = torch.float64
 
@@ -30,23 +31,6 @@ def _weights(device, requires_grad=False):
         W1.requires_grad_()
         W2.requires_grad_()
     return W1, W2
-
-
-class Cube(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * g
 
 
 def _bodies(W1, W2, oracle=False):

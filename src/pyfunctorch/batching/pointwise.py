@@ -136,8 +136,8 @@ def broadcasting_rule(op, args, kwargs, dims):
             elif a.dim() != rank_:
                 break
     else:
-        if dims[0] is not None and unbatched == 0 or rank_ is not None and unbatched < rank_ \
-                and not op._schema.is_mutable:
+        if (dims[0] is not None and unbatched == 0) or (
+                rank_ is not None and unbatched < rank_ and not op._schema.is_mutable):
             return op(*args, **kwargs), 0
     return _broadcast(op, args, kwargs, dims)
 
