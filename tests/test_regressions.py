@@ -213,3 +213,27 @@ def test_conj_and_neg_views_in_a_rules_own_arithmetic():
     assert torch.allclose(got_mm, torch.stack([torch.addmm(m.conj(), p, q) for m, p, q in zip(M, a, b)]), atol=1e-5)
     assert torch.allclose(got_pinv, torch.stack([torch.linalg.pinv(m) for m in M]), atol=1e-5)
     assert neg.is_neg() and torch.equal(neg.resolve_neg(), -x)
+
+
+def test_pytree_fast_path_equals_torch_pytree():
+    # pyfunctorch._pytree flattens a tensor and short flat tuples/lists of tensors without
+    # torch's pytree machinery: leaves, specs and round trips must be torch's
+    import collections
+
+    from torch.utils import _pytree as tp
+
+    from pyfunctorch._pytree import tree_flatten, tree_unflatten
+
+    x, y = torch.randn(2), torch.randn(3)
+    Point = collections.namedtuple("Point", "a b")
+    trees = [x, (x,), [x, y], (), [], (x, 1), (x, None), {"a": x}, (x, (y,)), Point(x, y), torch.Size([2, 3]),
+             tuple([x] * 17), [x] * 16, 3, None, (torch.nn.Parameter(x),)]
+    for t in trees:
+        leaves, spec = tree_flatten(t)
+        want_leaves, want_spec = tp.tree_flatten(t)
+        assert len(leaves) == len(want_leaves) and all(a is b for a, b in zip(leaves, want_leaves)), t
+        assert spec == want_spec, t
+        back, want_back = tree_unflatten(leaves, spec), tp.tree_unflatten(want_leaves, want_spec)
+        assert type(back) is type(want_back) and tp.tree_flatten(back)[1] == tp.tree_flatten(want_back)[1], t
+    with pytest.raises((ValueError, TypeError)):
+        tree_unflatten([x], tree_flatten((x, y))[1])  # wrong number of leaves: torch's error

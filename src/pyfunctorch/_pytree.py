@@ -7,10 +7,45 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-tree_flatten = pytree.tree_flatten
-tree_unflatten = pytree.tree_unflatten
 tree_map = pytree.tree_map
 tree_leaves = pytree.tree_leaves
+
+_flatten, _unflatten = pytree.tree_flatten, pytree.tree_unflatten
+_NODES = pytree.SUPPORTED_NODES  # (live: registrations made later are seen)
+_LEAF_SPEC = _flatten(0)[1]
+_FLAT_SPECS: dict = {}  # (tuple or list, n) -> the spec of n tensor leaves
+_FLAT_KIND: dict = {}  # id(that spec) -> (tuple or list, n)
+
+
+def tree_flatten(tree: Any):
+    """torch's ``tree_flatten``, with a fast path for a tensor and a short flat tuple/list of
+    tensors, what every transform call flattens (arguments, results): ~0.3 us instead of
+    0.6-2.6 us."""
+    t = type(tree)
+    if t is tuple or t is list:
+        n = len(tree)
+        if n <= 16:
+            for x in tree:
+                if not isinstance(x, torch.Tensor) or type(x) in _NODES:
+                    return _flatten(tree)
+            spec = _FLAT_SPECS.get((t, n))
+            if spec is None:
+                spec = _FLAT_SPECS[(t, n)] = _flatten(tree)[1]
+                _FLAT_KIND[id(spec)] = (t, n)
+            return list(tree), spec
+    elif isinstance(tree, torch.Tensor) and t not in _NODES:
+        return [tree], _LEAF_SPEC
+    return _flatten(tree)
+
+
+def tree_unflatten(leaves: Any, spec: Any):
+    """torch's ``tree_unflatten`` (fast for the specs of ``tree_flatten``'s fast path)."""
+    if spec is _LEAF_SPEC and len(leaves) == 1:
+        return leaves[0]
+    kind = _FLAT_KIND.get(id(spec))
+    if kind is not None and len(leaves) == kind[1]:
+        return kind[0](leaves)
+    return _unflatten(leaves, spec)
 
 
 def broadcast_prefix(prefix: Any, tree: Any, what: str, is_leaf: Callable[[Any], bool] | None = None) -> list:
