@@ -335,7 +335,8 @@ def _unwrap_out(interp, o, d, func):
                 "inputs; it has a batch dim, so give it an int out_dim."
             )
         return o
-    r = o.dim() + 1
+    # (a batch of this level: its physical rank, read without the wrapper's __torch_function__)
+    r = o._value.dim() if type(o) is BatchedTensor and o._interp is interp else o.dim() + 1
     if not -r <= d < r:
         raise ValueError(
             f"vmap({_name(func)}): out_dim {d} is out of range for an output with {o.dim()} dims "
