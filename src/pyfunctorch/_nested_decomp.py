@@ -158,9 +158,12 @@ def _nested_forward_live() -> bool:
 def _safe_two_norm(x, dim, keepdim):
     dims = range(x.dim()) if dim is None else (dim,) if isinstance(dim, int) else dim
     if all(x.shape[d] == 1 for d in dims):
-        # one element per norm: it is |x|, whose derivatives are exact (sqrt(x*x)'s lose float32
-        # precision at high order near small values: fuzzer seed 4221); |0|' = 0, torch's convention
-        a = x.abs()
+        # one element per norm: it is |x| = x * sign(x), sign a constant at every level (its
+        # derivative is 0 anyway): derivatives exact, dtype kept (sqrt(x*x)'s lose float32
+        # precision at high order near small values, fuzzer seed 4221; abs's own formulas turn
+        # a Python scalar operand into float64 under forward-over-reverse of 0-dim tensors, as
+        # plain torch does). |0|' = 0 * ... = 0: torch's convention
+        a = x * x.sign().detach()
         out = a.sum(dim=dim, keepdim=keepdim) if dim is not None else a.sum()
         return out.reshape((1,) * x.dim()) if dim is None and keepdim else out
     s = (x * x).sum(dim=dim, keepdim=keepdim) if dim is not None else (x * x).sum()
