@@ -103,10 +103,10 @@ class GradInterpreter(WrapperInterpreter):
         v = t._value
         shadow = self.shadow
         if shadow is not None and v.requires_grad:
-            if shadow.reaches_outside(v):
+            cut = shadow.outside(v)
+            if cut is v:  # (reaches outside: kept whole)
                 shadow.usable = False
-            else:
-                v = _plain_detach(v)
+            v = cut
         return GradTensor(v, self)
 
     def _process_no_grad_below(self, func, args, kwargs):
@@ -248,6 +248,10 @@ class _Shadow:
         clean |= seen
         return False
 
+    def peeled(self, x, interp):
+        """An output of the level seen from outside it (``peel``, then ``outside``)."""
+        return self.outside(_peel(x, interp))
+
     def outside(self, value):
         """``value`` (an inner value of the level) as seen outside it: see the class."""
         if isinstance(value, torch.Tensor) and value.requires_grad and not self.reaches_outside(value):
@@ -257,7 +261,7 @@ class _Shadow:
     def grad(self, interp, outputs, grad_outputs, create: bool, retain_graph):
         """torch.autograd.grad of this level's outputs on the plain graph; zeros for inputs
         that no output depends on."""
-        keep = [i for i, o in enumerate(outputs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
+        keep = _differentiated(outputs, interp)
         if not keep:
             return [torch.zeros_like(a) for a in self.inputs]
         outs = [outputs[i]._value for i in keep]
@@ -266,6 +270,11 @@ class _Shadow:
             grads = _torch_autograd_grad(outs, self.inputs, gouts, retain_graph=retain_graph, create_graph=create,
                                          allow_unused=True)
         return [torch.zeros_like(a) if g is None else g for g, a in zip(grads, self.inputs)]
+
+
+def _differentiated(outputs, interp) -> list:
+    """Positions of the outputs that are this level's wrappers carrying its derivative."""
+    return [i for i, o in enumerate(outputs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
 
 
 _BYPASS = object()
@@ -428,8 +437,8 @@ def _grad_and_value_impl(func, argnums, has_aux, args, kwargs, who):
                 with wrapper_backward(shadow):
                     grads = [_peel(g, interp) for g in _autograd_grad(out, inputs, None, interp, shadow.foreign)]
             grads = [shadow.outside(g) for g in grads]
-            value = shadow.outside(_peel(out, interp))
-            aux = tree_map(lambda x: shadow.outside(_peel(x, interp)), aux)
+            value = shadow.peeled(out, interp)
+            aux = tree_map(lambda x: shadow.peeled(x, interp), aux)
             shadow.clean = set()  # (graph nodes: not kept alive by wrappers that escaped)
         else:
             create = _needs_graph(inputs, [out], skip_top=True) if interp.grad_below else _levels_live(skip_top=True)
@@ -450,7 +459,7 @@ def _autograd_grad(outputs, inputs, grad_outputs, interp, create: bool, retain_g
     """torch.autograd.grad at this level; unused inputs get zeros."""
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     gouts = None if grad_outputs is None else list(grad_outputs)
-    keep = [i for i, o in enumerate(outs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
+    keep = _differentiated(outs, interp)
     if not keep:
         return [torch.zeros_like(x._value) for x in inputs]
     sel_outs: list[Any] = [outs[i] for i in keep]
@@ -578,8 +587,8 @@ def _vjp_impl(func: Callable, primals: tuple, argnums, has_aux: bool, who: str):
             )
         if aliases is not None:
             shadow.seal(interp, out_flat)
-            primal_out = tree_unflatten([shadow.outside(_peel(o, interp)) for o in out_flat], out_spec)
-            aux = tree_map(lambda x: shadow.outside(_peel(x, interp)), aux)
+            primal_out = tree_unflatten([shadow.peeled(o, interp) for o in out_flat], out_spec)
+            aux = tree_map(lambda x: shadow.peeled(x, interp), aux)
         else:
             primal_out = tree_unflatten([_peel(o, interp) for o in out_flat], out_spec)
             aux = tree_map(lambda x: _peel(x, interp), aux)
