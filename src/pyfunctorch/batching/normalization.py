@@ -204,6 +204,15 @@ def _vmap_batch_sizes(t) -> dict:
     return out
 
 
+def _below_version_counter():
+    """The block's in-place writes skip the version counter, as batch norm's kernels update
+    the running statistics: autograd saved them for the backward (which in training mode
+    does not read them), so a counted write would make that backward refuse to run. (A rule
+    usually runs with the counting key off anyway; not where autograd records on the physical
+    values.)"""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
+
+
 def _cma_n0(running_mean):
     for rm, n0 in reversed(_BN_CMA):
         if rm is running_mean:
@@ -272,7 +281,8 @@ def _bn_shared_stats_update(op, args, dims, B):
                 continue
             # accumulate in float64: r_0 and the s_i may differ in size by orders of magnitude
             upd = w0 * r.double() + (wt * s.double()).sum(0)
-            r.copy_(upd.to(r.dtype))
+            with _below_version_counter():  # (as the kernel's own update: see _below_version_counter)
+                r.copy_(upd.to(r.dtype))
     return res, out_dims
 
 
@@ -306,8 +316,9 @@ def batch_norm(op, args, kwargs, dims):
                 new[rpos + j] = new[rpos + j].clone()
     out = op(*new, **kwargs)
     if updates:
-        for j in range(2):
-            stats[j].copy_(new[rpos + j].reshape(stats[j].shape))
+        with _below_version_counter():
+            for j in range(2):
+                stats[j].copy_(new[rpos + j].reshape(stats[j].shape))
     y, y_dim = unbatch_channels(out[0], B, True)
     res, out_dims = [y], [y_dim]
     for t in out[1:]:
