@@ -60,6 +60,13 @@ def batch_rule(*ops, batched_kwargs: bool = False) -> Callable[[Callable], Calla
     return register
 
 
+def plain_apply(function_class) -> Callable:
+    """``function_class.apply`` for a rule's own ``autograd.Function`` on plain physical tensors,
+    as torch's C++ apply: torch's Python ``apply`` (and the entry point pyfunctorch swaps in while
+    transforms are live) only add checks that plain tensors pass, ~10 us a call."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, function_class)
+
+
 def overloads(*packets, only: Sequence[str] | None = None):
     """Every OpOverload of the given packets (optionally only the named overloads)."""
     out = []

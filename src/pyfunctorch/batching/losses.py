@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
+from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples,
+                        plain_apply)
 
 aten = torch.ops.aten
 
@@ -35,47 +36,82 @@ def _nll_parts(x, xd, target, td, weight, wd, ignore_index, B):
         else:
             wt = weight.gather(1, flat_examples(safe, B)).reshape(safe.shape)
         wt = wt * valid
-    return x, safe, wt, cdim
+    return x, safe, wt, cdim, valid
 
 
 def _per_example_sum(t):
     return flat_examples(t).sum(1)
 
 
-@batch_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
-def nll_loss_forward(op, args, kwargs, dims):
-    x, target, weight, reduction, ignore_index = args
-    B = batch_size_of(args, dims)
-    x, safe, wt, cdim = _nll_parts(x, dims[0], target, dims[1], weight, dims[2], ignore_index, B)
+def _nll_forward(x, safe, wt, reduction, cdim):
     loss = -x.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim) * wt
     if reduction == 0:  # none
-        return (loss, torch.zeros((), dtype=x.dtype, device=x.device)), [0, None]
+        return loss, torch.zeros((), dtype=x.dtype, device=x.device)
     total = _per_example_sum(wt)
     out = _per_example_sum(loss)
     if reduction == 1:  # mean
         out = out / total
-    return (out, total), 0
+    return out, total
+
+
+def _nll_input_grad(g, x, safe, wt, valid, reduction, total, cdim):
+    """The gradient of the physical input, as the kernel computes it (``g``: of each
+    per-element loss for reduction 'none', of each example's loss otherwise)."""
+    r = safe.dim()  # physical rank of the per-element losses
+    if reduction != 0:
+        g = g.reshape((-1,) + (1,) * (r - 1))
+        if reduction == 1:
+            g = g / total.reshape((-1,) + (1,) * (r - 1))
+    val = -(wt * g).to(x.dtype)
+    # ignored targets get no gradient even where grad_output is nan (an all-ignored 'mean'
+    # batch has total weight 0): the kernel skips them rather than multiplying by weight 0
+    val = torch.where(valid, val.expand(safe.shape), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.zeros_like(x).scatter(cdim, safe.unsqueeze(cdim), val.unsqueeze(cdim))
+
+
+class _PhysicalNll(torch.autograd.Function):
+    """The rule's forward where torch's autograd records the physical batch (per-sample
+    gradients: batching/physical_ad.py), with the kernel's gradient: differentiating the
+    forward's own arithmetic gives nan, not 0, for ignored targets of an example whose
+    targets are all ignored ('mean': 0 / 0)."""
+
+    @staticmethod
+    def forward(ctx, x, safe, wt, valid, reduction, cdim):
+        out, total = _nll_forward(x, safe, wt, reduction, cdim)
+        ctx.save_for_backward(x, safe, wt, valid, total)
+        ctx.reduction, ctx.cdim = reduction, cdim
+        ctx.mark_non_differentiable(total)
+        return out, total
+
+    @staticmethod
+    def backward(ctx, g, _g_total):
+        x, safe, wt, valid, total = ctx.saved_tensors
+        return _nll_input_grad(g, x, safe, wt, valid, ctx.reduction, total, ctx.cdim), None, None, None, None, None
+
+
+_physical_nll = plain_apply(_PhysicalNll)
+
+
+@batch_rule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def nll_loss_forward(op, args, kwargs, dims):
+    x, target, weight, reduction, ignore_index = args
+    B = batch_size_of(args, dims)
+    x, safe, wt, cdim, valid = _nll_parts(x, dims[0], target, dims[1], weight, dims[2], ignore_index, B)
+    if x.requires_grad and not wt.requires_grad and type(x) is torch.Tensor and torch.is_grad_enabled():
+        out, total = _physical_nll(x, safe, wt, valid, reduction, cdim)
+    else:
+        out, total = _nll_forward(x, safe, wt, reduction, cdim)
+    return (out, total), ([0, None] if reduction == 0 else 0)
 
 
 @batch_rule(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
 def nll_loss_backward(op, args, kwargs, dims):
     go, x, target, weight, reduction, ignore_index, total_weight = args
     B = batch_size_of(args, dims)
-    x, safe, wt, cdim = _nll_parts(x, dims[1], target, dims[2], weight, dims[3], ignore_index, B)
-    r = safe.dim()  # physical rank of the per-element losses
-    if reduction == 0:
-        g = go if dims[0] is not None else go.unsqueeze(0)
-    else:
-        g = go.reshape((-1,) + (1,) * (r - 1))
-        if reduction == 1:
-            g = g / total_weight.reshape((-1,) + (1,) * (r - 1))
-    val = -(wt * g).to(x.dtype)
-    # ignored targets get no gradient even where grad_output is nan (an all-ignored 'mean'
-    # batch has total weight 0): the kernel skips them rather than multiplying by weight 0
-    valid = materialize(target, dims[2], B) != ignore_index
-    val = torch.where(valid, val.expand(safe.shape), torch.zeros((), dtype=x.dtype, device=x.device))
-    gi = torch.zeros_like(x).scatter(cdim, safe.unsqueeze(cdim), val.unsqueeze(cdim))
-    return gi, 0
+    x, safe, wt, cdim, valid = _nll_parts(x, dims[1], target, dims[2], weight, dims[3], ignore_index, B)
+    if reduction == 0 and dims[0] is None:
+        go = go.unsqueeze(0)
+    return _nll_input_grad(go, x, safe, wt, valid, reduction, total_weight, cdim), 0
 
 
 # -- multi_margin_loss, multilabel_margin_loss ----------------------------------------------
