@@ -558,7 +558,9 @@ def test_autograds_detach_of_a_live_wrapper_keeps_the_inner_value_without_a_disp
     x = torch.randn(5, dtype=torch.float64)
     assert_close(pf.grad(f)(x), tf.grad(f)(x))  # (a shadow graph: the inner value is cut, see test_shadow_graph)
     xs = torch.randn(2, 5, dtype=torch.float64)
-    assert_close(pf.vmap(pf.grad(f))(xs), tf.vmap(tf.grad(f))(xs))  # (no shadow under vmap)
+    assert_close(pf.vmap(pf.grad(f))(xs), tf.vmap(tf.grad(f))(xs))  # (the per-sample shadow: cut too)
+    monkeypatch.setattr(reverse, "PER_SAMPLE_SHADOW", False)
+    assert_close(pf.vmap(pf.grad(f))(xs), tf.vmap(tf.grad(f))(xs))  # (no shadow: the wrappers' graph)
     assert seen["same"]
     assert torch.ops.aten.detach.default not in calls
     # second order: the saved tanh output keeps the outer level's graph

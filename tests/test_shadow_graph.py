@@ -6,6 +6,7 @@ the mechanism tests check that the shadow is taken where it should be (they fail
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import pyfunctorch as pf
 from pyfunctorch import _core, reverse
 
-from conftest import assert_close, run_in_threads
+from conftest import assert_close, loop_vmap, run_in_threads
 from test_custom_function import Cube  # (x**3 with its own backward and jvp)
 
 DT = torch.float64
@@ -147,24 +148,53 @@ def _compositions(lib):
     def jacrev_of_jacrev(f):
         return lib.jacrev(lib.jacrev(lambda x: f(x)[:2]))(_X)
 
+    # per-sample gradients (the shadow on the vmap level's physical values): of a batched input,
+    # and of a shared input (in_dims=None: differentiated per example, as a weight)
+    def per_example_input_grads(f):
+        return lib.vmap(lib.grad(lambda x: f(x).square().sum()))(_XS)
+
+    def per_sample_grads_of_a_shared_input(f):
+        return lib.vmap(lib.grad(lambda x, v: (f(x) * v).sum()), in_dims=(None, 0))(_X, _VS)
+
+    def per_sample_grad_and_value_aux(f):
+        return lib.vmap(lib.grad_and_value(lambda x, v: ((f(x) * v).sum(), f(x)), has_aux=True),
+                        in_dims=(None, 0))(_X, _VS)
+
+    def per_sample_grads_both(f):
+        return lib.vmap(lib.grad(lambda x, y: (f(x) * f(y)).sum(), argnums=(0, 1)), in_dims=(None, 0))(_X, _XS)
+
     return {c.__name__: c for c in (grad_of, grad_and_value_aux, vjp_once, vjp_twice, vjp_under_vmap,
-                                    vjp_under_no_grad, jacrev, jacrev_chunked, jacrev_of_jacrev)}
+                                    vjp_under_no_grad, jacrev, jacrev_chunked, jacrev_of_jacrev,
+                                    per_example_input_grads, per_sample_grads_of_a_shared_input,
+                                    per_sample_grad_and_value_aux, per_sample_grads_both)}
 
 
 COMPOSITIONS = list(_compositions(pf))
-_X = _V = None
+_X = _V = _XS = _VS = None
 
 
 def _run(lib, comp, body, device, w_requires_grad=False, x_requires_grad=False):
-    global _X, _V
+    global _X, _V, _XS, _VS
     W1, W2 = _weights(device, w_requires_grad)
     g = torch.Generator().manual_seed(5)
     _X = torch.randn(4, generator=g, dtype=DT).to(device)
     _V = torch.randn(3, generator=g, dtype=DT).to(device)
+    _XS = torch.randn(3, 4, generator=g, dtype=DT).to(device)
+    _VS = torch.randn(3, 3, generator=g, dtype=DT).to(device)
     if x_requires_grad:
         _X.requires_grad_()
-    out = _compositions(lib)[comp](_bodies(W1, W2, oracle=lib is tf)[body])
+        _XS.requires_grad_()
+    out = _compositions(lib)[comp](_bodies(W1, W2, oracle=lib is not pf)[body])
     return out, (W1, W2), _X
+
+
+# per-sample compositions: vmap's definition (a loop) over torch.func's grad -- torch.func's vmap
+# refuses some bodies (writes of batched values into a buffer made inside)
+_LOOP_OVER_TF = types.SimpleNamespace(vmap=loop_vmap, grad=tf.grad, grad_and_value=tf.grad_and_value)
+
+
+def _oracle(comp):
+    return _LOOP_OVER_TF if comp.startswith("per_") else tf
 
 
 def _flat(out):
@@ -179,20 +209,21 @@ def test_results_and_requires_grad_match_torch_func(comp, body, device, request)
             "known before the shadow graph: non-reentrant checkpoint with a custom Function under "
             "nested jacrev recomputes a different number of saved tensors (CheckpointError)")))
     ours, _, _ = _run(pf, comp, body, device)
-    theirs, _, _ = _run(tf, comp, body, device)
+    theirs, _, _ = _run(_oracle(comp), comp, body, device)
     for a, b in zip(_flat(ours), _flat(theirs), strict=True):
         assert_close(a, b)
         assert a.requires_grad == b.requires_grad
 
 
-@pytest.mark.parametrize("comp", ["grad_of", "grad_and_value_aux", "vjp_once", "jacrev"])
+@pytest.mark.parametrize("comp", ["grad_of", "grad_and_value_aux", "vjp_once", "jacrev",
+                                  "per_sample_grads_of_a_shared_input", "per_example_input_grads"])
 @pytest.mark.parametrize("body", ["mlp", "layer_norm", "hook", "checkpointed", "checkpoint_and_function",
                                   "in_place_on_intermediate", "cut_by_data", "cut_by_new_tensor"])
 def test_weights_that_require_grad_stay_differentiable(comp, body, device):
     # a closed-over weight requiring grad (outside autograd): the results carry its graph,
     # and differentiating them by torch.autograd gives torch.func's numbers
     ours, (W1, _), _ = _run(pf, comp, body, device, w_requires_grad=True)
-    theirs, (W1e, _), _ = _run(tf, comp, body, device, w_requires_grad=True)
+    theirs, (W1e, _), _ = _run(_oracle(comp), comp, body, device, w_requires_grad=True)
     for a, b in zip(_flat(ours), _flat(theirs), strict=True):
         assert_close(a, b)
         assert a.requires_grad == b.requires_grad
@@ -201,12 +232,13 @@ def test_weights_that_require_grad_stay_differentiable(comp, body, device):
     assert_close(ga, gb)
 
 
-@pytest.mark.parametrize("comp", ["grad_of", "vjp_once", "jacrev"])
+@pytest.mark.parametrize("comp", ["grad_of", "vjp_once", "jacrev", "per_sample_grads_of_a_shared_input",
+                                  "per_sample_grads_both"])
 @pytest.mark.parametrize("body", ["mlp", "layer_norm", "views_and_writes", "in_place_on_intermediate"])
 def test_inputs_that_require_grad_keep_their_graph(comp, body, device):
     # x requires grad outside: second derivatives through the results (plain autograd)
     ours, _, x = _run(pf, comp, body, device, x_requires_grad=True)
-    theirs, _, xe = _run(tf, comp, body, device, x_requires_grad=True)
+    theirs, _, xe = _run(_oracle(comp), comp, body, device, x_requires_grad=True)
     (ga,) = torch.autograd.grad(sum((t.sin()).sum() for t in _flat(ours)), x)
     (gb,) = torch.autograd.grad(sum((t.sin()).sum() for t in _flat(theirs)), xe)
     assert_close(ga, gb)
@@ -261,7 +293,7 @@ def test_the_backward_runs_on_the_shadow_graph(monkeypatch):
     fwd, _ = _grad_level_events(pf.vjp, f, x)  # (the forward pass only)
     shadow_grad, _ = _grad_level_events(pf.grad(f), x)
     shadow_jac = _grad_level_events(pf.jacrev(lambda a: W2 @ torch.tanh(W1 @ a)), x)
-    monkeypatch.setattr(reverse._Shadow, "start", staticmethod(lambda flat: None))
+    monkeypatch.setattr(reverse._Shadow, "start", staticmethod(lambda flat, per_sample=False: None))
     wrapper_grad, _ = _grad_level_events(pf.grad(f), x)
     wrapper_jac = _grad_level_events(pf.jacrev(lambda a: W2 @ torch.tanh(W1 @ a)), x)
     # with the shadow, only the forward pass runs on the grad level's wrappers
@@ -301,17 +333,19 @@ def test_shadow_is_not_taken_under_transforms_or_modes(monkeypatch):
     taken = []
     start = reverse._Shadow.start
 
-    def spy(flat):
-        r = start(flat)
-        taken.append(r is not None)
+    def spy(flat, per_sample=False):
+        r = start(flat, per_sample)
+        taken.append(r is not None and (r[1] is not None) + 1)  # (1: top level, 2: inside one vmap)
         return r
 
     monkeypatch.setattr(reverse._Shadow, "start", staticmethod(spy))
     x = torch.randn(3, 4, dtype=DT)
     f = lambda a: a.sin().sum()  # noqa: E731
     pf.grad(f)(x[0])
-    pf.vmap(pf.grad(f))(x)
+    pf.vmap(pf.grad(f))(x)  # (per-sample gradients: on the vmap level's physical values)
     pf.jacfwd(pf.jacrev(f))(x[0])
+    pf.vmap(pf.vmap(pf.grad(f)))(x[None])  # (not inside two vmap levels)
+    pf.grad(lambda a: pf.vmap(f)(a).sum())(x)  # (a vmap level inside: the top-level shadow)
     with torch.inference_mode():
         pf.grad(f)(x[0])
     with torch.no_grad():
@@ -324,7 +358,7 @@ def test_shadow_is_not_taken_under_transforms_or_modes(monkeypatch):
 
     with Passthrough():
         pf.grad(f)(x[0])
-    assert taken == [True, False, False, False, False, False]
+    assert taken == [1, 2, False, False, 1, False, False, False]
 
 
 def _edge_cases(lib):

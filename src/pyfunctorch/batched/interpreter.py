@@ -10,6 +10,7 @@ from .. import _core
 from .._core import Interpreter, LevelTensor
 from .._ops import _InplaceViewAliases, _mutated_returns, _return_aliases
 from ..batching import BATCH_RULES, lookup as _lookup_rule
+from ..batching.physical_ad import physically_differentiable
 from .user_rules import custom_op_vmap, custom_op_vmap_fn
 from ..errors import BatchedWriteError, PerExampleSignal, data_dependent
 from .fallbacks import decomposition, has_lazy, lazy_wrap, loop_fallback, materialize_lazy, out_variant
@@ -112,6 +113,8 @@ class _GiveUp(Exception):
 
 class VmapInterpreter(Interpreter):
     kind = "vmap"
+    tensor_type = BatchedTensor  # (this level's wrapper class)
+    grad_shadow = None  # the per-sample gradient recording a graph on this level's physical values (reverse._Shadow)
 
     def __init__(self, batch_size: int, randomness: str) -> None:
         super().__init__()
@@ -126,6 +129,8 @@ class VmapInterpreter(Interpreter):
         self.bottom = not _core._state.stack
 
     def dispatch(self, func, args, kwargs):
+        if self.grad_shadow is not None and not physically_differentiable(func):
+            self._leave_physical_ad(args, kwargs)
         try:
             info = func._pyf_vmap
         except AttributeError:
@@ -417,6 +422,21 @@ class VmapInterpreter(Interpreter):
                 out_dims = [out_dims] * len(out)
             return type(out)(self._wrap(o, d) for o, d in zip(out, out_dims))
         return out
+
+    def _leave_physical_ad(self, args, kwargs) -> None:
+        """An op whose rule is not differentiated on the physical batch (see batching.physical_ad)
+        reaches a value of the per-sample gradient's physical graph: that gradient is taken on
+        the grad level's wrappers instead."""
+        for a in itertools.chain(args, kwargs.values()):
+            for b in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(b, torch.Tensor) and (b._value if type(b) is BatchedTensor else b).requires_grad:
+                    self.grad_shadow.usable = False
+                    self.grad_shadow = None
+                    return
+
+    def wrap_physical(self, value: torch.Tensor, bdim: int) -> BatchedTensor:
+        """A tensor of this level whose physical value is ``value``, batched in ``bdim``."""
+        return BatchedTensor(value, bdim, self)
 
     def unwrap_value(self, x, d: int = 0) -> torch.Tensor:
         """Physical value of ``x`` at this level with the batch dim at ``d`` (expanded if unbatched)."""

@@ -1,0 +1,293 @@
+"""Per-sample gradients on the physical batch (reverse._Shadow under one vmap level): a grad level
+directly inside the outermost vmap records its graph on the vmap level's physical values, an
+unbatched differentiated input expanded along the batch, and torch's C++ autograd differentiates
+that graph. Results are compared with torch.func (or, where torch.func refuses, with vmap's
+definition: a loop over torch.func's grad); the mechanism tests check where the physical graph is
+used and where the grad level's wrappers are differentiated instead (they fail without it).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.func as tf
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyfunctorch as pf
+from pyfunctorch import _core, reverse
+from pyfunctorch.batching import linalg, physical_ad
+
+from conftest import assert_close, loop_vmap
+
+DT = torch.float64
+B = 4
+
+
+def _models():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Flatten(),
+                        nn.Linear(4, 5))
+    return {
+        # name: (module, input of one example, whether the physical graph is used)
+        "mlp": (nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)), (6,), True),
+        "mlp_2d_input": (nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5)), (3, 6), True),
+        "mlp_no_bias": (nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 5, bias=False)), (2, 6),
+                        True),
+        "cnn": (cnn, (1, 7, 7), True),
+        "layer_norm_attention": (_Attention(), (3, 6), True),
+        "batch_norm_train": (_Norm(), (3, 6), False),
+        "embedding": (_Embed(nn.Embedding(10, 5, padding_idx=2)), (3,), False),
+        "embedding_bag": (_Embed(nn.EmbeddingBag(10, 5, mode="sum")), (3,), False),
+    }
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.norm(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 6 ** 0.5, -1)
+        return self.out((a @ self.v(h)).mean(-2))
+
+
+class _Norm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):  # (1, 3, 6) -> batch norm over 5 channels of length 3
+        return self.bn(self.fc(x).transpose(-1, -2)).sum(-1)
+
+
+class _Embed(nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb = emb
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, idx):
+        return self.fc(self.emb(idx).reshape(-1, 5).sum(0))
+
+
+def _data(shape, name, g):
+    if name.startswith("embedding"):
+        return torch.randint(0, 10, (B,) + shape, generator=g)
+    return torch.randn((B,) + shape, generator=g, dtype=DT)
+
+
+def _loss_with(fc, model):
+    def loss(params, x, y):
+        out = fc(model, params, (x.unsqueeze(0),)).reshape(1, -1)
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    return loss
+
+
+def _autograd_grad(loss):
+    """grad of ``loss`` in its first argument (a dict of tensors) with torch.autograd."""
+
+    def g(params, *rest):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        grads = torch.autograd.grad(loss(leaves, *rest), list(leaves.values()))
+        return dict(zip(leaves, grads))
+
+    return g
+
+
+def _spy_used(monkeypatch):
+    """Records, per grad call inside vmap, whether the gradient comes from the physical graph."""
+    used = []
+    seal = reverse._Shadow.seal
+
+    def spy(self, *args, **kwargs):
+        seal(self, *args, **kwargs)
+        if self.vmap is not None:
+            used.append(self.usable)
+
+    monkeypatch.setattr(reverse._Shadow, "seal", spy)
+    return used
+
+
+@pytest.mark.parametrize("name", list(_models()))
+@pytest.mark.parametrize("batched_params", [False, True])
+def test_models_match_torch_func(name, batched_params, monkeypatch):
+    model, shape, physical = _models()[name]
+    model = model.double()
+    if name == "batch_norm_train":
+        model.train()
+    g = torch.Generator().manual_seed(1)
+    x, y = _data(shape, name, g), torch.randint(0, 5, (B,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    if batched_params:  # (an ensemble's per-member gradients: every parameter batched)
+        params = {k: v + 0.1 * torch.randn((B,) + v.shape, generator=g, dtype=DT) for k, v in params.items()}
+    in_dims = (0 if batched_params else None, 0, 0)
+    used = _spy_used(monkeypatch)
+    ours_model, theirs_model = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = pf.vmap(pf.grad(_loss_with(pf.functional_call, ours_model)), in_dims=in_dims)(params, x, y)
+        try:
+            theirs = tf.vmap(tf.grad(_loss_with(tf.functional_call, theirs_model)), in_dims=in_dims)(params, x, y)
+        except RuntimeError:  # (torch.func refuses batch norm's unbatched running stats): torch.autograd
+            theirs_model = copy.deepcopy(model)
+            theirs = loop_vmap(_autograd_grad(_loss_with(tf.functional_call, theirs_model)), in_dims=in_dims)(
+                params, x, y)
+    assert_close(ours, theirs)
+    for (k, a), (_, b) in zip(ours_model.named_buffers(), theirs_model.named_buffers()):
+        assert_close(a, b)  # (batch norm's running statistics: updated as the loop updates them)
+    assert used == [physical], used
+
+
+def test_parameters_that_require_grad_keep_their_graph():
+    # params passed as they are (nn.Parameters): the per-sample gradients depend on them, and
+    # differentiating a function of them (e.g. a meta-learning step) gives torch.func's numbers
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(B, 6, generator=g, dtype=DT), torch.randint(0, 5, (B,), generator=g)
+    params = dict(model.named_parameters())
+    ours = pf.vmap(pf.grad(_loss_with(pf.functional_call, model)), in_dims=(None, 0, 0))(params, x, y)
+    theirs = tf.vmap(tf.grad(_loss_with(tf.functional_call, model)), in_dims=(None, 0, 0))(params, x, y)
+    assert_close(ours, theirs)
+    assert all(v.requires_grad for v in ours.values())
+    ga = torch.autograd.grad(sum((v * v).sum() for v in ours.values()), list(params.values()))
+    gb = torch.autograd.grad(sum((v * v).sum() for v in theirs.values()), list(params.values()))
+    assert_close(ga, gb)
+
+
+def test_closed_over_weight_that_requires_grad():
+    W = torch.randn(5, 6, dtype=DT, requires_grad=True)
+    w = torch.randn(6, dtype=DT)
+    xs = torch.randn(B, 5, dtype=DT)
+
+    def f(w, x):
+        return (torch.tanh(W @ w) * x).sum()
+
+    ours = pf.vmap(pf.grad(f), in_dims=(None, 0))(w, xs)
+    theirs = tf.vmap(tf.grad(f), in_dims=(None, 0))(w, xs)
+    assert_close(ours, theirs)
+    assert ours.requires_grad and theirs.requires_grad
+    assert_close(torch.autograd.grad(ours.square().sum(), W), torch.autograd.grad(theirs.square().sum(), W))
+
+
+@pytest.mark.parametrize("kind", ["grad_of_grad", "hessian_rows", "has_aux", "argnums", "in_dims_1", "chunked",
+                                  "one_example", "value_only_of_weights", "unused_input", "no_grad_inside"])
+def test_compositions_match_torch_func(kind):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 6, generator=g, dtype=DT)
+    w = torch.randn(6, generator=g, dtype=DT)
+    xs = torch.randn(B, 5, generator=g, dtype=DT)
+
+    def f(w, x):
+        return (torch.tanh(W @ w) * x).sum() + (w * w).sum()
+
+    def run(lib):
+        if kind == "grad_of_grad":
+            return lib.vmap(lib.grad(lambda w, x: lib.grad(f)(w, x).sin().sum()), in_dims=(None, 0))(w, xs)
+        if kind == "hessian_rows":
+            return lib.vmap(lib.grad(lambda w, x: lib.grad(f)(w, x) @ x[:1].repeat(6)), in_dims=(None, 0))(w, xs)
+        if kind == "has_aux":
+            return lib.vmap(lib.grad(lambda w, x: (f(w, x), torch.tanh(W @ w)), has_aux=True),
+                            in_dims=(None, 0))(w, xs)
+        if kind == "argnums":
+            return lib.vmap(lib.grad(f, argnums=(0, 1)), in_dims=(None, 0))(w, xs)
+        if kind == "in_dims_1":
+            return lib.vmap(lib.grad(f, argnums=(0, 1)), in_dims=(None, 1))(w, xs.t().contiguous())
+        if kind == "chunked":
+            return lib.vmap(lib.grad(f), in_dims=(None, 0), chunk_size=3)(w, xs)
+        if kind == "one_example":
+            return lib.vmap(lib.grad(f), in_dims=(None, 0))(w, xs[:1])
+        if kind == "value_only_of_weights":
+            return lib.vmap(lib.grad_and_value(lambda w, x: (w * w).sum() + 0 * x.sum()), in_dims=(None, 0))(w, xs)
+        if kind == "unused_input":
+            return lib.vmap(lib.grad(lambda w, x: x.sum() * 1.0, argnums=(0, 1)), in_dims=(None, 0))(w, xs)
+
+        def h(w, x):
+            with torch.no_grad():
+                c = (W @ w).sum()
+            return f(w, x) * c
+
+        return lib.vmap(lib.grad(h), in_dims=(None, 0))(w, xs)
+
+    assert_close(run(pf), run(tf))
+
+
+def test_the_backward_runs_without_python_dispatch(monkeypatch):
+    # per-sample gradients of an MLP: the forward pass dispatches at both levels, the backward
+    # pass at none (it ran two dispatches per op: the grad level's wrappers, then vmap's)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(B, 6, dtype=DT), torch.randint(0, 5, (B,))
+    fn = pf.vmap(pf.grad(_loss_with(pf.functional_call, model)), in_dims=(None, 0, 0))
+    counts = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+    orig_td = _core.LevelTensor.__torch_dispatch__.__func__
+    orig_grad = reverse._Shadow.grad
+
+    def spy(cls, func, types, args=(), kwargs=None):
+        counts[phase[0]] += 1
+        return orig_td(cls, func, types, args, kwargs)
+
+    def grad(self, *a, **k):
+        phase[0] = "backward"
+        try:
+            return orig_grad(self, *a, **k)
+        finally:
+            phase[0] = "forward"
+
+    monkeypatch.setattr(_core.LevelTensor, "__torch_dispatch__", classmethod(spy))
+    monkeypatch.setattr(reverse._Shadow, "grad", grad)
+    fn(params, x, y)
+    assert counts["forward"] > 0 and counts["backward"] == 0, counts
+    monkeypatch.setattr(reverse, "PER_SAMPLE_SHADOW", False)
+    counts.update(forward=0, backward=0)
+    fn(params, x, y)
+    assert counts["backward"] == 0 and counts["forward"] > 0  # (the wrappers' backward: under "forward")
+
+
+def test_an_op_without_a_physically_differentiable_rule_turns_it_off(monkeypatch):
+    # embedding_bag's rule is correct as a function but not differentiated right on the physical
+    # batch (this gave wrong per-sample gradients before the list in batching/physical_ad.py)
+    assert not physical_ad.physically_differentiable(torch.ops.aten._embedding_bag.default)
+    assert physical_ad.physically_differentiable(torch.ops.aten.addmm.default)
+    assert physical_ad.physically_differentiable(torch.ops.aten.tanh.default)
+    w = torch.randn(10, 5, dtype=DT)
+    idx = torch.randint(0, 10, (B, 1, 3))
+    per_sample = torch.rand(B, 1, 3, dtype=DT)
+
+    def f(w, i, p):
+        return F.embedding_bag(i, w, mode="sum", per_sample_weights=p).square().sum()
+
+    used = _spy_used(monkeypatch)
+    ours = pf.vmap(pf.grad(f, argnums=(0, 2)), in_dims=(None, 0, 0))(w, idx, per_sample)
+    theirs = loop_vmap(tf.grad(f, argnums=(0, 2)), in_dims=(None, 0, 0))(w, idx, per_sample)
+    assert_close(ours, theirs)
+    assert used == [False]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "row_major"])
+def test_shared_operand_product_gradients(layout):
+    # matmul_batched with an operand expanded along the batch (stride 0) that requires grad:
+    # one product forward, per-example gradients (first and second order) as the batched product's
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(B, 3, 6, generator=g, dtype=DT, requires_grad=True)
+    base = torch.randn(5, 6, generator=g, dtype=DT) if layout == "transposed" else torch.randn(6, 5, generator=g,
+                                                                                                 dtype=DT)
+    outs = []
+    for shared in (True, False):
+        leaf = base.expand((B,) + base.shape).detach().requires_grad_()
+        bmat = leaf.transpose(-1, -2) if layout == "transposed" else leaf
+        out = linalg.matmul_batched(a, bmat) if shared else torch.matmul(a, bmat)
+        ga, gb = torch.autograd.grad(out.sin().sum(), (a, leaf), create_graph=True)
+        second = torch.autograd.grad((ga.square().sum() + gb.square().sum()), (a, leaf))
+        outs.append((out, ga, gb, second))
+    assert_close(outs[0], outs[1])
+    assert outs[0][2].shape == (B,) + base.shape
