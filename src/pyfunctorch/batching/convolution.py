@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import flat_examples, batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example
+from ._registry import flat_examples, batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example, plain_apply
 
 aten = torch.ops.aten
 
@@ -136,6 +136,47 @@ def circular_pad_entry(original, args, kwargs):
 
 
 
+class _SharedFilters(torch.autograd.Function):
+    """A convolution of a physical batch ``x`` (batch in front) with filters ``w`` (B, O, C/g,
+    *K) whose examples are one filter bank (batch stride 0): the forward is one convolution
+    with the batch in N, as for unbatched filters; the filters' gradient is per example (B
+    groups, as for per-example filters), the input's one convolution again."""
+
+    @staticmethod
+    def forward(ctx, x, w, rest, groups, has_n):
+        ctx.save_for_backward(x, w)
+        ctx.rest, ctx.groups, ctx.has_n = rest, groups, has_n
+        xf = x.flatten(0, 1) if has_n else x
+        out = aten.convolution.default(xf, w[0], None, *rest, groups)
+        return out.reshape(x.shape[:2] + out.shape[1:]) if has_n else out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        rest, groups, has_n = ctx.rest, ctx.groups, ctx.has_n
+        B = w.shape[0]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # (a graph recorded: through the per-example filters throughout)
+            gi, gw, _ = aten.convolution_backward.default(
+                batch_into_channels(g, has_n), batch_into_channels(x, has_n), w.flatten(0, 1), None, *rest,
+                groups * B, [need_x, need_w, False])
+            gi = None if gi is None else unbatch_channels(gi, B, has_n)[0].movedim(int(has_n), 0)
+            return gi, None if gw is None else gw.reshape(w.shape), None, None, None
+        gi = gw = None
+        if need_x:
+            gf, xf = (g.flatten(0, 1), x.flatten(0, 1)) if has_n else (g, x)
+            gi = aten.convolution_backward.default(gf, xf, w[0], None, *rest, groups, [True, False, False])[0]
+            gi = gi.reshape(x.shape)
+        if need_w:
+            gw = aten.convolution_backward.default(
+                batch_into_channels(g, has_n), batch_into_channels(x, has_n), w.flatten(0, 1), None, *rest,
+                groups * B, [False, True, False])[1].reshape(w.shape)
+        return gi, gw, None, None, None
+
+
+_shared_filters = plain_apply(_SharedFilters)
+
+
 @batch_rule(aten.convolution.default)
 def convolution(op, args, kwargs, dims):
     x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
@@ -144,6 +185,15 @@ def convolution(op, args, kwargs, dims):
     k = rank(w, wd) - 2  # spatial dims
     has_n = rank(x, xd) == k + 2
     rest = (stride, padding, dilation, transposed, output_padding)
+    if wd is not None and not transposed and w.stride(0) == 0 and B > 1 and w.requires_grad \
+            and type(w) is torch.Tensor and type(x) is torch.Tensor and torch.is_grad_enabled():
+        # filters shared by every example, differentiated per example (per-sample gradients:
+        # reverse._Shadow expands them along the batch)
+        out = _shared_filters(materialize(x, xd, B), w, rest, groups, has_n)
+        if bias is not None:
+            bias = materialize(bias, bd, B)
+            out = out + bias.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k)
+        return out, 0
     if wd is None:
         # shared filters: the batch joins N; a batched bias is added afterwards
         if xd is None:
