@@ -316,9 +316,19 @@ def markdown(rows, patch_us, info) -> str:
         "outside transforms the wrappers call torch's functions unchanged, and torch is restored after the "
         "block): W5 tiny ~2.1x -> ~1.75x torch.func (the suite's 'pyfunctorch, held' row). By default torch "
         "stays patched only while a transform is live (tests/test_regressions.py).",
-        "- Large tensors (W5 large, W1/W2 at B=256) are kernel-bound and within ~10% of torch.func; W1 at B=64 "
-        "pays a fixed ~0.8 ms of Python events (54 per call over two levels, ~15 µs each) that torch.func pays "
-        "in C++: paired, B=8 1.65x, B=64 1.36x, B=256 1.11x.",
+        "- Large tensors (W5 large, W1/W2 at B=256) are kernel-bound and within ~10% of torch.func. W1 "
+        "(per-sample gradients, `vmap(grad(f))`) records its graph on the vmap level's physical values and "
+        "differentiates it in torch's C++ autograd (`reverse._Shadow._start_per_sample`, docs/architecture.md): "
+        "the backward pass has no Python event (it had two per op, ~30 of the 54 events per call), and a weight "
+        "expanded along the batch costs one product forward (`batching.linalg.matmul_batched`, "
+        "`batching.convolution._SharedFilters`). Paired in the suite's harness against the wrappers' graph "
+        "(`reverse.PER_SAMPLE_SHADOW = False`, same process): MLP B=8 1.85x -> 1.54x torch.func, B=256 "
+        "1.13x -> 1.04x, CNN B=64 1.35x -> 1.23x. At B=64 the MLP's time is decided by page faults on the "
+        "25 MB per-sample gradient (~6400 fresh pages, ~1.3 ms when glibc's heap has no free block of that "
+        "size): depending on the other implementations' allocations in the same process the ratio is 1.2x or "
+        "1.5x for either path (mallinfo shows no memory kept between calls).",
+        "- Depth 2 below (vmap∘grad of 20 pointwise ops on [64, 8]) is the same path: 3.84x -> ~2.5x "
+        "torch.func.",
         "- Reverse mode with no transform around it (`grad`, `vjp`, `jacrev` called at top level; not in the "
         "table, whose depths 2 and 3 are nested): the level also records its graph on the plain inner values "
         "(the *shadow graph*, `reverse._Shadow`, docs/architecture.md) and differentiates that one, so the "
@@ -326,11 +336,12 @@ def markdown(rows, patch_us, info) -> str:
         "the ended vjp level and the vmap level). Paired against the previous tree: jacrev 256x256 1.38x -> "
         "1.27x torch.func, jacrev 64->1024 1.09x -> 1.04x, top-level grad of the MLP 2.2-2.5x -> 1.9-2.0x. "
         "What is left is the forward pass on the wrappers (~10 events, ~150 µs for jacrev 256; torch.func's "
-        "vjp forward costs ~60 µs). Under vmap (per-sample gradients) the inner values are batched wrappers "
-        "that would record autograd themselves: measured slower (more detach events on the vmap level), so "
-        "the shadow is not used there. Also: autograd's detach of a live grad/jvp wrapper (every saved "
-        "output) is answered at the top of `__torch_dispatch__` (7.0 -> 4.5 µs), and the broadcasting rule "
-        "runs `tanh_backward(g, y)` with an unbatched `y` of lower rank as it is (4.6 -> 2.4 µs).",
+        "vjp forward costs ~60 µs). Under vmap (per-sample gradients) the graph is recorded one level further "
+        "down, on the physical values (previous item); recording it on the batched wrappers themselves was "
+        "measured slower (more detach events on the vmap level). Also: autograd's detach of a live grad/jvp "
+        "wrapper (every saved output) is answered at the top of `__torch_dispatch__` (7.0 -> 4.5 µs), and the "
+        "broadcasting rule runs `tanh_backward(g, y)` with an unbatched `y` of lower rank as it is "
+        "(4.6 -> 2.4 µs).",
         "",
         END,
     ])
