@@ -80,14 +80,14 @@ def shared_stride0(t) -> bool:
 
 
 def matmul_batched(a, b):
-    """``torch.matmul(a, b)`` of two physical operands batched in front; an operand whose
+    """``torch.matmul(a, b)`` of two physical operands batched in front; a right operand whose
     examples share one matrix and that requires grad is multiplied once (``_SharedRight``):
     per-sample gradients of a layer's weight then cost one product forward, as without them."""
-    if torch.is_grad_enabled() and a.dim() == 3 and type(a) is torch.Tensor and type(b) is torch.Tensor:
-        if shared_stride0(b) and a.shape[0] == b.shape[0]:
-            return _shared_right(a, b)
-        if shared_stride0(a) and b.dim() == 3 and a.shape[0] == b.shape[0]:
-            return _shared_right(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+    if torch.is_grad_enabled() and a.dim() == 3 and shared_stride0(b) and a.shape[0] == b.shape[0] \
+            and type(a) is torch.Tensor and type(b) is torch.Tensor:
+        # (a shared left operand keeps the batched product: computed as a transposed product its
+        # result would have another per-example layout than the loop's, which views can refuse)
+        return _shared_right(a, b)
     return torch.matmul(a, b)
 
 
