@@ -1094,6 +1094,40 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
 
             _ad_case(res, si, "vmap(vjp)", vmap_over_vjp_case)
+
+        # per-sample gradients as users write them, vmap(grad(f)) (the physical batch's graph,
+        # reverse._Shadow): every primal batched, and the first one shared by the examples
+        # (in_dims=None: a weight, differentiated per example); real dtypes (grad needs a real loss)
+        if vjp_fn is not None and not dtype.is_complex and not any(c.is_complex() or c.is_sparse for c in cts_d) \
+                and not any(o.is_sparse for o, m in zip(ref_out, mask) if m):
+            def vmap_grad_case(shared):
+                g5 = torch.Generator().manual_seed(seed + 400 + si)
+                bxs = [torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g5, dtype=x.dtype).to(x.device))
+                                          for _ in range(BATCH - 1)]) for x in primals]
+                if shared:
+                    bxs[0] = primals[0]
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g5, dtype=c.dtype).to(c.device) for c in cts_d)
+                want = []
+                for b in range(BATCH):
+                    xs = [(x if shared and i == 0 else x[b]).clone().requires_grad_() for i, x in enumerate(bxs)]
+                    try:
+                        outs = fd(*xs)
+                        gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
+                    except Exception as e:  # noqa: BLE001
+                        raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
+                    want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
+
+                def loss(xs, cs):
+                    return sum((o * c).sum() for o, c in zip(fd(*xs), cs))
+
+                in_dims = ([None] + [0] * (len(bxs) - 1), 0) if shared else 0
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = pyfunctorch.vmap(pyfunctorch.grad(loss), in_dims=in_dims)(bxs, bcts)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
+
+            _ad_case(res, si, "vmap(grad)", lambda: vmap_grad_case(False))
+            _ad_case(res, si, "vmap(grad) shared", lambda: vmap_grad_case(True))
     res["time"] = round(time.time() - t0, 2)
     return res
 
