@@ -141,7 +141,7 @@ def test_vmap_opinfo_dtype_slice(dtype, name):
     assert not bad, f"{dtype} {name}: vmap disagrees with the per-example loop:\n{_describe(bad)}"
 
 
-# -- AD: vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp) against torch.autograd / forward AD ------------
+# -- AD: vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp), vmap(grad) against torch.autograd / forward AD --
 
 AD_SLICE = [
     "sin", "mul", "mm", "addmm", "sum", "cumsum", "linalg.svd", "linalg.pinv", "nn.functional.conv2d",
@@ -163,6 +163,8 @@ def test_ad_opinfo_slice(name, dtype):
     if dtype == "float64":
         kinds = {c["in_dims"] for c in ran}
         assert {"vjp", "vmap(vjp_fn)", "vmap(vjp)"} <= kinds, kinds
+        if name != "fft.fft":  # (per-sample gradients through vmap(grad): real outputs only)
+            assert {"vmap(grad)", "vmap(grad) shared"} <= kinds, kinds
     bad = [c for c in ran if c["status"] != "pass"]
     assert not bad, f"{name} {dtype}: AD disagrees with torch.autograd / forward AD:\n{_describe(bad)}"
 
@@ -170,7 +172,7 @@ def test_ad_opinfo_slice(name, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_ad_opinfo_full(name):
-    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp) and vmap(vjp) agree (float64)."""
+    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp) and vmap(grad) agree (float64)."""
     r = cov.run_op_ad(OPS[name])
     if r["skip"] is not None:
         pytest.skip(r["skip"])
