@@ -119,16 +119,16 @@ def _spy_used(monkeypatch):
 
 @pytest.mark.parametrize("name", list(_models()))
 @pytest.mark.parametrize("batched_params", [False, True])
-def test_models_match_torch_func(name, batched_params, monkeypatch):
+def test_models_match_torch_func(name, batched_params, monkeypatch, device):
     model, shape, physical = _models()[name]
-    model = model.double()
+    model = model.double().to(device)
     if name == "batch_norm_train":
         model.train()
     g = torch.Generator().manual_seed(1)
-    x, y = _data(shape, name, g), torch.randint(0, 5, (B,), generator=g)
+    x, y = _data(shape, name, g).to(device), torch.randint(0, 5, (B,), generator=g).to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     if batched_params:  # (an ensemble's per-member gradients: every parameter batched)
-        params = {k: v + 0.1 * torch.randn((B,) + v.shape, generator=g, dtype=DT) for k, v in params.items()}
+        params = {k: v + 0.1 * torch.randn((B,) + v.shape, generator=g, dtype=DT).to(device) for k, v in params.items()}
     in_dims = (0 if batched_params else None, 0, 0)
     used = _spy_used(monkeypatch)
     ours_model, theirs_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -274,13 +274,13 @@ def test_an_op_without_a_physically_differentiable_rule_turns_it_off(monkeypatch
 
 
 @pytest.mark.parametrize("layout", ["transposed", "row_major"])
-def test_shared_operand_product_gradients(layout):
+def test_shared_operand_product_gradients(layout, device):
     # matmul_batched with an operand expanded along the batch (stride 0) that requires grad:
     # one product forward, per-example gradients (first and second order) as the batched product's
     g = torch.Generator().manual_seed(4)
-    a = torch.randn(B, 3, 6, generator=g, dtype=DT, requires_grad=True)
-    base = torch.randn(5, 6, generator=g, dtype=DT) if layout == "transposed" else torch.randn(6, 5, generator=g,
-                                                                                                 dtype=DT)
+    a = torch.randn(B, 3, 6, generator=g, dtype=DT).to(device).requires_grad_()
+    base = (torch.randn(5, 6, generator=g, dtype=DT) if layout == "transposed" else
+            torch.randn(6, 5, generator=g, dtype=DT)).to(device)
     outs = []
     for shared in (True, False):
         leaf = base.expand((B,) + base.shape).detach().requires_grad_()
@@ -295,12 +295,12 @@ def test_shared_operand_product_gradients(layout):
 
 @pytest.mark.parametrize("has_n", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_shared_filter_convolution_gradients(has_n, groups):
+def test_shared_filter_convolution_gradients(has_n, groups, device):
     # convolution with filters expanded along the batch (stride 0) that require grad: one
     # convolution forward, per-example filter gradients (first and second order) as a loop's
     g = torch.Generator().manual_seed(5)
-    x = torch.randn((B, 3, 4, 7, 7) if has_n else (B, 4, 7, 7), generator=g, dtype=DT, requires_grad=True)
-    base = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=DT)
+    x = torch.randn((B, 3, 4, 7, 7) if has_n else (B, 4, 7, 7), generator=g, dtype=DT).to(device).requires_grad_()
+    base = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=DT).to(device)
     from pyfunctorch.batching.convolution import _shared_filters
 
     outs = []
