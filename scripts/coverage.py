@@ -1075,15 +1075,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g4, dtype=x.dtype).to(x.device))
                                                for _ in range(BATCH - 1)]) for x in primals)
                 bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g4, dtype=c.dtype).to(c.device) for c in cts_d)
-                want = []
-                for b in range(BATCH):
-                    xs = [x[b].clone().requires_grad_() for x in bxs]
-                    try:
-                        outs = fd(*xs)
-                        gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
-                    except Exception as e:  # noqa: BLE001
-                        raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
-                    want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
+                want = _loop_grads(fd, bxs, bcts, shared_first=False)
 
                 def per_example(xs, cs):
                     return pyfunctorch.vjp(fd, *xs)[1](cs)
@@ -1107,15 +1099,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 if shared:
                     bxs[0] = primals[0]
                 bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g5, dtype=c.dtype).to(c.device) for c in cts_d)
-                want = []
-                for b in range(BATCH):
-                    xs = [(x if shared and i == 0 else x[b]).clone().requires_grad_() for i, x in enumerate(bxs)]
-                    try:
-                        outs = fd(*xs)
-                        gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
-                    except Exception as e:  # noqa: BLE001
-                        raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
-                    want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
+                want = _loop_grads(fd, bxs, bcts, shared_first=shared)
 
                 def loss(xs, cs):
                     return sum((o * c).sum() for o, c in zip(fd(*xs), cs))
@@ -1130,6 +1114,21 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
             _ad_case(res, si, "vmap(grad) shared", lambda: vmap_grad_case(True))
     res["time"] = round(time.time() - t0, 2)
     return res
+
+
+def _loop_grads(fd, bxs, bcts, shared_first: bool):
+    """Per example b: torch.autograd.grad of ``fd``'s outputs at the b-th primals (the first one
+    as it is when ``shared_first``) with the b-th cotangents; zeros where unused."""
+    want = []
+    for b in range(BATCH):
+        xs = [(x if shared_first and i == 0 else x[b]).clone().requires_grad_() for i, x in enumerate(bxs)]
+        try:
+            outs = fd(*xs)
+            gr = torch.autograd.grad(outs, xs, [c[b] for c in bcts], allow_unused=True)
+        except Exception as e:  # noqa: BLE001
+            raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
+        want.append(tuple(torch.zeros_like(x) if q is None else q for x, q in zip(xs, gr)))
+    return want
 
 
 def _ad_case(res, si, kind, fn):

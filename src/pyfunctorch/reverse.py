@@ -224,11 +224,13 @@ class _Shadow:
         plain graph is recorded on the vmap level's *physical* values, below both levels.
         A batched input's alias is its physical value's alias; an unbatched one (a weight,
         ``in_dims=None``) is expanded along the batch with stride 0, so that its gradient
-        comes out per example (the products with such an operand are one product forward:
-        batching.linalg.matmul_batched). Measured on the per-sample gradients of an MLP
-        (B=64): the backward pass ran two Python dispatches per op (this level's wrappers,
-        then the vmap level), now none. (The batched wrappers themselves record nothing: a
-        shadow on them was measured slower.)"""
+        comes out per example (the products and convolutions with such an operand are one
+        product forward: batching.linalg.matmul_batched, batching.convolution._SharedFilters).
+        The backward pass ran two Python dispatches per op (this level's wrappers, then the
+        vmap level), now none: paired against the wrappers' graph, per-sample gradients of an
+        MLP 1.85x -> 1.54x torch.func at B=8, 1.13x -> 1.04x at B=256, of a CNN 1.35x -> 1.23x
+        at B=64. (The batched wrappers themselves record nothing: a shadow on them was measured
+        slower. Batch size 1 -- the per-example re-run's levels -- has nothing to gain.)"""
         if len(stack) != 1 or not PER_SAMPLE_SHADOW:
             return None
         vm = stack[0]
