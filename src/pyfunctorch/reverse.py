@@ -324,8 +324,11 @@ class _Shadow:
         outs = [self.physical(outputs[i]._value) for i in keep]
         gouts = None if grad_outputs is None else [_resolve_dead(grad_outputs[i]) for i in keep]
         vm = self.vmap
-        if vm is not None:  # (each example's output is a scalar: seed every one with 1)
-            gouts = [torch.ones_like(o) for o in outs]
+        if vm is not None:
+            # each example's output is a scalar, which depends on its own example only: the sum
+            # over the batch seeds every one with 1 (explicit ones as grad_outputs cost more:
+            # torch.autograd.grad compares their shapes symbolically, ~20 us)
+            outs = [outs[0].sum() if len(outs) == 1 else torch.stack([o.sum() for o in outs]).sum()]
         phys = [self.physical(a) for a in self.inputs]
         # (while the level is live: tensors a backward creates are not its own, nor the vmap level's)
         with lowered(interp.level if vm is None else vm.level):
