@@ -323,10 +323,11 @@ def markdown(rows, patch_us, info) -> str:
         "expanded along the batch costs one product forward (`batching.linalg.matmul_batched`, "
         "`batching.convolution._SharedFilters`). Paired in the suite's harness against the wrappers' graph "
         "(`reverse.PER_SAMPLE_SHADOW = False`, same process): MLP B=8 1.85x -> 1.54x torch.func, B=256 "
-        "1.13x -> 1.04x, CNN B=64 1.35x -> 1.23x. At B=64 the MLP's time is decided by page faults on the "
-        "25 MB per-sample gradient (~6400 fresh pages, ~1.3 ms when glibc's heap has no free block of that "
-        "size): depending on the other implementations' allocations in the same process the ratio is 1.2x or "
-        "1.5x for either path (mallinfo shows no memory kept between calls).",
+        "1.13x -> 1.04x, CNN B=64 1.35x -> 1.23x. At B=64 the MLP's ratio is 1.2x in some processes and "
+        "1.5x in others, for either path: within one process pyfunctorch's call took 2.8-4.2 ms at "
+        "different moments while torch.func's stayed at 2.3-2.5 ms and the 25 MB outer-product kernel alone at "
+        "~1.05 ms; not page faults (0 minor faults per call, `resource.getrusage`), not memory kept between "
+        "calls (mallinfo), not the garbage collector. Cause not found.",
         "- Depth 2 below (vmap∘grad of 20 pointwise ops on [64, 8]) is the same path: 3.84x -> ~2.5x "
         "torch.func.",
         "- Reverse mode with no transform around it (`grad`, `vjp`, `jacrev` called at top level; not in the "
