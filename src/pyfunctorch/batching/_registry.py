@@ -67,6 +67,14 @@ def plain_apply(function_class) -> Callable:
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, function_class)
 
 
+def shared_by_examples(t) -> bool:
+    """A plain physical operand whose examples are one tensor (batch stride 0) and that autograd
+    differentiates: an input a grad level inside vmap differentiates per example (reverse._Shadow
+    expands it along the batch). Products and convolutions with it run once (linalg, convolution)."""
+    return type(t) is torch.Tensor and t.stride(0) == 0 and t.shape[0] > 1 and t.requires_grad \
+        and torch.is_grad_enabled()
+
+
 def overloads(*packets, only: Sequence[str] | None = None):
     """Every OpOverload of the given packets (optionally only the named overloads)."""
     out = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import flat_examples, batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example, plain_apply
+from ._registry import flat_examples, batch_rule, batch_size_of, functional_overloads as _ops, map_outputs as _map, materialize, rank, batch_into_channels, unbatch_channels, per_example_checked, check_example, plain_apply, shared_by_examples
 
 aten = torch.ops.aten
 
@@ -156,21 +156,23 @@ class _SharedFilters(torch.autograd.Function):
         rest, groups, has_n = ctx.rest, ctx.groups, ctx.has_n
         B = w.shape[0]
         need_x, need_w = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # (a graph recorded: through the per-example filters throughout)
+
+        def per_example_filters(mask):  # (B groups: the convolution_backward rule's per-example filters)
             gi, gw, _ = aten.convolution_backward.default(
                 batch_into_channels(g, has_n), batch_into_channels(x, has_n), w.flatten(0, 1), None, *rest,
-                groups * B, [need_x, need_w, False])
+                groups * B, mask + [False])
             gi = None if gi is None else unbatch_channels(gi, B, has_n)[0].movedim(int(has_n), 0)
-            return gi, None if gw is None else gw.reshape(w.shape), None, None, None
+            return gi, None if gw is None else gw.reshape(w.shape)
+
+        if torch.is_grad_enabled():  # (a graph recorded: through the per-example filters throughout)
+            return (*per_example_filters([need_x, need_w]), None, None, None)
         gi = gw = None
         if need_x:
             gf, xf = (g.flatten(0, 1), x.flatten(0, 1)) if has_n else (g, x)
             gi = aten.convolution_backward.default(gf, xf, w[0], None, *rest, groups, [True, False, False])[0]
             gi = gi.reshape(x.shape)
         if need_w:
-            gw = aten.convolution_backward.default(
-                batch_into_channels(g, has_n), batch_into_channels(x, has_n), w.flatten(0, 1), None, *rest,
-                groups * B, [False, True, False])[1].reshape(w.shape)
+            gw = per_example_filters([False, True])[1]
         return gi, gw, None, None, None
 
 
@@ -185,8 +187,7 @@ def convolution(op, args, kwargs, dims):
     k = rank(w, wd) - 2  # spatial dims
     has_n = rank(x, xd) == k + 2
     rest = (stride, padding, dilation, transposed, output_padding)
-    if wd is not None and not transposed and w.stride(0) == 0 and B > 1 and w.requires_grad \
-            and type(w) is torch.Tensor and type(x) is torch.Tensor and torch.is_grad_enabled():
+    if wd is not None and not transposed and type(x) is torch.Tensor and shared_by_examples(w):
         # filters shared by every example, differentiated per example (per-sample gradients:
         # reverse._Shadow expands them along the batch)
         out = _shared_filters(materialize(x, xd, B), w, rest, groups, has_n)

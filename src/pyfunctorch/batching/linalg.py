@@ -19,6 +19,7 @@ from ._registry import (
     non_out_overloads,
     per_example_checked,
     plain_apply,
+    shared_by_examples,
     per_example_signal,
     pad_to_rank,
     rank,
@@ -73,18 +74,12 @@ class _SharedRight(torch.autograd.Function):
         return ga, gb
 
 
-def shared_stride0(t) -> bool:
-    """A physical 3-D operand whose examples are one matrix (an input a grad level inside vmap
-    differentiates per example: see reverse._Shadow) and that requires grad."""
-    return t.dim() == 3 and t.stride(0) == 0 and t.shape[0] > 1 and t.requires_grad
-
-
 def matmul_batched(a, b):
     """``torch.matmul(a, b)`` of two physical operands batched in front; a right operand whose
     examples share one matrix and that requires grad is multiplied once (``_SharedRight``):
     per-sample gradients of a layer's weight then cost one product forward, as without them."""
-    if torch.is_grad_enabled() and a.dim() == 3 and shared_stride0(b) and a.shape[0] == b.shape[0] \
-            and type(a) is torch.Tensor and type(b) is torch.Tensor:
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0] and type(a) is torch.Tensor \
+            and shared_by_examples(b):
         # (a shared left operand keeps the batched product: computed as a transposed product its
         # result would have another per-example layout than the loop's, which views can refuse)
         return _shared_right(a, b)
