@@ -40,7 +40,9 @@ def _models():
         "cnn": (cnn, (1, 7, 7), True),
         "layer_norm_attention": (_Attention(), (3, 6), True),
         "batch_norm_train": (_Norm(), (3, 6), False),
-        "embedding": (_Embed(nn.Embedding(10, 5, padding_idx=2)), (3,), False),
+        "embedding": (_Embed(nn.Embedding(10, 5, padding_idx=2)), (3,), True),
+        "embedding_scaled": (_Embed(nn.Embedding(10, 5, scale_grad_by_freq=True)), (4,), True),
+        "transformer": (_Transformer(), (6,), True),
         "embedding_bag": (_Embed(nn.EmbeddingBag(10, 5, mode="sum")), (3,), False),
     }
 
@@ -78,8 +80,23 @@ class _Embed(nn.Module):
         return self.fc(self.emb(idx).reshape(-1, 5).sum(0))
 
 
+class _Transformer(nn.Module):
+    """Token embedding (with a padding row) + a transformer encoder layer (attention through
+    scaled_dot_product_attention) + a linear head: the DP text-classification model."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, idx):
+        return self.fc(self.enc(self.emb(idx)).mean(1))
+
+
 def _data(shape, name, g):
-    if name.startswith("embedding"):
+    if name.startswith("embedding") or name == "transformer":
         return torch.randint(0, 10, (B,) + shape, generator=g)
     return torch.randn((B,) + shape, generator=g, dtype=DT)
 
@@ -318,3 +335,59 @@ def test_shared_filter_convolution_gradients(has_n, groups, device):
         second = torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, leaf))
         outs.append((out, gx, gw, second, first))
     assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("shared_indices", [False, True])
+def test_gradient_through_vmap_of_embedding_with_per_example_tables(padding_idx, shared_indices, device):
+    # grad *around* vmap: the level outside differentiates what the embedding rule computes on the
+    # physical batch. With padding_idx, one lookup in a table of B*V rows honoured the padding row
+    # of example 0 only: every other example's padding row got a gradient (silently wrong, max
+    # error ~2). Oracle: torch.autograd through a loop over the examples (vmap's definition).
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(B, 6, 4, generator=g, dtype=DT).to(device)
+    idx = torch.tensor([[0, 2, 2, 5], [2, 1, 2, 3], [4, 2, 0, 2], [2, 2, 1, 5]], device=device)
+    if shared_indices:
+        idx = idx[0]
+
+    def per_example(w, i):
+        return F.embedding(i, w, padding_idx=padding_idx).sin()
+
+    in_dims = (0, None if shared_indices else 0)
+
+    def f(W):
+        return pf.vmap(per_example, in_dims=in_dims)(W, idx).square().sum()
+
+    Wr = W.clone().requires_grad_()
+    loop = torch.stack([per_example(Wr[b], idx if shared_indices else idx[b]) for b in range(B)])
+    (want,) = torch.autograd.grad(loop.square().sum(), Wr)
+    assert_close(pf.grad(f)(W), want)
+    # second order (grad of grad, a Hessian-vector product) and forward mode around vmap
+    v = torch.randn(W.shape, generator=g, dtype=DT).to(device)
+    (gg,) = torch.autograd.grad(torch.autograd.grad(torch.stack(
+        [per_example(Wr[b], idx if shared_indices else idx[b]) for b in range(B)]).square().sum(), Wr,
+        create_graph=True)[0].mul(v).sum(), Wr)
+    assert_close(pf.grad(lambda W: (pf.grad(f)(W) * v).sum())(W), gg)
+    # (forward AD through torch's kernel: padding_idx does not zero a tangent, so not want . v)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(W, v)
+        tangent = fwAD.unpack_dual(torch.stack([per_example(dual[b], idx if shared_indices else idx[b])
+                                                for b in range(B)]).square().sum()).tangent
+    assert_close(pf.jvp(f, (W,), (v,))[1], tangent)
+
+
+def test_sparse_embedding_per_sample_gradients_are_sparse():
+    # the shared table's per-example gradients keep torch's sparse layout (values as the loop's)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 4, generator=g, dtype=DT)
+    idx = torch.tensor([[0, 2, 2, 5], [2, 1, 2, 3], [4, 2, 0, 2], [2, 2, 1, 5]])
+
+    def f(w, i):
+        return F.embedding(i, w, sparse=True).sin().sum()
+
+    ours = pf.vmap(pf.grad(f), in_dims=(None, 0))(w, idx)
+    assert ours.layout == torch.sparse_coo
+    want = loop_vmap(lambda w, i: tf.grad(lambda w: F.embedding(i, w).sin().sum())(w), in_dims=(None, 0))(w, idx)
+    assert_close(ours.to_dense(), want)

@@ -6,7 +6,8 @@ import torch
 
 from .. import _core
 from ..errors import batched_write_error
-from ._registry import flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples
+from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples,
+                        plain_apply, shared_by_examples)
 
 aten = torch.ops.aten
 
@@ -21,16 +22,57 @@ def _offsets(B, per, like, ndim):
 
 @batch_rule(aten.embedding.default)
 def embedding(op, args, kwargs, dims):
-    w, idx = args[0], args[1]
     if dims[0] is None:
         return op(*args, **kwargs), 0  # a plain lookup of batched indices
+    (w, idx, padding_idx, scale_grad_by_freq, sparse), dims = full_args(op, args, kwargs, dims)
+    B, V = w.shape[0], w.shape[1]
+    idx = materialize(idx, dims[1], B)
+    if w.stride(0) == 0 and B > 1:  # one table for every example (a weight expanded along the batch)
+        if shared_by_examples(w):  # differentiated per example (per-sample gradients)
+            return _shared_embedding(w, idx, padding_idx, scale_grad_by_freq, sparse), 0
+        if not w.requires_grad and type(w) is torch.Tensor:
+            return op(w.select(0, 0), idx, padding_idx, scale_grad_by_freq, sparse), 0
+    if padding_idx >= 0 and (w.requires_grad or type(w) is not torch.Tensor):
+        # Differentiated (by torch's autograd on the physical batch, or by a level below): the
+        # lookup in one table of B*V rows below could honour padding_idx for one example only --
+        # the gradient of every other example's padding row would not be zero (grad of vmap of
+        # an embedding with padding_idx was silently wrong). Each example's own call is exact in
+        # every mode (reverse: no gradient into the padding row; forward AD: torch's tangent).
+        return loop_examples(op, [w, idx, padding_idx, scale_grad_by_freq, sparse], [0, 0, None, None, None], B)
     # per-example tables: one table of B*V rows, example b's indices shifted by b*V. An index
     # outside [0, V) would land in another example's rows: send it past the end so that the
     # kernel raises its own "index out of range" (no data-dependent check needed)
-    B, V = w.shape[0], w.shape[1]
-    idx = materialize(idx, dims[1], B)
     shifted = torch.where((idx < 0) | (idx >= V), B * V, idx + _offsets(B, V, idx, idx.dim()))
-    return op(w.flatten(0, 1), shifted, *args[2:], **kwargs), 0
+    return op(w.flatten(0, 1), shifted, padding_idx, scale_grad_by_freq, sparse), 0
+
+
+class _SharedEmbedding(torch.autograd.Function):
+    """``embedding`` of physical indices (B, *I) in a table (B, V, D) whose examples are one table
+    (batch stride 0, a weight differentiated per example): the forward is one lookup in that table
+    (no copy of B tables); the gradient of the table is each example's own, as the per-example
+    backward of torch's kernel gives it (padding row untouched, counts per example)."""
+
+    @staticmethod
+    def forward(ctx, w, idx, padding_idx, scale_grad_by_freq, sparse):
+        ctx.save_for_backward(idx)
+        ctx.shape, ctx.padding_idx, ctx.scale, ctx.sparse = w.shape, padding_idx, scale_grad_by_freq, sparse
+        return aten.embedding.default(w.select(0, 0), idx, padding_idx, scale_grad_by_freq, sparse)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        B, V = ctx.shape[0], ctx.shape[1]
+        if ctx.padding_idx >= 0:  # (after the shift below each example has its own padding row)
+            g = g.masked_fill((idx == ctx.padding_idx).unsqueeze(-1), 0)
+        # (recording a graph when create_graph is on: embedding_dense_backward is differentiable in g)
+        gw = aten.embedding_dense_backward.default(g, idx + _offsets(B, V, idx, idx.dim()), B * V, -1, ctx.scale)
+        gw = gw.reshape(ctx.shape)
+        if ctx.sparse:  # (torch's sparse gradient of each example's table)
+            gw = gw.to_sparse(2)
+        return gw, None, None, None, None
+
+
+_shared_embedding = plain_apply(_SharedEmbedding)
 
 
 @batch_rule(aten.embedding_dense_backward.default)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import convolution, linalg, pointwise, views
+from . import attention, convolution, embedding, linalg, pointwise, views
 
 aten = torch.ops.aten
 
@@ -26,12 +26,17 @@ _SAFE_RULES = {
     views.cat, views.stack, views.repeat, views.flip, views.trailing_only,
     linalg.mm, linalg.addmm, linalg.mv, linalg.dot,
     convolution.convolution, convolution.convolution_backward,
+    # (one lookup in a shared table with per-example table gradients, _SharedEmbedding; per-example
+    # tables folded into one, or, with padding_idx and a derivative, one call per example)
+    embedding.embedding,
+    # (the batch folded into the kernels' own batch of attention problems, N)
+    attention.sdpa_flash_cpu, attention.sdpa_flash_cpu_backward,
 }
 
 _SAFE_OPS = {
     aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.amax.default,
     aten.amin.default, aten.logsumexp.default,
-    aten._log_softmax.default, aten._softmax.default, aten._log_softmax_backward_data.default,
+    aten._log_softmax.default, aten._softmax.default, aten._safe_softmax.default, aten._log_softmax_backward_data.default,
     aten._softmax_backward_data.default,
     aten.nll_loss_forward.default, aten.nll_loss_backward.default,
     aten.max_pool2d_with_indices.default, aten.max_pool2d_with_indices_backward.default,
