@@ -14,7 +14,7 @@ torch._decomp decomposition, loop fallback).
     python scripts/coverage.py --resume        # continue an interrupted full sweep
     python scripts/coverage.py --quick         # a representative slice of ~40 ops
     python scripts/coverage.py --ops mm,nn.functional.conv2d -v
-    python scripts/coverage.py --ad            # AD coverage: vjp / vmap(vjp_fn) / jvp, float64
+    python scripts/coverage.py --ad            # AD coverage: vjp / vmap(vjp_fn) / jvp / ... / vjp(vmap), float64
 
 A case is one (op, sample, in_dims). Its status is ``pass``; ``fail`` (vmap's result
 differs from the loop's, or the examples' outputs have different shapes, i.e. the op
@@ -1112,6 +1112,56 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
 
             _ad_case(res, si, "vmap(grad)", lambda: vmap_grad_case(False))
             _ad_case(res, si, "vmap(grad) shared", lambda: vmap_grad_case(True))
+
+        # differentiation *around* vmap (a batched loss, an ensemble trained through vmap): the
+        # level outside differentiates what the op's batching rule computes on the physical
+        # batch, so a rule that is right as a function but not as a derivative gives wrong
+        # gradients here (embedding with padding_idx did). vjp of vmap(op) vs the loop's
+        # gradients; "shared": the first primal unbatched (in_dims=None), its gradient the sum
+        # over the examples. jvp of vmap(op) vs forward AD per example.
+        if vjp_fn is not None:
+            def vjp_of_vmap_case(shared):
+                g6 = torch.Generator().manual_seed(seed + 500 + si)
+                bxs = [torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g6, dtype=x.dtype).to(x.device))
+                                          for _ in range(BATCH - 1)]) for x in primals]
+                if shared:
+                    bxs[0] = primals[0]
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g6, dtype=c.dtype).to(c.device) for c in cts_d)
+                want = _stack_nested(_loop_grads(fd, bxs, bcts, shared_first=shared), (BATCH,))
+                if shared:
+                    want = (want[0].sum(0),) + tuple(want[1:])
+                in_dims = tuple([None] + [0] * (len(bxs) - 1)) if shared else 0
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _, back = pyfunctorch.vjp(pyfunctorch.vmap(fd, in_dims=in_dims), *bxs)
+                    got = back(bcts)
+                _compare(tuple(got), tuple(want), *_ad_tol(dtype))
+
+            _ad_case(res, si, "vjp(vmap)", lambda: vjp_of_vmap_case(False))
+            if len(primals) > 1:  # (with one primal unbatched nothing is batched)
+                _ad_case(res, si, "vjp(vmap) shared", lambda: vjp_of_vmap_case(True))
+
+        if op.supports_forward_ad:
+            def jvp_of_vmap_case():
+                g7 = torch.Generator().manual_seed(seed + 600 + si)
+                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g7, dtype=x.dtype).to(x.device))
+                                               for _ in range(BATCH - 1)]) for x in primals)
+                btans = tuple(torch.randn(x.shape, generator=g7, dtype=x.dtype).to(x.device) for x in bxs)
+                want = []
+                try:  # (noise on a primal can leave the op's domain, e.g. a probability target)
+                    for b in range(BATCH):
+                        with fwAD.dual_level():
+                            ref = fd(*[fwAD.make_dual(x[b], t[b]) for x, t in zip(bxs, btans)])
+                            want.append(tuple(torch.zeros_like(o) if fwAD.unpack_dual(o).tangent is None
+                                              else fwAD.unpack_dual(o).tangent.clone() for o in ref))
+                except Exception as e:  # noqa: BLE001
+                    raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _, got = pyfunctorch.jvp(pyfunctorch.vmap(fd), bxs, btans)
+                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
+
+            _ad_case(res, si, "jvp(vmap)", jvp_of_vmap_case)
     res["time"] = round(time.time() - t0, 2)
     return res
 
@@ -1160,7 +1210,8 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
         for x in r["cases"]:
             by_kind.setdefault(x["in_dims"], Counter())[x["status"]] += 1
     out(f"AD coverage ({dtype}; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad, "
-        "vmap(jvp) over tangents vs forward_ad, vmap(vjp) over primals (per-example grads) vs loop):")
+        "vmap(jvp) over tangents vs forward_ad, vmap(vjp) over primals (per-example grads) vs loop, "
+        "vmap(grad) vs loop, vjp(vmap) / jvp(vmap) (differentiated around vmap) vs the loop's autograd):")
     for k, c in sorted(by_kind.items()):
         n = sum(c[s] for s in ("pass",) + FAILING)
         out(f"  {k:14s} {c['pass']}/{n} agree ({100 * c['pass'] / max(n, 1):.1f}%); skipped {c['skip']}")

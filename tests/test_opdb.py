@@ -150,6 +150,24 @@ AD_SLICE = [
 ]  # fmt: skip
 
 
+#: (op, kind) -> why: AD cases known to fail, each an error raised (none is a wrong number). The
+#: full sweep below checks they still fail, so the list shrinks as they are fixed.
+AD_KNOWN_FAILURES = {
+    ("nn.functional.embedding_bag", "vjp(vmap)"):
+        "the rule's _embedding_bag call differentiated by a grad level around vmap: 'Autograd not support "
+        "dtype: Long' (an error, not a wrong gradient)",
+    ("_batch_norm_with_update", "vjp(vmap) shared"): "weight unbatched and None for an example: torch's error",
+    ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap)"): "refused: chunked ops differentiated around vmap",
+    ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap) shared"): "as above",
+    ("nn.functional.linear_cross_entropy.chunked_none", "vjp(vmap)"): "as above",
+    ("nn.functional.linear_cross_entropy.chunked_none", "vjp(vmap) shared"): "as above",
+}
+
+
+def _unexpected(name, cases):
+    return [c for c in cases if (name, c["in_dims"]) not in AD_KNOWN_FAILURES]
+
+
 @pytest.mark.parametrize("dtype", ["float64", "complex128"])
 @pytest.mark.parametrize("name", AD_SLICE)
 def test_ad_opinfo_slice(name, dtype):
@@ -165,16 +183,23 @@ def test_ad_opinfo_slice(name, dtype):
         assert {"vjp", "vmap(vjp_fn)", "vmap(vjp)"} <= kinds, kinds
         if name != "fft.fft":  # (per-sample gradients through vmap(grad): real outputs only)
             assert {"vmap(grad)", "vmap(grad) shared"} <= kinds, kinds
-    bad = [c for c in ran if c["status"] != "pass"]
+        assert "vjp(vmap)" in kinds, kinds  # (differentiated around vmap: the rules' own arithmetic)
+        if ops[name].supports_forward_ad:
+            assert "jvp(vmap)" in kinds, kinds
+    bad = _unexpected(name, [c for c in ran if c["status"] != "pass"])
     assert not bad, f"{name} {dtype}: AD disagrees with torch.autograd / forward AD:\n{_describe(bad)}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_ad_opinfo_full(name):
-    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp) and vmap(grad) agree (float64)."""
+    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp), vmap(grad), vjp(vmap) and jvp(vmap)
+    agree (float64), but for AD_KNOWN_FAILURES (which must still fail)."""
     r = cov.run_op_ad(OPS[name])
     if r["skip"] is not None:
         pytest.skip(r["skip"])
-    bad = [c for c in r["cases"] if c["status"] in cov.FAILING]
+    failing = [c for c in r["cases"] if c["status"] in cov.FAILING]
+    bad = _unexpected(name, failing)
     assert not bad, f"{name}:\n{_describe(bad)}"
+    known = {k for (n, k) in AD_KNOWN_FAILURES if n == name}
+    assert known <= {c["in_dims"] for c in failing}, f"{name}: fixed? remove from AD_KNOWN_FAILURES: {known}"

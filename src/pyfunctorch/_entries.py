@@ -79,3 +79,16 @@ def user_detach(original, args, kwargs):
             return original(x)
         return detach_all_levels(x)
     return original(*args, **kwargs)
+
+
+def linear_cross_entropy_entry(original, args, kwargs):
+    """``F.linear_cross_entropy`` with chunking options (torch >= 2.13) precomputes its gradients
+    inside its forward and hands them over by in-place mutation in its backward, outside
+    autograd's contract (torch documents that torch.func's transforms do not work with it;
+    differentiated around vmap it gave wrong gradients). Under a transform the reference
+    computation runs instead (``options=None``: linear, then cross_entropy), which every
+    transform differentiates exactly; the values are the same, the chunking's memory saving is
+    not kept."""
+    if kwargs.get("options") is not None:
+        kwargs = dict(kwargs, options=None)
+    return original(*args, **kwargs)

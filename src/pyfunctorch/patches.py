@@ -81,6 +81,11 @@ PATCHES: tuple[Patch, ...] = (
     Patch(torch.Tensor, ("norm",), vector_norm_entry, "as torch.linalg.vector_norm"),
     Patch(torch.linalg, ("matrix_rank",), matrix_rank_entry,
           "matrix_rank with tensor tolerances is a C++ composite that reads them; batched tolerances need a rule"),
+    *((Patch(torch.nn.functional, ("linear_cross_entropy",), _entries.linear_cross_entropy_entry,
+             "its chunked path (options given) precomputes gradients in its forward and mutates them in "
+             "its backward, outside autograd's contract: under a transform the reference path (linear, "
+             "then cross_entropy) runs, exact for every transform"),)
+      if hasattr(torch.nn.functional, "linear_cross_entropy") else ()),
     Patch(torch.nn.functional, ("pad",), circular_pad_entry,
           "circular padding of a batched input is a C++ composite whose rank check counts the batch dim"),
     Patch(torch.nn.modules.batchnorm._BatchNorm, ("forward",), batch_norm_module_entry,

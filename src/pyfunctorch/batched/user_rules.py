@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _core
 from .._core import lowered as _lowered
 from .._pytree import tensor_leaves as _leaves
 from .fallbacks import loop_fallback
@@ -102,6 +103,18 @@ def custom_op_vmap(interp, func, args, kwargs):
     an autograd.Function's vmap staticmethod: physical values, each batch dim where it is)."""
     if any(batched_here(v, interp) for v in kwargs.values()):
         return loop_fallback(interp, func, args, kwargs)
+    if getattr(func, "namespace", None) == "torch_nn" and "linear_cross_entropy_batch_chunked" in str(func) \
+            and _core._differentiated_below(interp.level):
+        # F.linear_cross_entropy's chunked ops precompute gradients in their forward and mutate
+        # them in their backward (outside autograd's contract): differentiated around vmap their
+        # per-example calls gave wrong gradients. F.linear_cross_entropy itself is routed to its
+        # reference path under transforms (_entries.linear_cross_entropy_entry); a reference to
+        # the function taken before (``from torch.nn.functional import ...``) lands here.
+        raise NotImplementedError(
+            "pyfunctorch: linear_cross_entropy with chunking options, under vmap and differentiated around "
+            "it, would give wrong gradients (its chunked path precomputes gradients in its forward). Call it "
+            "as torch.nn.functional.linear_cross_entropy (pyfunctorch then runs its reference path) or pass "
+            "options=None.")
     pairs = [_unwrap_batched(a, interp) for a in args]
     return run_vmap_rule(interp, custom_op_vmap_fn(func), f"the register_vmap function of {func}", str(func),
                          [v for v, _ in pairs], tuple(d for _, d in pairs), args, kwargs, lists_as_tuples=True)

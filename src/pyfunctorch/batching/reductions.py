@@ -88,6 +88,9 @@ reducer(aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cum
         aten.logcumsumexp.default, aten._softmax.default, aten._log_softmax.default, aten.softmax.int,
         aten.log_softmax.int, aten.sort.default, aten.argsort.default, aten.median.dim, aten.nanmedian.dim,
         aten.mode.default, aten.glu.default, none_means_all=False)
+# the kernel itself, not its decomposition (softmax + where): differentiated around vmap, the
+# decomposition's softmax of an all -inf row gave nan gradients where the kernel's formula gives 0
+reducer(aten._safe_softmax.default, none_means_all=False)
 # one dim at position 2: after k, after `stable`, after the grad_output of the same shape
 reducer(aten.kthvalue.default, aten.sort.stable, aten.argsort.stable, aten._softmax_backward_data.default,
         aten._log_softmax_backward_data.default, pos=2, none_means_all=False)

@@ -1,0 +1,98 @@
+"""Differentiation *around* vmap (a batched loss, an ensemble trained through vmap): the level
+outside differentiates what a batching rule computes on the physical batch, so a rule that is
+right as a function but not as a derivative gives wrong gradients there. Found by the AD sweep's
+vjp(vmap) kind (scripts/coverage.py --ad); each case here against torch.autograd through a loop
+over the examples (vmap's definition). (Embedding with padding_idx: tests/test_per_sample_shadow.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyfunctorch as pf
+
+from conftest import assert_close
+
+DT = torch.float64
+B = 3
+
+
+def _loop_grads(f, xs, ct, in_dims):
+    leaves = [x.clone().requires_grad_() for x in xs]
+    outs = torch.stack([f(*[x[b] if d == 0 else x for x, d in zip(leaves, in_dims)]) for b in range(B)])
+    return torch.autograd.grad(outs, leaves, ct)
+
+
+def test_safe_softmax_of_fully_masked_rows(device):
+    # aten._safe_softmax ran decomposed (softmax + where): the decomposition's softmax of an all
+    # -inf row differentiated to nan where the kernel's formula gives 0
+    x = torch.randn(B, 4, 5, dtype=DT, device=device)
+    x[0, 1] = float("-inf")
+    x[1, 2, :2] = float("-inf")
+
+    def f(x):
+        return torch.ops.aten._safe_softmax.default(x, -1)
+
+    out, back = pf.vjp(pf.vmap(f), x)
+    ct = torch.randn(out.shape, dtype=DT, device=device)
+    (want,) = _loop_grads(f, [x], ct, (0,))
+    assert_close(out, f(x))
+    assert_close(back(ct)[0], want)
+
+
+needs_lce = pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
+
+
+def _lce_options():
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    return LinearCrossEntropyOptions(allow_retain_graph=True, batch_chunk_size=2)
+
+
+@needs_lce
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("in_dims", [(0, None), (0, 0)])
+def test_linear_cross_entropy_with_chunking_options(reduction, in_dims, device):
+    # its chunked path precomputes gradients in its forward and mutates them in its backward:
+    # differentiated around vmap it gave wrong gradients (errors ~2). Under transforms
+    # F.linear_cross_entropy runs its reference path.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4, 5, generator=g, dtype=DT).to(device)
+    W = torch.randn(7, 5, generator=g, dtype=DT).to(device)
+    if in_dims[1] == 0:
+        W = W + 0.1 * torch.randn(B, 7, 5, generator=g, dtype=DT).to(device)
+    t = torch.randint(0, 7, (4,), generator=g).to(device)
+    opts = _lce_options()
+
+    def f(x, W):
+        return F.linear_cross_entropy(x, W, t, reduction=reduction, options=opts)
+
+    out, back = pf.vjp(pf.vmap(f, in_dims=in_dims), x, W)
+    ct = torch.randn(out.shape, generator=g, dtype=DT).to(device)
+    assert_close(back(ct), _loop_grads(f, [x, W], ct, in_dims))
+    # per-sample gradients and the per-example values as before
+    grads = pf.vmap(pf.grad(lambda x, W: f(x, W).sum(), argnums=(0, 1)), in_dims=in_dims)(x, W)
+    want = [torch.stack(z) for z in zip(*[_one_example_grads(f, x[b], W if in_dims[1] is None else W[b])
+                                         for b in range(B)])]
+    assert_close(grads, tuple(want))
+
+
+def _one_example_grads(f, x, W):
+    xr, Wr = x.clone().requires_grad_(), W.clone().requires_grad_()
+    return torch.autograd.grad(f(xr, Wr).sum(), (xr, Wr))
+
+
+@needs_lce
+def test_chunked_linear_cross_entropy_ops_reached_directly_are_refused():
+    # a reference to the function taken before the transform (op_db's, `from ... import`) reaches
+    # the chunked custom ops: differentiated around vmap they are refused, never a wrong gradient
+    from torch.nn.functional import linear_cross_entropy as lce  # noqa: F401 (the same object)
+    import torch.nn.functional as Fmod
+
+    original = Fmod.linear_cross_entropy  # (outside a transform: torch's own function)
+    x, W, t = torch.randn(B, 4, 5, dtype=DT), torch.randn(7, 5, dtype=DT), torch.randint(0, 7, (4,))
+    opts = _lce_options()
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy with chunking options"):
+        pf.grad(lambda x: pf.vmap(lambda xi: original(xi, W, t, options=opts))(x).sum())(x)
