@@ -96,3 +96,33 @@ def test_chunked_linear_cross_entropy_ops_reached_directly_are_refused():
     opts = _lce_options()
     with pytest.raises(NotImplementedError, match="linear_cross_entropy with chunking options"):
         pf.grad(lambda x: pf.vmap(lambda xi: original(xi, W, t, options=opts))(x).sum())(x)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_embedding_bag_with_per_example_tables(mode, padding_idx, weighted, scale_grad_by_freq, device):
+    # F.embedding_bag picks the forward-only kernel for the vmap level's wrappers (they do not
+    # require grad); their physical values carry the derivative of the level around vmap, which
+    # that kernel refused ("Autograd not support dtype: Long"). With scale_grad_by_freq the
+    # folded call's gradient was not each example's (silently wrong, errors ~2).
+    if weighted and mode != "sum":
+        pytest.skip("per_sample_weights: mode='sum' only (torch)")
+    if scale_grad_by_freq and mode == "max":
+        pytest.skip("scale_grad_by_freq: not with mode='max' (torch)")
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(B, 10, 5, generator=g, dtype=DT).to(device)
+    idx = torch.tensor([1, 2, 4, 5, 4, 2, 2, 9], device=device)
+    off = torch.tensor([0, 4], device=device)
+    psw = torch.rand(B, 8, generator=g, dtype=DT).to(device)
+
+    def f(w, p):
+        return F.embedding_bag(idx, w, off, mode=mode, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq,
+                               per_sample_weights=p if weighted else None).sin()
+
+    out, back = pf.vjp(pf.vmap(f), W, psw)
+    ct = torch.randn(out.shape, generator=g, dtype=DT).to(device)
+    want = _loop_grads(f, [W, psw], ct, (0, 0)) if weighted else \
+        (_loop_grads(lambda w: f(w, None), [W], ct, (0,))[0], torch.zeros_like(psw))
+    assert_close(back(ct), want)

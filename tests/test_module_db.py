@@ -64,6 +64,31 @@ def test_module_slice(name, mode):
     assert not bad, "\n" + _describe(bad)
 
 
+@pytest.fixture
+def ensemble(monkeypatch):
+    """The sweep's --ensemble kind: every example its own parameters, grad of the summed loss
+    *around* vmap (the level outside differentiates what the batching rules compute)."""
+    monkeypatch.setattr(mc, "ENSEMBLE", True)
+
+
+@pytest.mark.parametrize("name,mode", mc.FAST, ids=[f"{n}[{m}]" for n, m in mc.FAST])
+def test_module_slice_ensemble(name, mode, ensemble):
+    info = INFOS[name]
+    recs = [mc.run_config(info, mode, i, mi, torch_func=False) for i, mi in mc.configs(info, mode)]
+    bad = [r for r in recs if r["pyf"] != "pass"]
+    assert not bad, "\n" + _describe(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(INFOS))
+def test_module_db_full_ensemble(name, ensemble):
+    # (CrossEntropyLoss with every target of an example ignored, 'mean': its rule's 0 / 0 gave
+    # inf gradients around vmap before the kernel's gradient was used there too)
+    recs = mc.sweep([INFOS[name]], torch_func=False)
+    bad = [r for r in recs if r["pyf"] in ("fail", "error")]
+    assert not bad, "\n" + _describe(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(INFOS))
 def test_module_db_full(name):

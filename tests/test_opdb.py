@@ -153,9 +153,6 @@ AD_SLICE = [
 #: (op, kind) -> why: AD cases known to fail, each an error raised (none is a wrong number). The
 #: full sweep below checks they still fail, so the list shrinks as they are fixed.
 AD_KNOWN_FAILURES = {
-    ("nn.functional.embedding_bag", "vjp(vmap)"):
-        "the rule's _embedding_bag call differentiated by a grad level around vmap: 'Autograd not support "
-        "dtype: Long' (an error, not a wrong gradient)",
     ("_batch_norm_with_update", "vjp(vmap) shared"): "weight unbatched and None for an example: torch's error",
     ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap)"): "refused: chunked ops differentiated around vmap",
     ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap) shared"): "as above",

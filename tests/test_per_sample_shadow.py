@@ -43,7 +43,8 @@ def _models():
         "embedding": (_Embed(nn.Embedding(10, 5, padding_idx=2)), (3,), True),
         "embedding_scaled": (_Embed(nn.Embedding(10, 5, scale_grad_by_freq=True)), (4,), True),
         "transformer": (_Transformer(), (6,), True),
-        "embedding_bag": (_Embed(nn.EmbeddingBag(10, 5, mode="sum")), (3,), False),
+        "embedding_bag": (_Embed(nn.EmbeddingBag(10, 5, mode="sum")), (3,), True),
+        "group_norm": (_GroupNorm(), (4, 6), False),
     }
 
 
@@ -68,6 +69,16 @@ class _Norm(nn.Module):
 
     def forward(self, x):  # (1, 3, 6) -> batch norm over 5 channels of length 3
         return self.bn(self.fc(x).transpose(-1, -2)).sum(-1)
+
+
+class _GroupNorm(nn.Module):  # (group norm's rule is not in batching/physical_ad.py)
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.gn = nn.GroupNorm(2, 4)
+
+    def forward(self, x):  # (1, 4, 6): 4 channels in 2 groups
+        return self.fc(self.gn(x)).sum(1)
 
 
 class _Embed(nn.Module):
@@ -271,21 +282,23 @@ def test_the_backward_runs_without_python_dispatch(monkeypatch):
 
 
 def test_an_op_without_a_physically_differentiable_rule_turns_it_off(monkeypatch):
-    # embedding_bag's rule is correct as a function but not differentiated right on the physical
-    # batch (this gave wrong per-sample gradients before the list in batching/physical_ad.py)
-    assert not physical_ad.physically_differentiable(torch.ops.aten._embedding_bag.default)
+    # group norm's rule is correct as a function but not listed in batching/physical_ad.py: the
+    # per-sample gradient is then taken on the grad level's wrappers (before that list, embedding's
+    # rule with padding_idx gave wrong per-sample gradients when differentiated physically)
+    assert not physical_ad.physically_differentiable(torch.ops.aten.native_group_norm.default)
     assert physical_ad.physically_differentiable(torch.ops.aten.addmm.default)
     assert physical_ad.physically_differentiable(torch.ops.aten.tanh.default)
-    w = torch.randn(10, 5, dtype=DT)
-    idx = torch.randint(0, 10, (B, 1, 3))
-    per_sample = torch.rand(B, 1, 3, dtype=DT)
+    assert physical_ad.physically_differentiable(torch.ops.aten._embedding_bag.default)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, dtype=DT)
+    x = torch.randn(B, 1, 4, 6, generator=g, dtype=DT)
 
-    def f(w, i, p):
-        return F.embedding_bag(i, w, mode="sum", per_sample_weights=p).square().sum()
+    def f(w, x):
+        return F.group_norm(x, 2, w).square().sum()
 
     used = _spy_used(monkeypatch)
-    ours = pf.vmap(pf.grad(f, argnums=(0, 2)), in_dims=(None, 0, 0))(w, idx, per_sample)
-    theirs = loop_vmap(tf.grad(f, argnums=(0, 2)), in_dims=(None, 0, 0))(w, idx, per_sample)
+    ours = pf.vmap(pf.grad(f, argnums=(0, 1)), in_dims=(None, 0))(w, x)
+    theirs = tf.vmap(tf.grad(f, argnums=(0, 1)), in_dims=(None, 0))(w, x)
     assert_close(ours, theirs)
     assert used == [False]
 

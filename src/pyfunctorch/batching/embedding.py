@@ -154,6 +154,11 @@ def embedding_bag(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     if rank(idx, id_) != 1 or rank(off, od) != 1 or rank(w, wd) != 2:
         return _loop_tuple(op, args, dims, B)  # (2-d indices, or inputs the kernel rejects)
+    if sgbf and any(t is not None and (t.requires_grad or type(t) is not torch.Tensor) for t in (w, psw)):
+        # scale_grad_by_freq, differentiated on the physical batch (per-sample gradients, or a
+        # level around vmap): the folded call's gradient was not each example's (silently wrong);
+        # each example's own call is exact. (The differentiable kernel: see `call` below.)
+        return _loop_tuple(aten._embedding_bag.default, args, dims, B)
     V, D = w.shape[-2], w.shape[-1]
     itype = torch.promote_types(idx.dtype, off.dtype)
     idx = materialize(idx, id_, B).to(itype)
@@ -212,7 +217,15 @@ def embedding_bag(op, args, kwargs, dims):
         # kernel raises)
         flat_idx = torch.where((idx < 0) | (idx >= V), table.shape[0], flat_idx)
     flat_off = (off[:, :nb] + ar * L).reshape(-1)
-    out, o2b, bag_size, max_idx = op(table, flat_idx.reshape(-1), flat_off, sgbf, mode, sparse, psw_f, False, pad_f)
+    call = op
+    if op is aten._embedding_bag_forward_only.default and any(
+            t is not None and (t.requires_grad or type(t) is not torch.Tensor) for t in (table, psw_f)):
+        # F.embedding_bag picks the forward-only kernel for tensors that do not require grad, as
+        # this level's wrappers do not; their physical values carry a lower level's derivative
+        # (grad around vmap), which that kernel refuses ("Autograd not support dtype: Long"):
+        # the differentiable kernel, same values (this rule shapes the outputs as op's)
+        call = aten._embedding_bag.default
+    out, o2b, bag_size, max_idx = call(table, flat_idx.reshape(-1), flat_off, sgbf, mode, sparse, psw_f, False, pad_f)
     out = out.reshape(B, nb, D)
     if mode == 0 and fast:
         o2b = o2b.new_zeros((B, 0))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _core
+
 from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples,
                         plain_apply)
 
@@ -76,12 +78,15 @@ class _PhysicalNll(torch.autograd.Function):
     targets are all ignored ('mean': 0 / 0)."""
 
     @staticmethod
-    def forward(ctx, x, safe, wt, valid, reduction, cdim):
-        out, total = _nll_forward(x, safe, wt, reduction, cdim)
-        ctx.save_for_backward(x, safe, wt, valid, total)
+    def forward(x, safe, wt, valid, reduction, cdim):
+        return _nll_forward(x, safe, wt, reduction, cdim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (split from forward: transforms apply it through their levels)
+        x, safe, wt, valid, reduction, cdim = inputs
+        ctx.save_for_backward(x, safe, wt, valid, output[1])
         ctx.reduction, ctx.cdim = reduction, cdim
-        ctx.mark_non_differentiable(total)
-        return out, total
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, g, _g_total):
@@ -99,6 +104,10 @@ def nll_loss_forward(op, args, kwargs, dims):
     x, safe, wt, cdim, valid = _nll_parts(x, dims[0], target, dims[1], weight, dims[2], ignore_index, B)
     if x.requires_grad and not wt.requires_grad and type(x) is torch.Tensor and torch.is_grad_enabled():
         out, total = _physical_nll(x, safe, wt, valid, reduction, cdim)
+    elif getattr(getattr(x, "_interp", None), "kind", None) == "grad" and not isinstance(wt, _core.LevelTensor):
+        # differentiated by a grad level around vmap: the same (its Function through the levels'
+        # own apply; the arithmetic's 0 / 0 gave nan or inf gradients there too)
+        out, total = _PhysicalNll.apply(x, safe, wt, valid, reduction, cdim)
     else:
         out, total = _nll_forward(x, safe, wt, reduction, cdim)
     return (out, total), ([0, None] if reduction == 0 else 0)

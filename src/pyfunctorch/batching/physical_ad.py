@@ -12,11 +12,12 @@ aten = torch.ops.aten
 # records those ops, and differentiating them gives each example's derivative wherever the
 # rule is the op itself on reshaped, moved or broadcast values (the pointwise and view
 # rules, reductions over shifted dims, folding the batch into N or into groups, products).
-# Rules with their own arithmetic are correct as functions but were not written to be
-# differentiated (embedding_bag's is not, measured): a per-sample gradient whose graph holds
-# any other op is differentiated on the transform's wrappers instead. Checked: every op_db op
-# (scripts/coverage.py --ad, kinds vmap(grad) and vmap(grad) shared) and the models of
-# tests/test_per_sample_shadow.py.
+# Rules with their own arithmetic are correct as functions but need not be as derivatives
+# (embedding's lookup in a table of B*V rows honoured padding_idx for one example only): a
+# per-sample gradient whose graph holds any op not listed here is differentiated on the
+# transform's wrappers instead. Checked: every op_db op (scripts/coverage.py --ad, kinds
+# vmap(grad) and vmap(grad) shared; vjp(vmap) differentiates every rule's arithmetic the same
+# way, from a level around vmap) and the models of tests/test_per_sample_shadow.py.
 
 _SAFE_RULES = {
     pointwise.broadcasting_rule, pointwise.same_shape_kernel_rule, pointwise.copy_, pointwise.copy,
@@ -27,8 +28,9 @@ _SAFE_RULES = {
     linalg.mm, linalg.addmm, linalg.mv, linalg.dot,
     convolution.convolution, convolution.convolution_backward,
     # (one lookup in a shared table with per-example table gradients, _SharedEmbedding; per-example
-    # tables folded into one, or, with padding_idx and a derivative, one call per example)
-    embedding.embedding,
+    # tables folded into one, or, with padding_idx and a derivative, one call per example; bags:
+    # padding entries point at one appended zero row)
+    embedding.embedding, embedding.embedding_bag, embedding.embedding_bag,
     # (the batch folded into the kernels' own batch of attention problems, N)
     attention.sdpa_flash_cpu, attention.sdpa_flash_cpu_backward,
 }
