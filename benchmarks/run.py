@@ -253,6 +253,35 @@ def w1_cnn(B, opts, hw=28) -> H.Case:
     return H.Case("W1 per-sample grads", f"CNN {hw}x{hw} conv8-conv16-fc10, B={B}", impls, ref="hand-batched")
 
 
+class TextTransformer(nn.Module):
+    """Token embedding (padding row 0) + one transformer encoder layer + mean pooling + a linear
+    head: the text classifier of differentially private fine-tuning."""
+
+    def __init__(self, vocab=1000, d=64, heads=4, ff=128, classes=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        return self.fc(self.enc(self.emb(idx)).mean(1))
+
+
+def w1_transformer(B, opts, T=16, vocab=1000, d=64) -> H.Case:
+    torch.manual_seed(0)
+    model = TextTransformer(vocab, d, heads=2 if d < 16 else 4, ff=2 * d)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randint(0, vocab, (B, T)), torch.randint(0, 5, (B,))
+    pf_fn, tf_fn = _psg_transforms(model, params, x, y)
+    impls = [
+        H.Impl("pyfunctorch", lambda: pf_fn(params, x, y)),
+        H.Impl("torch.func", lambda: tf_fn(params, x, y)),
+        H.Impl("loop", lambda: _loop_psg(model, x, y), note="autograd.grad per example"),
+    ] + optional_impls(opts, tf_fn, pf_fn, (params, x, y))
+    return H.Case("W1 per-sample grads", f"transformer (embedding {vocab}x{d}, encoder layer, T={T}), B={B}",
+                  impls, ref="loop", hand=None)
+
+
 # -- W2: ensembling ---------------------------------------------------------------------
 
 
@@ -518,6 +547,8 @@ def build_cases(which, opts, quick):
             cases.append(lambda B=B: w1_mlp(B, opts, *((12, 8, 5) if small else ())))
         for B in ([3] if small else [64] if quick else [64, 256]):
             cases.append(lambda B=B: w1_cnn(B, opts, hw=12 if small else 28))
+        for B in ([3] if small else [32]):
+            cases.append(lambda B=B: w1_transformer(B, opts, *((5, 20, 8) if small else ())))
     if "W2" in which:
         for B in ([3] if small else [64, 256]):
             cases.append(lambda B=B: w2_ensemble(B, opts, *((3, 12, 8, 5) if small else ())))
