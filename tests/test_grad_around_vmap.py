@@ -126,3 +126,24 @@ def test_embedding_bag_with_per_example_tables(mode, padding_idx, weighted, scal
     want = _loop_grads(f, [W, psw], ct, (0, 0)) if weighted else \
         (_loop_grads(lambda w: f(w, None), [W], ct, (0,))[0], torch.zeros_like(psw))
     assert_close(back(ct), want)
+
+
+def test_batch_norm_of_one_input_with_per_example_affine(device):
+    # the input shared by the examples, weight and bias batched, training mode with running
+    # statistics: the rule normalizes once without affine parameters, and torch's derivative of
+    # that call refuses weight=None (in plain torch too): explicit ones and zeros there
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, generator=g, dtype=DT).to(device)
+    w = torch.randn(B, 3, generator=g, dtype=DT).to(device)
+    b = torch.randn(B, 3, generator=g, dtype=DT).to(device)
+
+    def f(x, w, b):
+        rm, rv = torch.zeros(3, dtype=DT, device=device), torch.ones(3, dtype=DT, device=device)
+        # (the op torch's export and compile paths use for training-mode batch norm)
+        return torch.ops.aten._batch_norm_with_update.default(x, w, b, rm, rv, 0.1, 1e-5)[0].sin()
+
+    out, back = pf.vjp(pf.vmap(f, in_dims=(None, 0, 0)), x, w, b)
+    ct = torch.randn(out.shape, generator=g, dtype=DT).to(device)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(torch.stack([f(xr, wr[i], br[i]) for i in range(B)]), (xr, wr, br), ct)
+    assert_close(back(ct), want)

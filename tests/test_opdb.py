@@ -153,7 +153,6 @@ AD_SLICE = [
 #: (op, kind) -> why: AD cases known to fail, each an error raised (none is a wrong number). The
 #: full sweep below checks they still fail, so the list shrinks as they are fixed.
 AD_KNOWN_FAILURES = {
-    ("_batch_norm_with_update", "vjp(vmap) shared"): "weight unbatched and None for an example: torch's error",
     ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap)"): "refused: chunked ops differentiated around vmap",
     ("nn.functional.linear_cross_entropy.chunked", "vjp(vmap) shared"): "as above",
     ("nn.functional.linear_cross_entropy.chunked_none", "vjp(vmap)"): "as above",

@@ -251,6 +251,12 @@ def _bn_shared_stats_update(op, args, dims, B):
         # only the affine part is batched: every example has the same statistics s, so the
         # loop's B updates are r_B = w0 r_0 + (sum w_i) s
         new[1] = new[2] = None
+        if x.requires_grad or type(x) is not torch.Tensor:
+            # (differentiated: torch's derivative of _batch_norm_with_update refuses weight=None,
+            # "Expected a proper Tensor but got None for argument #2 'weight'", in plain torch too)
+            like = stats[0] if stats[0] is not None else x
+            new[1] = torch.ones(x.shape[1], dtype=like.dtype, device=x.device)
+            new[2] = torch.zeros(x.shape[1], dtype=like.dtype, device=x.device)
         priv = [torch.zeros_like(t) if t is not None else None for t in stats]
         new[rpos], new[rpos + 1] = priv
         out = list(op(*new))
