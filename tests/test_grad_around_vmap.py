@@ -147,3 +147,26 @@ def test_batch_norm_of_one_input_with_per_example_affine(device):
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
     want = torch.autograd.grad(torch.stack([f(xr, wr[i], br[i]) for i in range(B)]), (xr, wr, br), ct)
     assert_close(back(ct), want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_with_an_example_whose_targets_are_all_ignored(reduction, device):
+    # around vmap the nll_loss rule's own arithmetic gave inf / nan gradients for the example
+    # whose targets are all ignored ('mean': 0 / 0); it now takes the kernel's gradient there too,
+    # and forward-over-reverse (hessian) around vmap goes through its jvp
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 4, 5, generator=g, dtype=DT).to(device)
+    t = torch.tensor([[1, -100, 2, 3], [-100, -100, -100, -100], [0, 4, -100, 1]], device=device)
+
+    def f(xi, ti):
+        return F.cross_entropy(xi, ti, reduction=reduction)
+
+    def loss(x):
+        return pf.vmap(f)(x, t).nan_to_num().square().sum()
+
+    xr = x.clone().requires_grad_()
+    total = torch.stack([f(xr[b], t[b]) for b in range(B)]).nan_to_num().square().sum()
+    (want,) = torch.autograd.grad(total, xr, create_graph=True)
+    assert_close(pf.grad(loss)(x), want)
+    hess = torch.stack([torch.autograd.grad(gi, xr, retain_graph=True)[0] for gi in want.reshape(-1)])
+    assert_close(pf.hessian(loss)(x), hess.reshape(x.shape + x.shape))

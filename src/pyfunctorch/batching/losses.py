@@ -86,7 +86,14 @@ class _PhysicalNll(torch.autograd.Function):
         x, safe, wt, valid, reduction, cdim = inputs
         ctx.save_for_backward(x, safe, wt, valid, output[1])
         ctx.reduction, ctx.cdim = reduction, cdim
+        ctx.safe, ctx.wt = safe, wt  # (for jvp)
         ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        # linear in x (the total weight does not depend on it): the tangent is the loss of the
+        # tangent, as torch's forward-AD formula for nll_loss
+        return _nll_forward(x_t, ctx.safe, ctx.wt, ctx.reduction, ctx.cdim)[0], None
 
     @staticmethod
     def backward(ctx, g, _g_total):

@@ -30,7 +30,7 @@ _SAFE_RULES = {
     # (one lookup in a shared table with per-example table gradients, _SharedEmbedding; per-example
     # tables folded into one, or, with padding_idx and a derivative, one call per example; bags:
     # padding entries point at one appended zero row)
-    embedding.embedding, embedding.embedding_bag, embedding.embedding_bag,
+    embedding.embedding, embedding.embedding_bag,
     # (the batch folded into the kernels' own batch of attention problems, N)
     attention.sdpa_flash_cpu, attention.sdpa_flash_cpu_backward,
 }
@@ -38,8 +38,8 @@ _SAFE_RULES = {
 _SAFE_OPS = {
     aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.amax.default,
     aten.amin.default, aten.logsumexp.default,
-    aten._log_softmax.default, aten._softmax.default, aten._safe_softmax.default, aten._log_softmax_backward_data.default,
-    aten._softmax_backward_data.default,
+    aten._log_softmax.default, aten._softmax.default, aten._safe_softmax.default,
+    aten._log_softmax_backward_data.default, aten._softmax_backward_data.default,
     aten.nll_loss_forward.default, aten.nll_loss_backward.default,
     aten.max_pool2d_with_indices.default, aten.max_pool2d_with_indices_backward.default,
     aten.avg_pool2d.default, aten.avg_pool2d_backward.default,
