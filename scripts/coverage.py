@@ -1162,6 +1162,61 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
 
             _ad_case(res, si, "jvp(vmap)", jvp_of_vmap_case)
+
+        # second order around vmap: a Hessian-vector product (forward over reverse) of a loss
+        # through vmap(op) vs double backward through the loop; real dtypes
+        if vjp_fn is not None and op.supports_forward_ad and getattr(op, "supports_fwgrad_bwgrad", False) \
+                and not dtype.is_complex:
+            def hvp_of_vmap_case():
+                g8 = torch.Generator().manual_seed(seed + 700 + si)
+                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g8, dtype=x.dtype).to(x.device))
+                                               for _ in range(BATCH - 1)]) for x in primals)
+                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g8, dtype=c.dtype).to(c.device) for c in cts_d)
+                vs = tuple(torch.randn(x.shape, generator=g8, dtype=x.dtype).to(x.device) for x in bxs)
+                nums = tuple(range(len(bxs)))
+                # Two oracles through the loop: forward over reverse (as jvp(grad)) and reverse over
+                # reverse. torch's formulas for the two orders differ for some ops (those that read
+                # one triangle or assume symmetry: cholesky, eigh, triangular_solve; LU-based ones:
+                # det, solve), and torch.func's jvp(grad(vmap)) agrees with one or the other: a case
+                # passes when it agrees with either.
+                wants = []
+                try:
+                    with fwAD.dual_level():
+                        xs = [fwAD.make_dual(x.clone().requires_grad_(), v) for x, v in zip(bxs, vs)]
+                        outs = [torch.stack(col) for col in zip(*[fd(*[x[b] for x in xs]) for b in range(BATCH)])]
+                        gr = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, bcts)), xs, allow_unused=True)
+                        wants.append(tuple(torch.zeros_like(x) if q is None or fwAD.unpack_dual(q).tangent is None
+                                           else fwAD.unpack_dual(q).tangent.clone() for x, q in zip(bxs, gr)))
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    xs = [x.clone().requires_grad_() for x in bxs]
+                    outs = [torch.stack(col) for col in zip(*[fd(*[x[b] for x in xs]) for b in range(BATCH)])]
+                    gr = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, bcts)), xs, create_graph=True,
+                                             allow_unused=True)
+                    used = [(q, v) for q, v in zip(gr, vs) if q is not None and q.requires_grad]
+                    rr = torch.autograd.grad([q for q, _ in used], xs, [v for _, v in used], allow_unused=True) \
+                        if used else [None] * len(xs)
+                    wants.append(tuple(torch.zeros_like(x) if w is None else w for x, w in zip(bxs, rr)))
+                except Exception as e:  # noqa: BLE001
+                    if not wants:
+                        raise _LoopError(f"{type(e).__name__}: {_first_line(e)}") from None
+
+                def loss(*xs):
+                    return sum((o * c).sum() for o, c in zip(pyfunctorch.vmap(fd)(*xs), bcts))
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _, got = pyfunctorch.jvp(lambda *xs: pyfunctorch.grad(loss, argnums=nums)(*xs), bxs, vs)
+                for i, want in enumerate(wants):
+                    try:
+                        _compare(tuple(got), want, *_ad_tol(dtype))
+                        return
+                    except AssertionError:
+                        if i == len(wants) - 1:
+                            raise
+
+            _ad_case(res, si, "hvp(vmap)", hvp_of_vmap_case)
     res["time"] = round(time.time() - t0, 2)
     return res
 
@@ -1211,7 +1266,7 @@ def summarise_ad(results, out=print, top=30, dtype="float64"):
             by_kind.setdefault(x["in_dims"], Counter())[x["status"]] += 1
     out(f"AD coverage ({dtype}; vjp vs torch.autograd.grad, vmap(vjp_fn) vs loop, jvp vs forward_ad, "
         "vmap(jvp) over tangents vs forward_ad, vmap(vjp) over primals (per-example grads) vs loop, "
-        "vmap(grad) vs loop, vjp(vmap) / jvp(vmap) (differentiated around vmap) vs the loop's autograd):")
+        "vmap(grad) vs loop, vjp(vmap) / jvp(vmap) / hvp(vmap) (differentiated around vmap) vs the loop's autograd):")
     for k, c in sorted(by_kind.items()):
         n = sum(c[s] for s in ("pass",) + FAILING)
         out(f"  {k:14s} {c['pass']}/{n} agree ({100 * c['pass'] / max(n, 1):.1f}%); skipped {c['skip']}")

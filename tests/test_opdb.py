@@ -182,6 +182,8 @@ def test_ad_opinfo_slice(name, dtype):
         assert "vjp(vmap)" in kinds, kinds  # (differentiated around vmap: the rules' own arithmetic)
         if ops[name].supports_forward_ad:
             assert "jvp(vmap)" in kinds, kinds
+            if getattr(ops[name], "supports_fwgrad_bwgrad", False) and name != "fft.fft":
+                assert "hvp(vmap)" in kinds, kinds  # (second order around vmap, forward over reverse)
     bad = _unexpected(name, [c for c in ran if c["status"] != "pass"])
     assert not bad, f"{name} {dtype}: AD disagrees with torch.autograd / forward AD:\n{_describe(bad)}"
 
@@ -189,8 +191,8 @@ def test_ad_opinfo_slice(name, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_ad_opinfo_full(name):
-    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp), vmap(grad), vjp(vmap) and jvp(vmap)
-    agree (float64), but for AD_KNOWN_FAILURES (which must still fail)."""
+    """Every op's vjp, vmap(vjp_fn), jvp, vmap(jvp), vmap(vjp), vmap(grad), vjp(vmap), jvp(vmap) and
+    hvp(vmap) agree (float64), but for AD_KNOWN_FAILURES (which must still fail)."""
     r = cov.run_op_ad(OPS[name])
     if r["skip"] is not None:
         pytest.skip(r["skip"])
