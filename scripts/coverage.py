@@ -1017,7 +1017,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None:
             def vmap_vjp_case():
                 g2 = torch.Generator().manual_seed(seed + 100 + si)
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g2, dtype=c.dtype).to(c.device) for c in cts_d)
+                bcts = _batch_like(cts_d, g2)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(vjp_fn)(bcts)
@@ -1053,7 +1053,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
             # vmap over jvp with a batch of tangents (jacfwd's path) vs forward AD per tangent
             def vmap_jvp_case():
                 g5 = torch.Generator().manual_seed(seed + 400 + si)
-                btans = tuple(torch.randn((BATCH,) + x.shape, generator=g5, dtype=x.dtype).to(x.device) for x in primals)
+                btans = _batch_like(primals, g5)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(lambda *t: pyfunctorch.jvp(fd, tuple(primals), t)[1])(*btans)
@@ -1072,9 +1072,8 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None:
             def vmap_over_vjp_case():
                 g4 = torch.Generator().manual_seed(seed + 300 + si)
-                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g4, dtype=x.dtype).to(x.device))
-                                               for _ in range(BATCH - 1)]) for x in primals)
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g4, dtype=c.dtype).to(c.device) for c in cts_d)
+                bxs = tuple(_noisy_batch(primals, g4))
+                bcts = _batch_like(cts_d, g4)
                 want = _loop_grads(fd, bxs, bcts, shared_first=False)
 
                 def per_example(xs, cs):
@@ -1094,11 +1093,10 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 and not any(o.is_sparse for o, m in zip(ref_out, mask) if m):
             def vmap_grad_case(shared):
                 g5 = torch.Generator().manual_seed(seed + 400 + si)
-                bxs = [torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g5, dtype=x.dtype).to(x.device))
-                                          for _ in range(BATCH - 1)]) for x in primals]
+                bxs = _noisy_batch(primals, g5)
                 if shared:
                     bxs[0] = primals[0]
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g5, dtype=c.dtype).to(c.device) for c in cts_d)
+                bcts = _batch_like(cts_d, g5)
                 want = _loop_grads(fd, bxs, bcts, shared_first=shared)
 
                 def loss(xs, cs):
@@ -1122,11 +1120,10 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None:
             def vjp_of_vmap_case(shared):
                 g6 = torch.Generator().manual_seed(seed + 500 + si)
-                bxs = [torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g6, dtype=x.dtype).to(x.device))
-                                          for _ in range(BATCH - 1)]) for x in primals]
+                bxs = _noisy_batch(primals, g6)
                 if shared:
                     bxs[0] = primals[0]
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g6, dtype=c.dtype).to(c.device) for c in cts_d)
+                bcts = _batch_like(cts_d, g6)
                 want = _stack_nested(_loop_grads(fd, bxs, bcts, shared_first=shared), (BATCH,))
                 if shared:
                     want = (want[0].sum(0),) + tuple(want[1:])
@@ -1144,8 +1141,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if op.supports_forward_ad:
             def jvp_of_vmap_case():
                 g7 = torch.Generator().manual_seed(seed + 600 + si)
-                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g7, dtype=x.dtype).to(x.device))
-                                               for _ in range(BATCH - 1)]) for x in primals)
+                bxs = tuple(_noisy_batch(primals, g7))
                 btans = tuple(torch.randn(x.shape, generator=g7, dtype=x.dtype).to(x.device) for x in bxs)
                 want = []
                 try:  # (noise on a primal can leave the op's domain, e.g. a probability target)
@@ -1169,9 +1165,8 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 and not dtype.is_complex:
             def hvp_of_vmap_case():
                 g8 = torch.Generator().manual_seed(seed + 700 + si)
-                bxs = tuple(torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g8, dtype=x.dtype).to(x.device))
-                                               for _ in range(BATCH - 1)]) for x in primals)
-                bcts = tuple(torch.randn((BATCH,) + c.shape, generator=g8, dtype=c.dtype).to(c.device) for c in cts_d)
+                bxs = tuple(_noisy_batch(primals, g8))
+                bcts = _batch_like(cts_d, g8)
                 vs = tuple(torch.randn(x.shape, generator=g8, dtype=x.dtype).to(x.device) for x in bxs)
                 nums = tuple(range(len(bxs)))
                 # Two oracles through the loop: forward over reverse (as jvp(grad)) and reverse over
@@ -1219,6 +1214,18 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
             _ad_case(res, si, "hvp(vmap)", hvp_of_vmap_case)
     res["time"] = round(time.time() - t0, 2)
     return res
+
+
+def _noisy_batch(xs, g):
+    """BATCH examples of each tensor in ``xs``: itself, then copies scaled elementwise by
+    1 + NOISE * N(0, 1) (drawn from ``g``)."""
+    return [torch.stack([x] + [x * (1 + NOISE * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
+                               for _ in range(BATCH - 1)]) for x in xs]
+
+
+def _batch_like(ts, g):
+    """A random tensor of shape (BATCH, *t.shape) per tensor in ``ts`` (cotangents, tangents)."""
+    return tuple(torch.randn((BATCH,) + t.shape, generator=g, dtype=t.dtype).to(t.device) for t in ts)
 
 
 def _loop_grads(fd, bxs, bcts, shared_first: bool):
