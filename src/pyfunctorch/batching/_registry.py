@@ -75,6 +75,14 @@ def shared_by_examples(t) -> bool:
         and torch.is_grad_enabled()
 
 
+def differentiated(t) -> bool:
+    """A physical value whose derivative some level takes: it requires grad (torch's autograd
+    records the physical batch: per-sample gradients) or it is a lower level's wrapper (a grad or
+    jvp level around vmap). A rule whose fold is right as a function but not as a derivative
+    (embedding's padding row, embedding_bag's frequencies) computes per example then."""
+    return t is not None and (type(t) is not torch.Tensor or t.requires_grad)
+
+
 def overloads(*packets, only: Sequence[str] | None = None):
     """Every OpOverload of the given packets (optionally only the named overloads)."""
     out = []

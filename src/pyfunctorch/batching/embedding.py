@@ -7,7 +7,7 @@ import torch
 from .. import _core
 from ..errors import batched_write_error
 from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples,
-                        plain_apply, shared_by_examples)
+                        plain_apply, shared_by_examples, differentiated)
 
 aten = torch.ops.aten
 
@@ -32,7 +32,7 @@ def embedding(op, args, kwargs, dims):
             return _shared_embedding(w, idx, padding_idx, scale_grad_by_freq, sparse), 0
         if not w.requires_grad and type(w) is torch.Tensor:
             return op(w.select(0, 0), idx, padding_idx, scale_grad_by_freq, sparse), 0
-    if padding_idx >= 0 and (w.requires_grad or type(w) is not torch.Tensor):
+    if padding_idx >= 0 and differentiated(w):
         # Differentiated (by torch's autograd on the physical batch, or by a level below): the
         # lookup in one table of B*V rows below could honour padding_idx for one example only --
         # the gradient of every other example's padding row would not be zero (grad of vmap of
@@ -154,7 +154,7 @@ def embedding_bag(op, args, kwargs, dims):
     B = batch_size_of(args, dims)
     if rank(idx, id_) != 1 or rank(off, od) != 1 or rank(w, wd) != 2:
         return _loop_tuple(op, args, dims, B)  # (2-d indices, or inputs the kernel rejects)
-    if sgbf and any(t is not None and (t.requires_grad or type(t) is not torch.Tensor) for t in (w, psw)):
+    if sgbf and (differentiated(w) or differentiated(psw)):
         # scale_grad_by_freq, differentiated on the physical batch (per-sample gradients, or a
         # level around vmap): the folded call's gradient was not each example's (silently wrong);
         # each example's own call is exact. (The differentiable kernel: see `call` below.)
@@ -218,8 +218,7 @@ def embedding_bag(op, args, kwargs, dims):
         flat_idx = torch.where((idx < 0) | (idx >= V), table.shape[0], flat_idx)
     flat_off = (off[:, :nb] + ar * L).reshape(-1)
     call = op
-    if op is aten._embedding_bag_forward_only.default and any(
-            t is not None and (t.requires_grad or type(t) is not torch.Tensor) for t in (table, psw_f)):
+    if op is aten._embedding_bag_forward_only.default and (differentiated(table) or differentiated(psw_f)):
         # F.embedding_bag picks the forward-only kernel for tensors that do not require grad, as
         # this level's wrappers do not; their physical values carry a lower level's derivative
         # (grad around vmap), which that kernel refuses ("Autograd not support dtype: Long"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from ._registry import flat_examples, batch_rule, batch_size_of, materialize, pad_to_rank, rank, full_args, batch_into_channels, unbatch_channels
+from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, pad_to_rank, rank, full_args,
+                        batch_into_channels, unbatch_channels, differentiated)
 
 aten = torch.ops.aten
 
@@ -251,7 +252,7 @@ def _bn_shared_stats_update(op, args, dims, B):
         # only the affine part is batched: every example has the same statistics s, so the
         # loop's B updates are r_B = w0 r_0 + (sum w_i) s
         new[1] = new[2] = None
-        if x.requires_grad or type(x) is not torch.Tensor:
+        if differentiated(x):
             # (differentiated: torch's derivative of _batch_norm_with_update refuses weight=None,
             # "Expected a proper Tensor but got None for argument #2 'weight'", in plain torch too)
             like = stats[0] if stats[0] is not None else x
