@@ -264,6 +264,10 @@ def table(rows, patch_us) -> str:
 
 
 def markdown(rows, patch_us, info) -> str:
+    from pyfunctorch import _patching
+
+    n_patched = sum(1 for p in _patching._PATCHES if p[1] != "__code__")
+    n_tensor = sum(1 for p in _patching._PATCHES if p[0] is torch.Tensor)
     return "\n".join([
         START,
         "## Cost breakdown (eager, per op)",
@@ -310,9 +314,12 @@ def markdown(rows, patch_us, info) -> str:
         "`__torch_dispatch__` wrapper, no rules and no levels, at ~8.7 µs). W5 tiny went from ~3.2x to ~2.1x "
         "torch.func.",
         "- The fixed cost per outermost call is dominated by installing and removing the patched entry points "
-        "(`patches.py`, 72 attributes, 20 of them on `torch.Tensor`): the writes themselves are cheap, the cost "
-        "is their effect (type-attribute caches and specialized bytecode invalidated on every swap), ~40 µs per "
-        "call. `pyfunctorch.hold_entry_points()` keeps them installed for a block (a loop of transform calls; "
+        f"(`patches.py`, {n_patched} attributes, {n_tensor} of them on `torch.Tensor`): the writes themselves are "
+        "cheap, the cost is their effect (type-attribute caches and specialized bytecode invalidated on every "
+        "swap), ~30-40 µs per call. Measured by leaving groups out of the swap (W5 tiny, one process): the "
+        "`torch.Tensor` group ~13-17 µs, of which ~9 µs come with its first attribute (any write to the class "
+        "invalidates every tensor subclass's caches); each module namespace ~2-4 µs. "
+        "`pyfunctorch.hold_entry_points()` keeps them installed for a block (a loop of transform calls; "
         "outside transforms the wrappers call torch's functions unchanged, and torch is restored after the "
         "block): W5 tiny ~2.1x -> ~1.75x torch.func (the suite's 'pyfunctorch, held' row). By default torch "
         "stays patched only while a transform is live (tests/test_regressions.py).",
@@ -328,6 +335,17 @@ def markdown(rows, patch_us, info) -> str:
         "different moments while torch.func's stayed at 2.3-2.5 ms and the 25 MB outer-product kernel alone at "
         "~1.05 ms; not page faults (0 minor faults per call, `resource.getrusage`), not memory kept between "
         "calls (mallinfo), not the garbage collector. Cause not found.",
+        "- Per-sample gradients of a transformer (the W1 transformer row: embedding, encoder layer, head) "
+        "take the physical graph since embedding, embedding_bag and CPU attention joined "
+        "`batching/physical_ad.py` (`benchmarks/ab_per_sample.py transformer 32`: 1.5-1.6x -> 1.29-1.31x "
+        "torch.func, paired). What is left is the forward: ~50 ops each dispatched at the grad level and at "
+        "the vmap level (100 Python events per call), 34 of them views. Measured per event (tiny tensors): "
+        "a view under vmap 9-11 µs against 4-5 µs for a pointwise op (which skips torch's dispatcher in "
+        "`BatchedTensor.__torch_function__`); at a top-level grad level `mul` 9.5 µs, `tanh` 18 µs (its saved "
+        "output costs a detach event and the shadow graph's cut), a view 11.7 µs; torch.func ~2 µs each. A "
+        "view fast path like the pointwise one was not taken: a wrapper made outside the dispatcher is not "
+        "registered as a view of its base (no shared version counter), so autograd at the vmap level could "
+        "miss an in-place write to the base.",
         "- Depth 2 below (vmap∘grad of 20 pointwise ops on [64, 8]) is the same path: 3.84x -> ~2.5x "
         "torch.func.",
         "- Reverse mode with no transform around it (`grad`, `vjp`, `jacrev` called at top level; not in the "
