@@ -16,11 +16,12 @@
 #   sweep_vmap     scripts/coverage.py --quick --device cuda (float32)
 #   sweep_ad       scripts/coverage.py --quick --ad --dtype float32 --device cuda
 #   sweep_modules  scripts/module_coverage.py --fast --device cuda --dtype float32
+#   sweep_modules_ens  the same with --ensemble (every example its own parameters, grad around vmap)
 #   bench          benchmarks/run.py --device cuda --quick (only if run.py has --device)
 # Without CUDA only the first three run (GPU_CHECK_SMOKE_ONLY=1: only env and models_cpu;
 # GPU_MODELS_ONLY=NAME: only the models whose name contains NAME in models_cpu).
 # Budgets (seconds) can be changed through the environment: T_SUITE, T_MODELS, T_VMAP, T_AD,
-# T_MODULES, T_BENCH, and TOTAL_BUDGET (460: later steps shrink or are skipped to stay in it); FULL_SWEEPS=1 runs the whole op_db/module_db sweeps instead of the slices.
+# T_MODULES, T_MODULES_ENS, T_BENCH, and TOTAL_BUDGET (460: later steps shrink or are skipped to stay in it); FULL_SWEEPS=1 runs the whole op_db/module_db sweeps instead of the slices.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_logs}"
@@ -92,6 +93,8 @@ if [ "$CUDA" = "1" ]; then
         "$PY" scripts/coverage.py "${SLICE[@]}" --ad --dtype float32 --device cuda --jobs 4 --no-docs
     step sweep_modules "${T_MODULES:-40}" "module_db sweep (cuda, float32)" -- \
         "$PY" scripts/module_coverage.py "${MSLICE[@]}" --device cuda --dtype float32
+    step sweep_modules_ens "${T_MODULES_ENS:-30}" "module_db ensembles around vmap (cuda, float32)" -- \
+        "$PY" scripts/module_coverage.py "${MSLICE[@]}" --ensemble --device cuda --dtype float32
     cp -r build/opdb_coverage "$OUT/opdb_results" 2>/dev/null
     # NCCL: examples/distributed.py and its test run over gloo only; an NCCL variant is documented
     # (docs/integrations/distributed.md) but not written: this machine kind has one GPU
