@@ -1092,12 +1092,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         if vjp_fn is not None and not dtype.is_complex and not any(c.is_complex() or c.is_sparse for c in cts_d) \
                 and not any(o.is_sparse for o, m in zip(ref_out, mask) if m):
             def vmap_grad_case(shared):
-                g5 = torch.Generator().manual_seed(seed + 400 + si)
-                bxs = _noisy_batch(primals, g5)
-                if shared:
-                    bxs[0] = primals[0]
-                bcts = _batch_like(cts_d, g5)
-                want = _loop_grads(fd, bxs, bcts, shared_first=shared)
+                bxs, bcts, want = _per_example_grads(fd, primals, cts_d, seed + 400 + si, shared)
 
                 def loss(xs, cs):
                     return sum((o * c).sum() for o, c in zip(fd(*xs), cs))
@@ -1106,7 +1101,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     got = pyfunctorch.vmap(pyfunctorch.grad(loss), in_dims=in_dims)(bxs, bcts)
-                _compare(tuple(got), _stack_nested(want, (BATCH,)), *_ad_tol(dtype))
+                _compare(tuple(got), want, *_ad_tol(dtype))
 
             _ad_case(res, si, "vmap(grad)", lambda: vmap_grad_case(False))
             _ad_case(res, si, "vmap(grad) shared", lambda: vmap_grad_case(True))
@@ -1119,12 +1114,7 @@ def run_op_ad(op, max_samples=4, budget=OP_BUDGET, dtype=torch.float64):
         # over the examples. jvp of vmap(op) vs forward AD per example.
         if vjp_fn is not None:
             def vjp_of_vmap_case(shared):
-                g6 = torch.Generator().manual_seed(seed + 500 + si)
-                bxs = _noisy_batch(primals, g6)
-                if shared:
-                    bxs[0] = primals[0]
-                bcts = _batch_like(cts_d, g6)
-                want = _stack_nested(_loop_grads(fd, bxs, bcts, shared_first=shared), (BATCH,))
+                bxs, bcts, want = _per_example_grads(fd, primals, cts_d, seed + 500 + si, shared)
                 if shared:
                     want = (want[0].sum(0),) + tuple(want[1:])
                 in_dims = tuple([None] + [0] * (len(bxs) - 1)) if shared else 0
@@ -1226,6 +1216,17 @@ def _noisy_batch(xs, g):
 def _batch_like(ts, g):
     """A random tensor of shape (BATCH, *t.shape) per tensor in ``ts`` (cotangents, tangents)."""
     return tuple(torch.randn((BATCH,) + t.shape, generator=g, dtype=t.dtype).to(t.device) for t in ts)
+
+
+def _per_example_grads(fd, primals, cts, seed, shared: bool):
+    """A noisy batch of ``primals`` (the first one as it is when ``shared``), a batch of random
+    cotangents, and the loop's per-example gradients stacked: (bxs, bcts, want)."""
+    g = torch.Generator().manual_seed(seed)
+    bxs = _noisy_batch(primals, g)
+    if shared:
+        bxs[0] = primals[0]
+    bcts = _batch_like(cts, g)
+    return bxs, bcts, _stack_nested(_loop_grads(fd, bxs, bcts, shared_first=shared), (BATCH,))
 
 
 def _loop_grads(fd, bxs, bcts, shared_first: bool):
