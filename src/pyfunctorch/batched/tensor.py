@@ -9,6 +9,7 @@ import torch
 
 from .. import _core
 from .._core import Interpreter, LevelTensor, _state
+from ..batching.linalg import addmm as _addmm_rule, mm as _mm_rule
 from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
 
@@ -111,10 +112,12 @@ class BatchedTensor(LevelTensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         # Speed: a user's pointwise call (``x * 1.01``, ``torch.sin(x)``) on tensors batched
         # at one level runs on the physical values right here, before torch's dispatcher:
-        # ~5-6 us per op instead of ~11 through __torch_dispatch__ (see _pointwise_call).
+        # ~5-6 us per op instead of ~11 through __torch_dispatch__ (see _pointwise_call);
+        # so does F.linear (_linear_call).
         if not _state.jvp_depth:
             if not kwargs:
-                out = _pointwise_call(func, args) if func in _FAST_CALLS else None
+                out = _pointwise_call(func, args) if func in _FAST_CALLS else \
+                    _linear_call(args) if func is _LINEAR else None
             elif func in _F_TWINS:
                 call = _twin_call(func, args, kwargs)
                 out = None if call is None else _pointwise_call(*call)
@@ -218,6 +221,72 @@ def _pointwise_call(func, args):
 
 
 _new_batched = BatchedTensor.__new__
+_LINEAR = torch._C._nn.linear
+_GEMM_DTYPES = (torch.float32, torch.float64)
+_aten = torch.ops.aten
+
+
+def _linear_call(args):
+    """``F.linear(x, w[, b])`` (every ``nn.Linear``) for a 2-D ``x`` per example, on tensors
+    batched in front at the innermost level -- the bottom one -- or plain, right here instead
+    of through torch's dispatcher (there: ``t`` and ``addmm``, two Python dispatches; ~40 us
+    per linear, now ~17, torch.func ~15-20). A shared weight and bias: one ``linear`` over every
+    example's rows; each example its own weight: one ``baddbmm`` (both add the bias as each
+    example's ``addmm`` does); other cases (other dtypes, a per-example bias with a shared
+    weight) call the ``addmm``/``mm`` rules as the dispatcher would. None where none applies
+    (other ranks, batch dims, levels): the call then takes the dispatcher."""
+    n = len(args)
+    if n != 2 and n != 3:
+        return None
+    interp = None
+    vals, dims = [], []
+    with _NoTorchFunction():  # (metadata reads of the wrappers)
+        for a in args:
+            t = type(a)
+            if t is BatchedTensor:
+                # (batch dim in front, not a lazy buffer, not a wrapper that records itself)
+                if a._bdim or a._lazy or a.requires_grad:
+                    return None
+                if interp is None:
+                    interp = a._interp
+                elif a._interp is not interp:
+                    return None
+                vals.append(a._value)
+                dims.append(0)
+            elif t is torch.Tensor or t is torch.nn.Parameter or a is None and len(vals) == 2:
+                vals.append(a)
+                dims.append(None)
+            else:
+                return None
+        st = _state.stack
+        if interp is None or not interp.bottom or not st or st[-1] is not interp or interp.grad_shadow is not None \
+                or args[0].dim() != 2 or args[1].dim() != 2:
+            return None  # (other ranks: torch's linear takes other paths, or raises its own error)
+    x, w = vals[0], vals[1]
+    b = vals[2] if n == 3 else None
+    dx, dw = dims[0], dims[1]
+    db = dims[2] if b is not None else None
+    out = None
+    if x.dtype in _GEMM_DTYPES and w.dtype is x.dtype and (b is None or b.dtype is x.dtype):
+        # the common cases, in one kernel that adds the bias as addmm does for each example
+        if b is not None and b.dim() != 1 + (db is not None):
+            pass  # (a bias of another rank: broadcast per example by the rule)
+        elif dw is None and db is None and dx is not None:  # a layer's weight and bias, shared
+            out = _LINEAR(x, w, b)  # (one product over every example's rows)
+        elif dw is not None:  # every example its own weight (ensembles)
+            xe = x if dx is not None else x.expand((w.shape[0],) + x.shape)
+            wt = w.transpose(1, 2)
+            out = torch.bmm(xe, wt) if b is None else torch.baddbmm(b.unsqueeze(1) if db is not None else b, xe, wt)
+    if out is not None:
+        return _new_batched(BatchedTensor, out, 0, interp)
+    wt = w.transpose(1, 2) if dw is not None else w.t()
+    if b is not None:
+        out, d = _addmm_rule(_aten.addmm.default, [b, x, wt], {}, [db, dx, dw])
+    else:
+        out, d = _mm_rule(_aten.mm.default, [x, wt], {}, [dx, dw])
+    if type(out) is not torch.Tensor or d is None:
+        return None if not isinstance(out, torch.Tensor) else BatchedTensor(out, d, interp) if d is not None else out
+    return _new_batched(BatchedTensor, out, d, interp)
 
 
 def batched_here(x, interp) -> bool:
