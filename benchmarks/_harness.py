@@ -25,6 +25,14 @@ from typing import Callable
 
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+# torch's CPU allocator backs allocations of 2 MB and more with transparent huge pages (where the
+# kernel allows them on request: /sys/kernel/mm/transparent_hugepage/enabled = madvise or always).
+# With 4 KB pages W1's 25 MB results land on different physical pages in every process, and W1's
+# ratio at B=64 moved between 1.31x and 1.58x torch.func from one process to the next (the
+# hand-batched floor between 0.56x and 0.89x); with huge pages 1.34-1.38x (0.56x), four processes.
+# Read by torch once, at its first allocation: set here, before torch is imported.
+_THP_PRESET = "torch" in sys.modules
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
@@ -57,6 +65,25 @@ def _fix_malloc_thresholds() -> str:
 
 
 MALLOC = _fix_malloc_thresholds()
+
+
+def _huge_pages() -> str:
+    """What the report says about torch's use of transparent huge pages (see the top)."""
+    if _THP_PRESET:
+        return "torch imported before the harness: its allocator left as it is"
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        return f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')!r}: no huge pages requested"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "huge pages requested (THP_MEM_ALLOC_ENABLE=1); the kernel's THP mode unknown"
+    if mode == "never":
+        return "huge pages requested, but the kernel's THP mode is 'never': 4 KB pages"
+    return f"torch's allocations of 2 MB and more on transparent huge pages (THP mode '{mode}')"
+
+
+HUGE_PAGES = _huge_pages()
 
 
 class CheckFailed(AssertionError):
@@ -260,6 +287,7 @@ def machine_info() -> dict:
         "cpu": f"{cpu} ({ncpu} logical CPUs visible)",
         "threads": f"torch.get_num_threads()={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
         "malloc": MALLOC,
+        "huge pages": HUGE_PAGES,
         "torch": torch.__version__,
         "pyfunctorch": pfv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
