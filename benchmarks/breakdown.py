@@ -330,11 +330,8 @@ def markdown(rows, patch_us, info) -> str:
         "expanded along the batch costs one product forward (`batching.linalg.matmul_batched`, "
         "`batching.convolution._SharedFilters`). Paired in the suite's harness against the wrappers' graph "
         "(`reverse.PER_SAMPLE_SHADOW = False`, same process): MLP B=8 1.85x -> 1.54x torch.func, B=256 "
-        "1.13x -> 1.04x, CNN B=64 1.35x -> 1.23x. At B=64 the MLP's ratio is 1.2x in some processes and "
-        "1.5x in others, for either path: within one process pyfunctorch's call took 2.8-4.2 ms at "
-        "different moments while torch.func's stayed at 2.3-2.5 ms and the 25 MB outer-product kernel alone at "
-        "~1.05 ms; not page faults (0 minor faults per call, `resource.getrusage`), not memory kept between "
-        "calls (mallinfo), not the garbage collector. Cause not found.",
+        "1.13x -> 1.04x, CNN B=64 1.35x -> 1.23x (with 4 KB pages; see the last item for the "
+        "process-to-process swings those figures had).",
         "- Per-sample gradients of a transformer (the W1 transformer row: embedding, encoder layer, head) "
         "take the physical graph since embedding, embedding_bag and CPU attention joined "
         "`batching/physical_ad.py` (`benchmarks/ab_per_sample.py transformer 32`: 1.5-1.6x -> 1.29-1.31x "
@@ -388,9 +385,11 @@ def markdown(rows, patch_us, info) -> str:
         "fast-path gates in nn modules read it).",
         "- Also measured for W1 (MLP, per-example weight gradients are outer products, a (B, 128, 784) result): "
         "the product as a broadcast `mul` instead of `bmm` is ~0.2x torch.func faster at B <= 128 and ~0.15-0.2x "
-        "slower at B=256 on this machine (paired); not adopted (which wins depends on the memory system). W1's "
-        "ratio at one B moves by up to 0.3x from one process to another for pyfunctorch and for the outer-product "
-        "kernel alone; the small-model figures (8-wide layers, where kernels cost nothing) isolate the overhead: "
+        "slower at B=256 with 4 KB pages, and ~0.05-0.1x faster at both sizes with huge pages (paired); not adopted "
+        "(which wins depends on the memory system). With 4 KB pages W1's ratio at one B moved by up to 0.3x from "
+        "one process to another (the physical pages of the 25-100 MB results differ per process); the suite now "
+        "puts torch's large allocations on huge pages (benchmarks/_harness.py), which holds W1 MLP B=64 at "
+        "1.34-1.38x in four processes. The small-model figures (8-wide layers, where kernels cost nothing) isolate the overhead: "
         "per-sample gradients of one 8-wide linear layer and cross entropy 822 µs against torch.func's 472, each further linear+ReLU layer "
         "252 µs against 113.",
         "",
