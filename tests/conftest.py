@@ -55,6 +55,22 @@ def _no_perf_warning_noise():
         yield
 
 
+@pytest.fixture
+def count_dispatch(monkeypatch):
+    """The aten ops that reached a vmap level's dispatch (to show a fast path skipped it)."""
+    from pyfunctorch.batched.interpreter import VmapInterpreter
+
+    seen = []
+    original = VmapInterpreter.dispatch
+
+    def counting(self, func, args, kwargs):
+        seen.append(func)
+        return original(self, func, args, kwargs)
+
+    monkeypatch.setattr(VmapInterpreter, "dispatch", counting)
+    return seen
+
+
 def _tols(dtype):
     if dtype == torch.float64:
         return 1e-7, 1e-7

@@ -11,7 +11,6 @@ import torch.func as tf
 import pyfunctorch
 from pyfunctorch import grad, jacfwd, jacrev, jvp, vmap
 from pyfunctorch.batched import tensor as batched_tensor
-from pyfunctorch.batched.interpreter import VmapInterpreter
 from pyfunctorch.batching.pointwise import USER_POINTWISE
 
 from conftest import assert_close, loop_vmap, run_in_threads
@@ -106,20 +105,6 @@ def test_broadcasting_rule_with_unbatched_operands_of_any_rank(device, a_shape, 
 # ----------------------------------------------------------------------------------------
 # a user's pointwise call on tensors batched at one level: before torch's dispatcher
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def count_dispatch(monkeypatch):
-    """The number of aten ops that reached a vmap level's dispatch."""
-    seen = []
-    original = VmapInterpreter.dispatch
-
-    def counting(self, func, args, kwargs):
-        seen.append(func)
-        return original(self, func, args, kwargs)
-
-    monkeypatch.setattr(VmapInterpreter, "dispatch", counting)
-    return seen
 
 
 def test_user_pointwise_call_skips_the_dispatcher(count_dispatch):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import pyfunctorch
 from pyfunctorch import grad, vmap
-from pyfunctorch.batched.interpreter import VmapInterpreter
 
 from conftest import assert_close, loop_vmap
 
@@ -32,20 +31,6 @@ def _args(device, dtype, batched, bias, x_shape=(N, IN), b_shape=(OUT,)):
 
 
 _PATTERNS = [p for p in itertools.product([True, False], repeat=3) if any(p)]
-
-
-@pytest.fixture
-def count_dispatch(monkeypatch):
-    """The aten ops that reached a vmap level's dispatch."""
-    seen = []
-    original = VmapInterpreter.dispatch
-
-    def counting(self, func, args, kwargs):
-        seen.append(func)
-        return original(self, func, args, kwargs)
-
-    monkeypatch.setattr(VmapInterpreter, "dispatch", counting)
-    return seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
@@ -114,14 +99,37 @@ def test_transforms_inside_and_around(device):
     assert_close(grad(h)(w.detach()), torch.autograd.grad(loop_vmap(F.linear, in_dims=(0, None, None))(x, wr, b).cos().sum(), wr)[0])
 
 
-@pytest.mark.parametrize("batched", [(True, False, False), (False, True, True), (True, True, True), (True, False, True)],
-                         ids=["shared layer", "ensemble", "all batched", "x and bias"])
-def test_nn_linear_skips_the_dispatcher(count_dispatch, batched):
-    # the mechanism: a linear on a 2-D input per example at the bottom level
-    args, in_dims = _args("cpu", torch.float32, batched, True)
+@pytest.mark.parametrize("batched, bias", [((True, False, False), True), ((False, True, True), True),
+                                           ((True, True, True), True), ((False, True, False), True),
+                                           ((True, True, False), False), ((False, True, False), False)],
+                         ids=["shared layer", "ensemble", "all batched", "ensemble, shared bias", "x and w",
+                              "ensemble, no bias"])
+def test_nn_linear_skips_the_dispatcher(count_dispatch, batched, bias):
+    # the mechanism: a float linear on a 2-D input per example at the bottom level
+    args, in_dims = _args("cpu", torch.float32, batched, bias)
     got = vmap(F.linear, in_dims=in_dims)(*args)
-    assert count_dispatch == []  # (a per-example bias with a shared weight: the addmm rule, called here)
+    assert count_dispatch == []
     assert_close(got, loop_vmap(F.linear, in_dims=in_dims)(*args))
+
+
+@pytest.mark.parametrize("case", ["per-example bias, shared weight", "bfloat16", "1-D input", "batch dim 1",
+                                  "empty batch"])
+def test_other_linears_take_the_dispatcher(count_dispatch, case):
+    dtype, x_shape, batched, in_dims = torch.float64, (N, IN), (True, False, True), None
+    if case == "bfloat16":
+        dtype, batched = torch.bfloat16, (True, False, False)
+    elif case == "1-D input":
+        x_shape, batched = (IN,), (True, False, False)
+    args, dims = _args("cpu", dtype, batched, True, x_shape)
+    if case == "batch dim 1":
+        args[0], dims = args[0].transpose(0, 1), (1, None, 0)
+    elif case == "empty batch":
+        args, dims = [args[0][:0], args[1], args[2][:0]], dims
+    in_dims = in_dims or dims
+    got = vmap(F.linear, in_dims=in_dims)(*args)
+    assert count_dispatch != []
+    assert_close(got, loop_vmap(F.linear, in_dims=in_dims)(*args) if case != "empty batch"
+                 else torch.empty(0, N, OUT, dtype=dtype))
 
 
 def test_errors_are_torch_s_own(device):

@@ -14,7 +14,7 @@ _SPECS: dict = {}  # structure key (see _key) -> torch's TreeSpec of that struct
 _BUILDERS: dict = {}  # id(a cached TreeSpec) -> (its structure key, number of leaves, tuple/list if flat)
 _FLAT_SPECS: dict = {}  # (tuple or list, n) -> the cached spec of n leaves in one tuple/list
 _NONE = type(None)
-_NONE_IS_LEAF = len(_flatten(None)[0]) == 1  # (a leaf in torch >= 2.x's pytree, a node before)
+_NONE_IS_LEAF = len(_flatten(None)[0]) == 1  # (torch's pytree: a leaf, or a node without leaves)
 
 
 class _Slow(Exception):
@@ -72,12 +72,7 @@ def tree_flatten(tree: Any):
         key = _key(tree, leaves)
     except _Slow:
         return _flatten(tree)
-    except TypeError:  # (an unhashable dict key: torch's own handling)
-        return _flatten(tree)
-    try:
-        spec = _SPECS.get(key)
-    except TypeError:
-        return _flatten(tree)
+    spec = _SPECS.get(key)  # (hashable: types, dict keys, 0 and None)
     if spec is None:
         spec = _flatten(tree)[1]
         if len(_SPECS) >= 4096:

@@ -9,7 +9,6 @@ import torch
 
 from .. import _core
 from .._core import Interpreter, LevelTensor, _state
-from ..batching.linalg import addmm as _addmm_rule, mm as _mm_rule
 from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
 
@@ -240,18 +239,16 @@ _new_batched = BatchedTensor.__new__
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _LINEAR = torch._C._nn.linear
 _GEMM_DTYPES = (torch.float32, torch.float64)
-_aten = torch.ops.aten
 
 
 def _linear_call(args):
-    """``F.linear(x, w[, b])`` (every ``nn.Linear``) for a 2-D ``x`` per example, on tensors
-    batched in front at the innermost level -- the bottom one -- or plain, right here instead
-    of through torch's dispatcher (there: ``t`` and ``addmm``, two Python dispatches; ~40 us
-    per linear, now ~17, torch.func ~15-20). A shared weight and bias: one ``linear`` over every
-    example's rows; each example its own weight: one ``baddbmm`` (both add the bias as each
-    example's ``addmm`` does); other cases (other dtypes, a per-example bias with a shared
-    weight) call the ``addmm``/``mm`` rules as the dispatcher would. None where none applies
-    (other ranks, batch dims, levels): the call then takes the dispatcher."""
+    """``F.linear(x, w[, b])`` (every ``nn.Linear``) for a 2-D ``x`` per example, on float32/float64
+    tensors batched in front at the innermost level -- the bottom one -- or plain, right here
+    instead of through torch's dispatcher (there: ``t`` and ``addmm``, two Python dispatches and
+    the general addmm rule; ~40 us per linear, here ~17, torch.func ~15-20): a shared weight and
+    bias, one ``linear`` over every example's rows; each example its own weight (ensembles), one
+    ``baddbmm``; both add the bias as each example's ``addmm`` does. None for anything else (other
+    ranks, dtypes, batch dims, levels; a per-example bias with a shared weight): the dispatcher."""
     n = len(args)
     if n != 2 and n != 3:
         return None
@@ -277,33 +274,24 @@ def _linear_call(args):
                 return None
         st = _state.stack
         if interp is None or not interp.bottom or not st or st[-1] is not interp or interp.grad_shadow is not None \
-                or args[0].dim() != 2 or args[1].dim() != 2:
-            return None  # (other ranks: torch's linear takes other paths, or raises its own error)
+                or not interp.batch_size or args[0].dim() != 2 or args[1].dim() != 2:
+            return None
     x, w = vals[0], vals[1]
     b = vals[2] if n == 3 else None
     dx, dw = dims[0], dims[1]
     db = dims[2] if b is not None else None
-    out = None
-    if x.dtype in _GEMM_DTYPES and w.dtype is x.dtype and (b is None or b.dtype is x.dtype):
-        # the common cases, in one kernel that adds the bias as addmm does for each example
-        if b is not None and b.dim() != 1 + (db is not None):
-            pass  # (a bias of another rank: broadcast per example by the rule)
-        elif dw is None and db is None and dx is not None:  # a layer's weight and bias, shared
-            out = _LINEAR(x, w, b)  # (one product over every example's rows)
-        elif dw is not None:  # every example its own weight (ensembles)
-            xe = x if dx is not None else x.expand((w.shape[0],) + x.shape)
-            wt = w.transpose(1, 2)
-            out = torch.bmm(xe, wt) if b is None else torch.baddbmm(b.unsqueeze(1) if db is not None else b, xe, wt)
-    if out is not None:
-        return _fresh_batched(out, interp)
-    wt = w.transpose(1, 2) if dw is not None else w.t()
-    if b is not None:
-        out, d = _addmm_rule(_aten.addmm.default, [b, x, wt], {}, [db, dx, dw])
-    else:
-        out, d = _mm_rule(_aten.mm.default, [x, wt], {}, [dx, dw])
-    if type(out) is not torch.Tensor or d is None:
-        return None if not isinstance(out, torch.Tensor) else BatchedTensor(out, d, interp) if d is not None else out
-    return _new_batched(BatchedTensor, out, d, interp)
+    if x.dtype not in _GEMM_DTYPES or w.dtype is not x.dtype \
+            or b is not None and (b.dtype is not x.dtype or b.dim() != 1 + (db is not None)):
+        return None
+    if dw is None:
+        if db is not None or dx is None:
+            return None
+        out = _LINEAR(x, w, b)  # (a layer's weight and bias, shared: one product over every example's rows)
+    else:  # every example its own weight
+        xe = x if dx is not None else x.expand((w.shape[0],) + x.shape)
+        wt = w.transpose(1, 2)
+        out = torch.bmm(xe, wt) if b is None else torch.baddbmm(b.unsqueeze(1) if db is not None else b, xe, wt)
+    return _fresh_batched(out, interp)
 
 
 def batched_here(x, interp) -> bool:
