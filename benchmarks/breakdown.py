@@ -362,7 +362,7 @@ def markdown(rows, patch_us, info) -> str:
         "the bottom level runs in `BatchedTensor.__torch_function__` (`batched.tensor._linear_call`): one "
         "`linear` over every example's rows for a shared layer, one `baddbmm` for per-example weights; through "
         "torch's dispatcher it was `t` and `addmm`, two Python events and the general addmm rule: ~40 -> ~17 µs "
-        "per linear (torch.func ~15-20), W2 with 8-wide layers 317 -> 198 µs per call, W2 B=64 1.19x -> 1.01-1.04x "
+        "per linear (torch.func ~15-20), W2 with 8-wide layers 317 -> 184-198 µs per call, W2 B=64 1.19x -> 1.01-1.04x "
         "and B=256 1.17x -> 1.00-1.02x torch.func. The argument flattening of every call (a params dict, "
         "`(dict, x, y)`) takes `_pytree`'s fast path with torch's spec cached per structure: vmap over a dict "
         "61 -> 53 µs, vmap(grad) of a 3-op function over a params dict 428 -> 402 µs.",
