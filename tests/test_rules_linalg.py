@@ -479,3 +479,16 @@ def test_low_precision_kernels_that_round_in_their_own_order_match_bit_for_bit(d
         warnings.simplefilter("ignore")
         assert torch.equal(pf.vmap(f)(M, a, b), loop_vmap(f)(M, a, b))
         assert torch.equal(pf.vmap(f, in_dims=(None, 0, None))(M[0], a, b[0]), loop_vmap(f, (None, 0, None))(M[0], a, b[0]))
+
+
+def test_an_op_without_a_meta_kernel_is_checked_per_example_on_its_kernel(device):
+    # geqrf has no meta kernel: the per-example check runs the kernel on the first example, so a
+    # 1-D example raises torch's own error (the batched call alone would read (B, n) as one matrix)
+    with pytest.raises(RuntimeError, match="at least 2 dimensions"):
+        torch.geqrf(torch.randn(4, device=device))
+    with pytest.raises(RuntimeError, match="at least 2 dimensions"):
+        pf.vmap(torch.geqrf)(torch.randn(3, 4, device=device))
+    a = torch.randn(3, 4, 2, device=device, dtype=torch.float64)
+    got = pf.vmap(torch.geqrf)(a)
+    want = [torch.geqrf(a[i]) for i in range(3)]
+    assert_close(tuple(got), tuple(torch.stack([w[k] for w in want]) for k in range(2)))
