@@ -827,3 +827,23 @@ def test_low_precision_norms_with_per_example_affine_round_once(device, dt):
     g = lambda x, w, b: torch.nn.functional.group_norm(x, 3, w, b)
     with no_fallback():
         assert torch.equal(pf.vmap(g)(x, wg, bg), loop_vmap(g)(x, wg, bg))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_of_one_example_of_scores_with_a_size_one_target(device, reduction, weighted):
+    # torch takes a 1-D target of size 1 for a 1-D input as the 0-D target (a 0-D loss); its own
+    # backward then refuses the shapes, so the gradients' oracle is the 0-D target's
+    x = torch.randn(4, 5, device=device, dtype=torch.float64)
+    t = torch.randint(0, 5, (4, 1), device=device)
+    t[1] = -100  # (one example ignored: nan for 'mean', as the loop)
+    w = torch.rand(5, device=device, dtype=torch.float64) if weighted else None
+    f = lambda xi, ti: F.nll_loss(xi, ti, weight=w, reduction=reduction)  # noqa: E731
+    torch.testing.assert_close(pf.vmap(f)(x, t), loop_vmap(f)(x, t), equal_nan=True)  # (nan: 'mean' of an ignored one)
+    assert_close(pf.vmap(lambda xi: f(xi, t[0]))(x), loop_vmap(lambda xi: f(xi, t[0]))(x))
+    keep = [0, 2, 3]  # (the ignored example's 'mean' gradient is 0 / 0 in the oracle's formula too)
+    got = pf.vmap(pf.grad(lambda xi, ti: f(xi, ti).sum()))(x[keep], t[keep])
+    want = torch.stack([tf.grad(lambda xi: f(xi, t[i].reshape(())).sum())(x[i]) for i in keep])
+    assert_close(got, want)
+    with pytest.raises(ValueError, match="1D target must have size 1"):
+        pf.vmap(f)(x, torch.randint(0, 5, (4, 2), device=device))

@@ -13,7 +13,7 @@ import torch
 
 from .. import _core
 
-from ._registry import (flat_examples, batch_rule, batch_size_of, materialize, rank, full_args, loop_examples,
+from ._registry import (flat_examples, batch_rule, batch_size_of, check_example, materialize, rank, full_args, loop_examples,
                         plain_apply)
 
 aten = torch.ops.aten
@@ -22,6 +22,17 @@ aten = torch.ops.aten
 # -- nll_loss ----------------------------------------------------------------------------------
 # Computed on the physical tensors with gather/scatter: per-example reductions ('mean' divides
 # by each example's own total weight) and batched class weights come out directly.
+
+
+def _target_of_1d_input(op, args, dims, xi, ti):
+    """torch takes a 1-D target of size 1 for a 1-D input (one example of C scores) as the
+    0-D target; another size is its error (raised by the kernel on the first example)."""
+    x, target = args[xi], args[ti]
+    if rank(x, dims[xi]) != 1 or rank(target, dims[ti]) != 1:
+        return target
+    if target.shape[-1] != 1:
+        check_example(op, args, {}, dims, kernel=True)
+    return target.squeeze(-1)
 
 
 def _nll_parts(x, xd, target, td, weight, wd, ignore_index, B):
@@ -108,6 +119,7 @@ _physical_nll = plain_apply(_PhysicalNll)
 def nll_loss_forward(op, args, kwargs, dims):
     x, target, weight, reduction, ignore_index = args
     B = batch_size_of(args, dims)
+    target = _target_of_1d_input(op, args, dims, 0, 1)
     x, safe, wt, cdim, valid = _nll_parts(x, dims[0], target, dims[1], weight, dims[2], ignore_index, B)
     if x.requires_grad and not wt.requires_grad and type(x) is torch.Tensor and torch.is_grad_enabled():
         out, total = _physical_nll(x, safe, wt, valid, reduction, cdim)
@@ -124,6 +136,7 @@ def nll_loss_forward(op, args, kwargs, dims):
 def nll_loss_backward(op, args, kwargs, dims):
     go, x, target, weight, reduction, ignore_index, total_weight = args
     B = batch_size_of(args, dims)
+    target = _target_of_1d_input(op, args, dims, 1, 2)
     x, safe, wt, cdim, valid = _nll_parts(x, dims[1], target, dims[2], weight, dims[3], ignore_index, B)
     if reduction == 0 and dims[0] is None:
         go = go.unsqueeze(0)
