@@ -78,25 +78,22 @@ class BatchedTensor(LevelTensor):
         if type(value) is not torch.Tensor and _torch_function_on():
             with _NoTorchFunction():  # (an outer level's BatchedTensor, outside our dispatch)
                 return BatchedTensor.__new__(cls, value, bdim, interp)
-        shape = value.shape
-        if bdim == 0 and value.is_contiguous() and not value.storage_offset() and 1 not in shape and 0 not in shape:
-            # (the common case, a fresh result: the default strides and offset are exactly the
-            # example's -- contiguous, and no size-1 or empty dim whose stride could be any
-            # value; fewer keyword arguments make this ~0.35 us cheaper)
-            r = torch.Tensor._make_wrapper_subclass(cls, shape[1:], dtype=value.dtype, device=value.device)
-        else:
-            stride = value.stride()
-            shape, stride = shape[:bdim] + shape[bdim + 1:], stride[:bdim] + stride[bdim + 1:]
-            r = torch.Tensor._make_wrapper_subclass(
-                cls,
-                shape,
-                strides=stride,
-                # Forward AD compares a view's tangent layout with its primal's: the physical
-                # offset is the per-example offset whenever the batch dim is outermost.
-                storage_offset=value.storage_offset(),
-                dtype=value.dtype,
-                device=value.device,
-            )
+        if bdim == 0:
+            r = _front_wrapper(cls, value, interp)
+            if r is not None:
+                return r
+        shape, stride = value.shape, value.stride()
+        shape, stride = shape[:bdim] + shape[bdim + 1:], stride[:bdim] + stride[bdim + 1:]
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape,
+            strides=stride,
+            # Forward AD compares a view's tangent layout with its primal's: the physical
+            # offset is the per-example offset whenever the batch dim is outermost.
+            storage_offset=value.storage_offset(),
+            dtype=value.dtype,
+            device=value.device,
+        )
         r._value = value
         r._bdim = bdim
         r._interp = interp
@@ -219,20 +216,29 @@ def _pointwise_call(func, args):
     return _fresh_batched(out, interp)
 
 
-def _fresh_batched(out, interp):
-    """``BatchedTensor(out, 0, interp)`` for a plain tensor just computed on the whole batch (the
-    fast paths' results): the common layout without the general constructor's checks."""
-    shape = out.shape
-    if not out.is_contiguous() or out.storage_offset() or 1 in shape or 0 in shape:
-        return _new_batched(BatchedTensor, out, 0, interp)
-    dt = out.dtype
-    if dt.is_complex:
-        return _new_batched(BatchedTensor, out, 0, interp)
-    r = _make_wrapper(BatchedTensor, shape[1:], dtype=dt, device=out.device)
-    r._value = out
+def _front_wrapper(cls, value, interp):
+    """The wrapper of ``value`` batched in front when its layout is the common one (a fresh
+    result: contiguous, no offset, no size-1 or empty dim whose stride could be any value, not
+    complex -- the default strides are then exactly the example's; fewer keyword arguments make
+    this ~0.35 us cheaper than the general constructor), else None."""
+    shape = value.shape
+    if not value.is_contiguous() or value.storage_offset() or 1 in shape or 0 in shape:
+        return None
+    dt = value.dtype
+    if dt.is_complex:  # (conj/neg bits: the general constructor)
+        return None
+    r = _make_wrapper(cls, shape[1:], dtype=dt, device=value.device)
+    r._value = value
     r._bdim = 0
     r._interp = interp
     return r
+
+
+def _fresh_batched(out, interp):
+    """``BatchedTensor(out, 0, interp)`` for a plain tensor just computed on the whole batch (the
+    fast paths' results), without the constructor's call and subclass checks."""
+    r = _front_wrapper(BatchedTensor, out, interp)
+    return r if r is not None else _new_batched(BatchedTensor, out, 0, interp)
 
 
 _new_batched = BatchedTensor.__new__
