@@ -15,7 +15,7 @@ PKG = "pyfunctorch"
 #: layer of each top-level module/package (docs/architecture.md); a module may import only
 #: modules of its own layer or below
 LAYERS = {
-    "errors": 0, "_pytree": 0, "random": 0, "_traced_random": 0, "_compiler": 0, "_ops": 0, "_state": 0, "_patching": 0, "_compat": 0,
+    "errors": 0, "_pytree": 0, "random": 0, "_traced_random": 0, "_compiler": 0, "_ops": 0, "_state": 0, "_patching": 0, "_compat": 0, "_saved_hooks": 0,
     "_core": 1, "_entries": 1, "_ownership": 1,
     "batching": 2, "_nested_decomp": 2,
     "batched": 3, "reverse": 3, "forward": 3,

@@ -195,6 +195,106 @@ def test_user_detach_still_detaches_every_level():
     assert_close(pf.grad(lambda a: pf.grad(f)(a).sum())(x), tf.grad(lambda a: tf.grad(f)(a).sum())(x))
 
 
+# -- 3b. a user's saved-tensor hooks that detach --------------------------------------
+# torch calls a pack hook under no_grad and re-attaches the saved tensor's graph when it
+# unpacks it, so in plain torch what the hook computes (a detach, a clone) changes no
+# derivative (torch.func refuses saved-tensor hooks). Under nested levels the hook's ops must
+# be recorded below the level that saves, and a detach inside the hook is autograd's own (cuts
+# only that level): grad(grad(f)) through such a hook was 0.
+
+
+def _detach_helper(t):
+    return t.detach().clone()
+
+
+class _PackObject:
+    def __call__(self, t):
+        return t.detach()
+
+
+class _PackMethod:
+    def pack(self, t):
+        return _detach_helper(t)
+
+
+_PACK_HOOKS = {
+    "lambda": lambda t: t.detach(),
+    "helper": lambda t: _detach_helper(t),
+    "callable_object": _PackObject(),
+    "bound_method": _PackMethod().pack,
+    "clone": lambda t: t.clone(),
+    "arithmetic": lambda t: t * 1.0,
+}
+
+
+def _hooked(pack, inner=_CK_INNER):
+    def f(b):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return inner(b)
+
+    return f
+
+
+@pytest.mark.parametrize("hook", list(_PACK_HOOKS))
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_user_pack_hook_that_detaches_changes_no_derivative(case, hook):
+    x = _x(3)
+    fn = CHECKPOINT_CASES[case]
+    assert_close(fn(pf, _hooked(_PACK_HOOKS[hook]), x), fn(tf, _CK_INNER, x))
+
+
+@pytest.mark.parametrize("op", [torch.sin, torch.exp, torch.tanh, lambda a: a * a])
+def test_user_pack_hook_grad_grad_matches_plain_autograd(op):
+    # oracle: plain torch's double backward through the same hooks
+    x = _x(4)
+    f = _hooked(lambda t: t.detach(), lambda b: op(b).sum())
+    xr = x.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), xr)
+    assert_close(pf.grad(lambda a: pf.grad(f)(a).sum())(x), g2)
+
+
+@pytest.mark.parametrize("hook", ["lambda", "helper", "clone"])
+@pytest.mark.parametrize("case", ["grad_grad", "hessian", "jacrev_grad", "vmap_grad"])
+def test_user_pack_hook_pushed_around_the_transform(case, hook):
+    x = _x(3)
+    fn = CHECKPOINT_CASES[case]
+    with torch.autograd.graph.saved_tensors_hooks(_PACK_HOOKS[hook], lambda t: t):
+        ours = fn(pf, _CK_INNER, x)
+        assert torch.autograd.graph.saved_tensors_hooks is not None
+    assert_close(ours, fn(tf, _CK_INNER, x))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None  # the transform's own push is gone
+
+
+def test_user_pack_hook_around_plain_autograd_of_a_transform_result():
+    # hooks pushed around: the saved tensors of the user's own graph (a closed-over weight)
+    # are packed and unpacked by the user's hooks, and its backward matches plain autograd
+    x = _x(3)
+    packed = []
+
+    def pack(t):
+        packed.append(type(t))
+        return t.clone()
+
+    w = _x(3).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        g = pf.grad(lambda a: torch.sin(a * w).sum())(x)
+    g.sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(torch.sin(xr * w2).sum(), xr, create_graph=True)
+    g2.sum().backward()
+    assert_close(w.grad, w2.grad)
+    assert packed
+
+
+def test_detach_in_the_function_under_hooks_still_detaches_every_level():
+    # only a detach inside the pack hook is autograd's; the function's own cuts every level
+    x = _x(3)
+    f = lambda a: (a * a.detach() * a).sum()  # noqa: E731
+    assert_close(pf.hessian(_hooked(lambda t: t.detach(), f))(x), tf.hessian(f)(x))
+
+
 # -- 4. grad mode: no_grad / enable_grad / set_grad_enabled ------------------------------
 
 

@@ -36,6 +36,7 @@ from ._ops import _InplaceViewAliases, _OpSet, _mutated_returns, _return_aliases
 from ._patching import (  # noqa: F401  (re-exported: the core's API for patches.py and the transforms)
     _PATCHES, _install_patches, _uninstall_patches, patch_while_active, hold_entry_points, swap_code_while_active,
 )
+from . import _saved_hooks
 from ._state import _State, _state  # noqa: F401
 from .errors import EscapedTensorError, MixedTransformsError
 
@@ -326,8 +327,10 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
             torch._C._set_fwd_grad_enabled(False)
         return
     st = _state
+    hooks_pushed = False
     if not st.stack:
         _install_patches()
+        hooks_pushed = _saved_hooks.wrap_active_hooks(LevelTensor)
     st.stack.append(interp)
     try:
         yield interp
@@ -342,6 +345,8 @@ def push_interpreter(interp: Interpreter) -> Iterator[Interpreter]:
             popped = st.stack.pop()
             assert popped is interp, "pyfunctorch: interpreter stack corrupted"
             if not st.stack:
+                if hooks_pushed:
+                    _saved_hooks.pop_hooks()
                 _uninstall_patches()
 
 

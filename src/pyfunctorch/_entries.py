@@ -17,6 +17,8 @@ def factory_entry(original, args, kwargs):
     """Factories called inside transforms (torch.zeros, arange, ...) return tensors that
     belong to every live level (lifted from the bottom up), so writing transformed data
     into them works per example (vmap) and stays differentiable (grad/jvp)."""
+    if _state.in_saved_hook:  # (autograd's side: pyfunctorch._saved_hooks)
+        return original(*args, **kwargs)
     name = getattr(original, "__name__", "")
     if name in ("tensor", "new_tensor") and args:
         # copying a transformed tensor's data: a constant at every level (as ``x.detach()``);
@@ -47,7 +49,7 @@ def clone_entry(original, args, kwargs):
     keep such a clone unbatched, as torch.func: writing batched data into it is the error
     torch.func raises."""
     out = original(*args, **kwargs)
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor) or _state.in_saved_hook:  # (hooks: see _saved_hooks)
         return out
     caller = sys._getframe(2).f_globals.get("__name__", "")
     if caller.startswith(("torch.", "pyfunctorch.")) or caller in ("torch", "pyfunctorch"):
@@ -66,7 +68,9 @@ def clone_entry(original, args, kwargs):
 # save_on_cpu) detaches what autograd saves; autograd then re-attaches only the top
 # level's graph when it unpacks. That detach is autograd's own (trap 2): detaching
 # every level there would cut the lower levels' graphs, and hessian / jacrev(grad)
-# through checkpoint would be 0.
+# through checkpoint would be 0. Any saved-tensor hook run while transforms are live is the
+# same (``_state.in_saved_hook``, pyfunctorch._saved_hooks): a user's
+# ``saved_tensors_hooks(lambda t: t.detach(), ...)`` gave grad(grad(f)) = 0.
 _AUTOGRAD_INTERNAL_DETACH = ("torch.utils.checkpoint",)
 
 
@@ -75,7 +79,7 @@ def user_detach(original, args, kwargs):
     # here: it is a C++ call and must keep the inner graphs (see GradInterpreter).
     x = args[0]
     if isinstance(x, LevelTensor) and not kwargs and len(args) == 1:
-        if sys._getframe(2).f_globals.get("__name__", "") in _AUTOGRAD_INTERNAL_DETACH:
+        if _state.in_saved_hook or sys._getframe(2).f_globals.get("__name__", "") in _AUTOGRAD_INTERNAL_DETACH:
             return original(x)
         return detach_all_levels(x)
     return original(*args, **kwargs)

@@ -11,6 +11,7 @@ class _State(threading.local):
         self.jvp_depth = 0
         self.dispatch_depth = 0  # > 0 while a wrapper's __torch_dispatch__ runs (our own op calls)
         self.shadow_backward = 0  # > 0 while the wrappers of a level with a shadow graph are differentiated
+        self.in_saved_hook = 0  # > 0 while a user's saved-tensor pack/unpack hook runs (autograd's side: _saved_hooks)
 
 
 _state = _State()

@@ -34,6 +34,7 @@ from ._ownership import lift_into_live_levels
 from ._state import _state
 from ._compiler import opaque_to_compiler
 from ._pytree import tree_flatten, tree_map, tree_unflatten
+from ._saved_hooks import wrap_hooks
 from .errors import ArgumentError, ArgumentTypeError
 
 aten = torch.ops.aten
@@ -351,9 +352,6 @@ def _differentiated(outputs, interp) -> list:
     return [i for i, o in enumerate(outputs) if isinstance(o, GradTensor) and o._interp is interp and o.requires_grad]
 
 
-_BYPASS = object()
-
-
 @contextmanager
 def wrapper_backward(shadow):
     """The block differentiates the wrappers of a level that recorded a shadow graph: saved-
@@ -373,27 +371,19 @@ def wrapper_backward(shadow):
 
 
 def shadow_saved_hooks_entry(original, args, kwargs):
-    """Saved-tensor hooks pushed inside a function whose grad/vjp level records a shadow
-    graph (``torch.utils.checkpoint``, ``save_on_cpu``): the hooks get the tensors the
-    wrappers' graph saves, as without the shadow; the plain tensors the shadow graph
-    saves are kept as they are (checkpoint counts the saved tensors of its region and
-    recomputes them per wrapper graph; the shadow's backward then never recomputes). Where the
-    wrappers are differentiated instead (``wrapper_backward``), a recomputation sees the same."""
+    """Saved-tensor hooks pushed while a transform is live on this thread: wrapped
+    (``_saved_hooks.wrap_hooks``: the hook keeps the graphs of the levels below the one
+    that saves). Inside a function whose grad/vjp level records a shadow graph
+    (``torch.utils.checkpoint``, ``save_on_cpu``) the hooks get the tensors the wrappers'
+    graph saves, as without the shadow; the plain tensors the shadow graph saves are kept as
+    they are (checkpoint counts the saved tensors of its region and recomputes them per
+    wrapper graph; the shadow's backward then never recomputes). Where the wrappers are
+    differentiated instead (``wrapper_backward``), a recomputation sees the same."""
     st = _state
-    if not st.shadow_backward and not any(getattr(it, "shadow", None) is not None for it in st.stack):
+    shadow = st.shadow_backward or any(getattr(it, "shadow", None) is not None for it in st.stack)
+    if not (shadow or st.stack) or kwargs or len(args) != 2:
         return original(*args, **kwargs)
-    pack, unpack = args
-
-    def pack_hook(t):
-        if type(t) in _PLAIN:
-            return _BYPASS, _plain_detach(t)
-        return None, pack(t)
-
-    def unpack_hook(packed):
-        tag, value = packed
-        return value if tag is _BYPASS else unpack(value)
-
-    return original(pack_hook, unpack_hook)
+    return original(*wrap_hooks(args[0], args[1], LevelTensor, keep_plain=bool(shadow)))
 
 
 def _check_argnums(argnums, nargs: int, who: str):

@@ -1,0 +1,83 @@
+"""Saved-tensor hooks under transforms: a user's pack hook keeps the graphs of the levels below the one that saves."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._state import _state
+
+_push = torch._C._autograd._push_saved_tensors_default_hooks  # (torch's own: never the patched entry)
+_pop = torch._C._autograd._pop_saved_tensors_default_hooks
+_top = torch._C._autograd._top_saved_tensors_default_hooks
+_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled
+_plain_detach = torch._C.TensorBase.detach
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_BYPASS = object()
+
+
+def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: bool = False):
+    """The (pack, unpack) pair torch is given for a user's saved-tensor hooks while transforms
+    are live.
+
+    torch calls a pack hook under no_grad and, when it unpacks, re-attaches the saved
+    tensor's graph edge itself (so in plain torch whatever the hook computes changes no
+    derivative). Under transforms the tensor a level saves is a wrapper whose inner value
+    carries the graphs of the levels below it, and torch re-attaches only the saving
+    level's edge: the hook's ops (``t.clone()``, ``t.to(dtype)``) must be recorded below
+    it, or higher derivatives through the saved value are 0 (grad(grad(f)) was). So the
+    hook runs with grad mode on where it packs a wrapper.
+
+    The hooks are autograd's side, not the transformed function: while they run
+    (``_state.in_saved_hook``) the entry points that treat the function's own calls
+    (pyfunctorch._entries: a factory or clone belonging to the live levels, a ``detach()``
+    cutting every level) act as torch's: a clone of a plain saved tensor stays plain (it
+    was lifted into the grad level and leaked a wrapper into the plain graph), a detach cuts
+    only the level that saves (as autograd's own detach).
+
+    ``keep_plain``: plain tensors are kept as they are and never given to the hooks (a
+    shadow graph's saved values, see reverse._Shadow)."""
+
+    def pack_hook(t):
+        if keep_plain and type(t) in _PLAIN:
+            return _BYPASS, _plain_detach(t)
+        st = _state
+        st.in_saved_hook += 1
+        try:
+            if isinstance(t, level_type) and not torch.is_grad_enabled():
+                with torch.enable_grad():
+                    return None, pack(t)
+            return None, pack(t)
+        finally:
+            st.in_saved_hook -= 1
+
+    def unpack_hook(packed):
+        tag, value = packed
+        if tag is _BYPASS:
+            return value
+        st = _state
+        st.in_saved_hook += 1
+        try:
+            return unpack(value)
+        finally:
+            st.in_saved_hook -= 1
+
+    pack_hook._pyf_wrapped = True
+    return pack_hook, unpack_hook
+
+
+def wrap_active_hooks(level_type: type) -> bool:
+    """At the outermost transform's entry: saved-tensor hooks pushed before it (around the
+    call) are pushed again, wrapped (``wrap_hooks``), for its duration. True if pushed (then
+    ``_pop`` at its exit)."""
+    if not _hooks_enabled():
+        return False
+    hooks = _top(True)
+    if hooks is None or getattr(hooks[0], "_pyf_wrapped", False):
+        return False
+    _push(*wrap_hooks(hooks[0], hooks[1], level_type))
+    return True
+
+
+pop_hooks = _pop
