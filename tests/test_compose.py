@@ -362,6 +362,57 @@ def test_perturbation_confusion_nontrivial():
     assert_close(pf.jvp(lambda x: pf.jvp(lambda y: torch.sin(x * y), (x,), (ONE,))[1], (x,), (ONE,))[1], want)
 
 
+# vjp_fn runs its backward after the vjp level ended (dead wrappers stand for their inner
+# values). Under two jvp levels those inner values carry the tangents of both, and the inner
+# level's kernel took the outer tangent as its own: jvp over hessian(f, argnums=1) (jacfwd of
+# jacrev, which calls vjp_fn) with an operand from the outer jvp was wrong, primal included
+# (fuzzer seeds 10722, 12905). Oracle: plain torch.autograd.functional (double backward, then
+# its jvp).
+_MIXED = {
+    "x*y": lambda x, y: (x * y).sum(),
+    "x*y*y": lambda x, y: (x * y * y).sum(),
+    "x*exp(y)": lambda x, y: (x * y.exp()).sum(),
+    "tanh(x/(1+y^2))": lambda x, y: torch.tanh(x / (1 + y * y)).mean(),
+    "maximum": lambda x, y: torch.tanh(torch.maximum(x / (1 + y * y), y)).mean() + torch.tanh(y).sum(),
+}
+
+
+def _vjp_fn_under_jvp(L, f):
+    def g(x, y):
+        out, fn = L.vjp(lambda z: f(x, z), y)
+        return fn(torch.ones_like(out))[0]
+
+    return lambda x, y: L.jvp(lambda z: g(x, z), (y,), (torch.ones_like(y),))[1]
+
+
+_SECOND_IN_Y = {
+    "hessian": lambda L, f: L.hessian(f, argnums=1),
+    "jacfwd_jacrev": lambda L, f: L.jacfwd(L.jacrev(f, argnums=1), argnums=1),
+    "jacrev_jacrev": lambda L, f: L.jacrev(L.jacrev(f, argnums=1), argnums=1),
+    "jvp_vjp_fn": _vjp_fn_under_jvp,
+}
+
+
+@pytest.mark.parametrize("y_shape", [(), (2,)])
+@pytest.mark.parametrize("second", list(_SECOND_IN_Y))
+@pytest.mark.parametrize("fname", list(_MIXED))
+def test_jvp_over_second_derivative_with_outer_operand(device, fname, second, y_shape):
+    f = _MIXED[fname]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, generator=g, dtype=DT).to(device)
+    y = torch.randn(y_shape, generator=g, dtype=DT).to(device)
+    t = torch.randn(2, generator=g, dtype=DT).to(device)
+    got = pf.jvp(lambda a: _SECOND_IN_Y[second](pf, f)(a, y), (x,), (t,))
+
+    def h(a):  # the same second derivative in y, by plain autograd
+        H = torch.autograd.functional.hessian(lambda z: f(a, z), y, create_graph=True)
+        # (jvp_vjp_fn: the Hessian times the ones tangent)
+        return H @ torch.ones_like(y) if second == "jvp_vjp_fn" and y.dim() else H
+
+    want = torch.autograd.functional.jvp(h, x, t)
+    assert_close(got, want)
+
+
 @pytest.mark.parametrize("case", ["0-dim", "shape (1,)", "pytree out", "two argnums", "aux", "chunked", "under vmap"])
 def test_jacrev_of_one_output_element_matches_torch_func(case):
     """jacrev with one output element takes one vjp instead of a vmap over a one-row basis

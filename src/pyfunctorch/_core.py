@@ -452,6 +452,13 @@ def _dispatch_with_dead(func, args, kwargs):
         # autograd kernels above this dispatch record what the live levels need)
         return func(*rargs, **rkwargs)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exemplar._interp.exclude):
+        if _state.jvp_depth:
+            # trap 5, as in WrapperInterpreter.process: the inner values of an ended level may
+            # carry the tangents of two jvp levels (vjp_fn under two jvps: the cotangent at the
+            # inner one, a saved operand at the outer one); unlifted, the inner level's kernel
+            # took the outer tangent as its own (jvp(jvp(vjp_fn)), jvp(hessian) were wrong).
+            # (Inside the key guard: with autograd's keys excluded no tangent is visible.)
+            rargs, rkwargs = lift_mixed(rargs, rkwargs)
         if isinstance(exemplar._interp, WrapperInterpreter):
             out = _run_inner(func, rargs, rkwargs, exemplar._interp.level)
         else:
