@@ -1195,6 +1195,10 @@ if pytest is not None:
         Case(shapes=((1, 2, 3),), ops=(('norm', 4),), layers=(Layer(kind='vjp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-2,), in_dims_int=False, out_dim=-1, batch=0), Layer(kind='jvp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=15029, compile=False),
         # reshape(-1) under vmap with an empty batch: -1 from one example's size (torch.func raises)
         Case(shapes=((1,), (1,)), ops=(('reshape', 1),), layers=(Layer(kind='vjp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-1, 0), in_dims_int=False, out_dim=0, batch=0)), dtype='float32', seed=18258, compile=False),
+        # vjp_fn's backward (an ended level) under two jvp levels: the outer tangent taken as the
+        # inner one's (jvp over hessian; torch.func is wrong here too: disagree3, seeds 10722, 12905)
+        Case(shapes=((1, 2), ()), ops=(('div', 0), ('maximum', 6), ('tanh', 7), ('tanh', 7)), layers=(Layer(kind='jvp', argnums=0, has_aux=True, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='hessian', argnums=-1, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=1681, compile=True),
+        Case(shapes=((), ()), ops=(('mul', 4), ('mean', 5), ('add', 2), ('cat', 2)), layers=(Layer(kind='jvp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='hessian', argnums=-1, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=28592, compile=False),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])
