@@ -887,8 +887,10 @@ class Outcome:
 
 BAD_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "limitation",
              "compile_limitation", "internal_error_both", "disagree3")
-# the kinds that fail the CI slice (unless KNOWN); the others are reported by the script
-CI_FAIL_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "fuzzer_error")
+# the kinds that fail the CI slice (unless KNOWN); the others are reported by the script.
+# disagree3 (pyfunctorch, torch.func and the reference all differ) counts: in seeds 0..13999 its
+# only cases were a real pyfunctorch wrong answer where torch.func was wrong too (REGRESSIONS)
+CI_FAIL_KINDS = ("wrong", "internal_error", "compile_wrong", "compile_error", "leak", "fuzzer_error", "disagree3")
 OK_KINDS = ("pass", "pass_tf_error", "pass_tf_differs", "both_error", "unverified", "imprecise", "skip",
             "ref_untrusted")
 
