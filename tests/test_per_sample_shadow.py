@@ -323,30 +323,36 @@ def test_shared_operand_product_gradients(layout, device):
     assert outs[0][2].shape == (B,) + base.shape
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("has_n", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_shared_filter_convolution_gradients(has_n, groups, device):
-    # convolution with filters expanded along the batch (stride 0) that require grad: one
-    # convolution forward, per-example filter gradients (first and second order) as a loop's
+def test_shared_filter_convolution_gradients(has_n, groups, bias, device):
+    # convolution with filters (and a bias) expanded along the batch (stride 0) that require
+    # grad: one convolution forward, the bias inside it, per-example filter and bias gradients
+    # (first and second order) as a loop's
     g = torch.Generator().manual_seed(5)
     x = torch.randn((B, 3, 4, 7, 7) if has_n else (B, 4, 7, 7), generator=g, dtype=DT).to(device).requires_grad_()
     base = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=DT).to(device)
+    bbase = torch.randn(6, generator=g, dtype=DT).to(device)
     from pyfunctorch.batching.convolution import _shared_filters
 
     outs = []
     for shared in (True, False):
         leaf = base.expand((B,) + base.shape).detach().requires_grad_()
+        bleaf = bbase.expand((B,) + bbase.shape).detach().requires_grad_() if bias else None
+        wrt = (x, leaf) + ((bleaf,) if bias else ())
         rest = ([1, 1], [1, 0], [1, 1], False, [0, 0])
         if shared:
-            out = _shared_filters(x, leaf, rest, groups, has_n)
+            out = _shared_filters(x, leaf, bleaf, rest, groups, has_n)
         else:
             conv = torch.ops.aten.convolution.default
-            out = torch.stack([conv(x[i], leaf[i], None, *rest, groups) if has_n else
-                               conv(x[i].unsqueeze(0), leaf[i], None, *rest, groups)[0] for i in range(B)])
-        first = torch.autograd.grad(out.sin().sum(), (x, leaf), retain_graph=True)  # (the fast backward)
-        gx, gw = torch.autograd.grad(out.sin().sum(), (x, leaf), create_graph=True)
-        second = torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, leaf))
-        outs.append((out, gx, gw, second, first))
+            bi = (lambda i: bleaf[i]) if bias else (lambda i: None)
+            out = torch.stack([conv(x[i], leaf[i], bi(i), *rest, groups) if has_n else
+                               conv(x[i].unsqueeze(0), leaf[i], bi(i), *rest, groups)[0] for i in range(B)])
+        first = torch.autograd.grad(out.sin().sum(), wrt, retain_graph=True)  # (the fast backward)
+        grads = torch.autograd.grad(out.sin().sum(), wrt, create_graph=True)
+        second = torch.autograd.grad(sum(gr.square().sum() for gr in grads), wrt)
+        outs.append((out, grads, second, first))
     assert_close(outs[0], outs[1])
 
 

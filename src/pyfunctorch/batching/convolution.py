@@ -138,16 +138,18 @@ def circular_pad_entry(original, args, kwargs):
 
 class _SharedFilters(torch.autograd.Function):
     """A convolution of a physical batch ``x`` (batch in front) with filters ``w`` (B, O, C/g,
-    *K) whose examples are one filter bank (batch stride 0): the forward is one convolution
-    with the batch in N, as for unbatched filters; the filters' gradient is per example (B
-    groups, as for per-example filters), the input's one convolution again."""
+    *K) whose examples are one filter bank (batch stride 0), and a bias ``b`` (B, O) shared the
+    same way or None: the forward is one convolution with the batch in N (the bias inside it),
+    as for unbatched filters; the filters' and the bias's gradients are per example (B groups,
+    as for per-example filters; the output gradient summed per example), the input's one
+    convolution again."""
 
     @staticmethod
-    def forward(ctx, x, w, rest, groups, has_n):
+    def forward(ctx, x, w, b, rest, groups, has_n):
         ctx.save_for_backward(x, w)
         ctx.rest, ctx.groups, ctx.has_n = rest, groups, has_n
         xf = x.flatten(0, 1) if has_n else x
-        out = aten.convolution.default(xf, w[0], None, *rest, groups)
+        out = aten.convolution.default(xf, w[0], None if b is None else b[0], *rest, groups)
         return out.reshape(x.shape[:2] + out.shape[1:]) if has_n else out
 
     @staticmethod
@@ -155,7 +157,9 @@ class _SharedFilters(torch.autograd.Function):
         x, w = ctx.saved_tensors
         rest, groups, has_n = ctx.rest, ctx.groups, ctx.has_n
         B = w.shape[0]
-        need_x, need_w = ctx.needs_input_grad[:2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # each example's bias gradient: its output gradient summed over N and the spatial dims
+        gb = g.sum([1] + list(range(3, g.dim())) if has_n else list(range(2, g.dim()))) if need_b else None
 
         def per_example_filters(mask):  # (B groups: the convolution_backward rule's per-example filters)
             gi, gw, _ = aten.convolution_backward.default(
@@ -165,7 +169,7 @@ class _SharedFilters(torch.autograd.Function):
             return gi, None if gw is None else gw.reshape(w.shape)
 
         if torch.is_grad_enabled():  # (a graph recorded: through the per-example filters throughout)
-            return (*per_example_filters([need_x, need_w]), None, None, None)
+            return (*per_example_filters([need_x, need_w]), gb, None, None, None)
         gi = gw = None
         if need_x:
             gf, xf = (g.flatten(0, 1), x.flatten(0, 1)) if has_n else (g, x)
@@ -173,7 +177,7 @@ class _SharedFilters(torch.autograd.Function):
             gi = gi.reshape(x.shape)
         if need_w:
             gw = per_example_filters([False, True])[1]
-        return gi, gw, None, None, None
+        return gi, gw, gb, None, None, None
 
 
 _shared_filters = plain_apply(_SharedFilters)
@@ -190,11 +194,11 @@ def convolution(op, args, kwargs, dims):
     if wd is not None and not transposed and type(x) is torch.Tensor and shared_by_examples(w):
         # filters shared by every example, differentiated per example (per-sample gradients:
         # reverse._Shadow expands them along the batch)
-        out = _shared_filters(materialize(x, xd, B), w, rest, groups, has_n)
-        if bias is not None:
-            bias = materialize(bias, bd, B)
-            out = out + bias.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k)
-        return out, 0
+        b = None if bias is None else materialize(bias, bd, B)
+        if b is not None and not shared_by_examples(b):  # (a per-example or constant bias: added after)
+            out = _shared_filters(materialize(x, xd, B), w, None, rest, groups, has_n)
+            return out + b.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k), 0
+        return _shared_filters(materialize(x, xd, B), w, b, rest, groups, has_n), 0
     if wd is None:
         # shared filters: the batch joins N; a batched bias is added afterwards
         if xd is None:
