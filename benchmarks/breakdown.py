@@ -382,7 +382,17 @@ def markdown(rows, patch_us, info) -> str:
         "~1.2 µs per op) with provenance for 'created inside the function'. The same holds for per-sample "
         "gradients without the grad level's wrappers (vmap(grad) 27.7 -> 11.4 µs per op emulated; torch.func "
         "11.7), where the inputs would also read `requires_grad=False` inside the function (checkpoint, "
-        "fast-path gates in nn modules read it).",
+        "fast-path gates in nn modules read it). Measured on the whole W1 rows with a prototype (no grad level at all "
+        "for `vmap(grad(f))`: the function runs on the vmap level's wrappers of the physical aliases, plain "
+        "`autograd.grad` of the physical graph; none of the checks above; paired in the suite's harness in one "
+        "process against the current path): MLP B=64 1.22x -> 1.07x torch.func, CNN B=64 1.21x -> 1.12x, "
+        "transformer B=32 1.27x -> 1.10x, but MLP B=256 0.99x -> 1.08x (the 100 MB per-example result outlived "
+        "the call in the prototype and was allocated fresh each time). So even without the grad level's "
+        "wrappers no W1 row reaches 1.05x: what is left is the vmap level's own Python dispatch per op and the "
+        "fixed cost per call (vmap(grad) of a one-op function over a 4-tensor params dict: 274 µs against "
+        "torch.func's 186; keeping torch's patched entry points installed saves ~35 µs of it, of which ~20 come "
+        "from the `torch.Tensor` attributes: their swap invalidates the attribute caches of every tensor "
+        "class).",
         "- Also measured for W1 (MLP, per-example weight gradients are outer products, a (B, 128, 784) result): "
         "the product as a broadcast `mul` instead of `bmm` is ~0.2x torch.func faster at B <= 128 and ~0.15-0.2x "
         "slower at B=256 with 4 KB pages, and ~0.05-0.1x faster at both sizes with huge pages (paired); not adopted "
