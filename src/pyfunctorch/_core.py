@@ -699,11 +699,18 @@ def zero_tangents_for_constants(args):
     n = dual.numel()
     new = None
     for i, a in enumerate(args):
-        if type(a) is torch.Tensor and a.numel() <= n and a.is_floating_point() and a.device == dual.device:
+        if type(a) is torch.Tensor and a.numel() <= n and a.is_floating_point() and a.device == dual.device \
+                and _has_internal_overlap(a) == 0:
+            # (an expanded constant -- a sum's backward broadcasts its gradient -- cannot be a
+            # dual's primal: torch copies the tangent into the primal's overlapping layout and
+            # raises; torch's own efficient zero then: hessian(hessian(log_softmax(x).sum())))
             if new is None:
                 new = list(args)
             new[i] = _fwAD.make_dual(top.lift(a), aten.zeros_like.default(a))
     return args if new is None else tuple(new)
+
+
+_has_internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes, 2: too hard to tell
 
 
 #: aten ops linear in each tensor operand (their forward-AD formula: ``a_t @ b + a @ b_t``)
