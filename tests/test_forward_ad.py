@@ -673,3 +673,33 @@ def test_fourth_derivative_of_a_one_element_two_norm_in_float32(norm):
     got = pf.hessian(pf.hessian(norm))(x)
     assert got.dtype == torch.float32
     assert_close(got.double(), d4(x.double()), rtol=1e-3, atol=1e-3)
+
+
+# -- an expanded primal -------------------------------------------------------------------
+# A primal with several elements at one memory location (``bias.expand(B, n)``) cannot carry a
+# tangent in torch's forward AD (the tangent is copied into the primal's layout: "more than one
+# element of the written-to tensor refers to a single memory location"; torch.func raises it).
+# jvp takes the same values, one element each. Oracle: torch.func on the contiguous copy.
+
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian", "jvp_grad", "linearize"])
+def test_expanded_primal(transform):
+    base = _t(3, 1)
+    p, t = base.expand(3, 4), _t(3, 4, seed=1)
+    f = lambda a: (a.sin() * a).sum(0)  # noqa: E731
+    g = lambda a: f(a).sum()  # noqa: E731
+    calls = {
+        "jvp": lambda L, x: L.jvp(f, (x,), (t,)),
+        "jacfwd": lambda L, x: L.jacfwd(f)(x),
+        "hessian": lambda L, x: L.hessian(g)(x),
+        "jvp_grad": lambda L, x: L.jvp(L.grad(g), (x,), (t,)),
+        "linearize": lambda L, x: L.linearize(f, x)[1](t),
+    }
+    assert_close(calls[transform](pf, p), calls[transform](tf, p.contiguous()))
+
+
+def test_expanded_primal_keeps_the_graph_to_its_base():
+    base = _t(3, 1).requires_grad_()
+    t = _t(3, 4, seed=1)
+    _, tangent = pf.jvp(lambda a: (a * a).sum(), (base.expand(3, 4),), (t,))
+    (g,) = torch.autograd.grad(tangent, base)
+    assert_close(g, (2 * t).sum(1, keepdim=True))

@@ -275,6 +275,11 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
         interp.plain_tangents = not nested  # (see _core.zero_tangents_for_constants)
         duals = []
         for p, t in zip(p_flat, t_flat):
+            if type(p) is torch.Tensor and _core._has_internal_overlap(p) == 1:
+                # an expanded primal (several elements at one memory location) cannot carry a
+                # tangent: torch copies the tangent into the primal's layout and raises (so does
+                # torch.func); the same values, one element each, can
+                p = p.contiguous()
             p = lift(p, lvl)
             t = lift(_batched_like(t, p), lvl)
             duals.append(fwAD.make_dual(JvpTensor(p, interp), JvpTensor(t, interp) if nested else t))
