@@ -39,29 +39,56 @@ def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: b
     ``keep_plain``: plain tensors are kept as they are and never given to the hooks (a
     shadow graph's saved values, see reverse._Shadow)."""
 
+    # torch's own hooks (checkpoint's unpack hook re-runs the user's function, whose factories and
+    # detach must act as in its first run; save_on_cpu's ops are torch's anyway) set no flag
+    flag = 0 if getattr(pack, "__module__", "").startswith("torch.") else 1
+
     def pack_hook(t):
         if keep_plain and type(t) in _PLAIN:
             return _BYPASS, _plain_detach(t)
         st = _state
-        st.in_saved_hook += 1
+        st.in_saved_hook += flag
+        interp = t._interp if isinstance(t, level_type) else None
         try:
-            if isinstance(t, level_type) and not torch.is_grad_enabled():
+            if interp is not None and not torch.is_grad_enabled():
                 with torch.enable_grad():
-                    return None, pack(t)
-            return None, pack(t)
+                    return interp, pack(t)
+            return interp, pack(t)
         finally:
-            st.in_saved_hook -= 1
+            st.in_saved_hook -= flag
 
     def unpack_hook(packed):
-        tag, value = packed
-        if tag is _BYPASS:
+        interp, value = packed
+        if interp is _BYPASS:
             return value
+        # The hook runs where the tensor was saved: the levels made after its level are not
+        # current, and a grad level that has ended (vjp_fn) is current again for the call.
+        # Checkpoint's unpack hook re-runs the function, whose factories must belong to the
+        # same levels as in its first run: with the level ended they did not, the recomputed
+        # graph saved other tensors than the first, and checkpoint paired them by position
+        # (jvp of vjp_fn, hessian through a checkpointed function that fills a buffer: wrong).
+        level = 0 if interp is None else interp.level
         st = _state
-        st.in_saved_hook += 1
+        stack = st.stack
+        saved = None
+        if stack and stack[-1].level > level:
+            saved = list(stack)
+            stack[:] = [it for it in saved if it.level <= level]
+        revive = interp is not None and not interp.alive and interp.kind == "grad"
+        if revive:
+            if saved is None:
+                saved = list(stack)
+            stack.append(interp)
+            interp.alive = True
+        st.in_saved_hook += flag
         try:
             return unpack(value)
         finally:
-            st.in_saved_hook -= 1
+            st.in_saved_hook -= flag
+            if revive:
+                interp.alive = False
+            if saved is not None:
+                stack[:] = saved
 
     pack_hook._pyf_wrapped = True
     return pack_hook, unpack_hook
