@@ -1,4 +1,4 @@
-"""Saved-tensor hooks under transforms: a user's pack hook keeps the graphs of the levels below the one that saves."""
+"""Saved-tensor hooks under transforms: they run where the tensor was saved and keep the graphs of the levels below it."""
 
 from __future__ import annotations
 

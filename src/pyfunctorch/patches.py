@@ -27,7 +27,7 @@ from .batching.linalg import matrix_rank_entry
 from .batching.normalization import batch_norm_module_entry
 from .batching.recurrent import rnn_entry
 from ._nested_decomp import vector_norm_entry
-from .reverse import shadow_saved_hooks_entry
+from .reverse import saved_hooks_entry
 from .custom_function.entry import _APPLY_FN, _ENTRY_CODE
 
 
@@ -90,10 +90,11 @@ PATCHES: tuple[Patch, ...] = (
           "circular padding of a batched input is a C++ composite whose rank check counts the batch dim"),
     Patch(torch.nn.modules.batchnorm._BatchNorm, ("forward",), batch_norm_module_entry,
           "running statistics shared by the whole batch (num_batches_tracked counts vmap calls as the loop does)"),
-    Patch(torch._C._autograd, ("_push_saved_tensors_default_hooks",), shadow_saved_hooks_entry,
-          "saved-tensor hooks (checkpoint) pushed where a grad level records a shadow graph (reverse._Shadow) "
-          "apply to the wrappers' graph only (also while such a level's wrappers are differentiated "
-          "after it ended: checkpoint's recomputation)", every_thread=True),
+    Patch(torch._C._autograd, ("_push_saved_tensors_default_hooks",), saved_hooks_entry,
+          "saved-tensor hooks (checkpoint, save_on_cpu, a user's) pushed while a transform is live run where "
+          "the tensor was saved and keep the lower levels' graphs (_saved_hooks); where a grad level records a "
+          "shadow graph (reverse._Shadow) they apply to the wrappers' graph only (also while such a level's "
+          "wrappers are differentiated after it ended: checkpoint's recomputation)", every_thread=True),
     Patch(torch._VF, _RNNS, rnn_entry, "RNN kernels take flat weights in C++: the batch is folded into the RNN's own"),
 )
 

@@ -356,7 +356,7 @@ def _differentiated(outputs, interp) -> list:
 def wrapper_backward(shadow):
     """The block differentiates the wrappers of a level that recorded a shadow graph: saved-
     tensor hooks pushed in it (checkpoint's recomputation) skip plain tensors as the
-    forward pass's did (see shadow_saved_hooks_entry)."""
+    forward pass's did (see saved_hooks_entry)."""
     if shadow is None:
         yield
         return
@@ -370,7 +370,7 @@ def wrapper_backward(shadow):
         st.shadow_backward -= 1
 
 
-def shadow_saved_hooks_entry(original, args, kwargs):
+def saved_hooks_entry(original, args, kwargs):
     """Saved-tensor hooks pushed while a transform is live on this thread: wrapped
     (``_saved_hooks.wrap_hooks``: the hook keeps the graphs of the levels below the one
     that saves). Inside a function whose grad/vjp level records a shadow graph
