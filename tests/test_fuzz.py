@@ -1226,6 +1226,8 @@ if pytest is not None:
         # inner one's (jvp over hessian; torch.func is wrong here too: disagree3, seeds 10722, 12905)
         Case(shapes=((1, 2), ()), ops=(('div', 0), ('maximum', 6), ('tanh', 7), ('tanh', 7)), layers=(Layer(kind='jvp', argnums=0, has_aux=True, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='hessian', argnums=-1, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=1681, compile=True),
         Case(shapes=((), ()), ops=(('mul', 4), ('mean', 5), ('add', 2), ('cat', 2)), layers=(Layer(kind='jvp', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='hessian', argnums=-1, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2)), dtype='float64', seed=28592, compile=False),
+        # a reduction's expanded gradient given an explicit zero tangent (an overlapping dual primal, seed 35303)
+        Case(shapes=((1, 3, 1),), ops=(('log_softmax', 5), ('sum', 4)), layers=(Layer(kind='hessian', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='hessian', argnums=0, has_aux=False, in_dims=(0,), in_dims_int=False, out_dim=0, batch=2), Layer(kind='vmap', argnums=0, has_aux=False, in_dims=(-1,), in_dims_int=False, out_dim=0, batch=1)), dtype='float32', seed=2123, compile=True),
     ]
 
     @pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: describe(c)[:60])
