@@ -1052,3 +1052,34 @@ def test_custom_op_with_vmap_and_autograd_under_vmap_grad():
     # (torch.func raises here: grad over a torch.library op's autograd kernel)
     loop = torch.stack([_loop_grad(lambda x: np_sin(x).pow(2).sum(), x) for x in X])
     assert_close(got, loop)
+
+
+# jvp over a second derivative whose reverse part ran after its vjp level ended (jacfwd of
+# jacrev, vjp_fn): the Function's backward ran on inner values carrying the tangents of two jvp
+# levels without lifting them, and the inner level took the outer tangent as its own (the
+# hessian itself came out wrong). Oracle: torch.func with the same Function.
+@pytest.mark.parametrize("comp", ["hessian", "jacfwd_jacrev", "jvp_vjp_fn"])
+def test_jvp_over_second_derivative_of_a_function_with_an_outer_operand(comp):
+    x = torch.tensor([0.3, -0.7, 1.2], dtype=torch.float64)
+    y = torch.tensor([0.5, 0.1, -0.4], dtype=torch.float64)
+    t = torch.ones_like(x)
+    f = lambda a, b: (MyExp.apply(a * b) * a.sin()).sum()  # noqa: E731
+
+    def second_in_y(L):
+        if comp == "hessian":
+            return L.hessian(f, argnums=1)
+        if comp == "jacfwd_jacrev":
+            return L.jacfwd(L.jacrev(f, argnums=1), argnums=1)
+
+        def g(a, b):
+            def grad_y(z):  # vjp_fn called after its vjp returned
+                out, fn = L.vjp(lambda w: f(a, w), z)
+                return fn(torch.ones_like(out))[0]
+
+            return L.jvp(grad_y, (b,), (t,))[1]
+
+        return g
+
+    got = pf.jvp(lambda a: second_in_y(pf)(a, y), (x,), (t,))
+    want = tf.jvp(lambda a: second_in_y(tf)(a, y), (x,), (t,))
+    assert_close(got, want)
