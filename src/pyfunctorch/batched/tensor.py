@@ -9,6 +9,7 @@ import torch
 
 from .. import _core
 from .._core import Interpreter, LevelTensor, _state
+from ..batching._registry import example_strides
 from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
 
@@ -83,7 +84,7 @@ class BatchedTensor(LevelTensor):
             if r is not None:
                 return r
         shape, stride = value.shape, value.stride()
-        shape, stride = shape[:bdim] + shape[bdim + 1:], stride[:bdim] + stride[bdim + 1:]
+        shape, stride = shape[:bdim] + shape[bdim + 1:], example_strides(shape, stride, bdim)
         r = torch.Tensor._make_wrapper_subclass(
             cls,
             shape,
