@@ -652,33 +652,3 @@ def test_empty_batch_through_rules_that_flatten_examples():
     table = torch.randn(0, 4, 5)
     assert pf.vmap(F.embedding)(idx, table).shape == (0, 2, 5)
     assert pf.vmap(lambda a, i: a.gather(0, i))(torch.randn(0, 4), idx).shape == (0, 2)
-
-
-# An empty batch in a middle dim: a physical value's strides may be products over the 0-size dim
-# (as ops compute them: (1, 2, 0, 2) with strides (0, 0, 2, 1)), so the strides without the batch
-# dim may be 0 on dims of size > 1 -- an overlapping per-example layout that no example has. The
-# wrapper takes the example's contiguous strides then (and forward AD's tangent allocator the
-# same), so in-place writes and copies into tensors allocated like it work (fuzzer seed 69815).
-@pytest.mark.parametrize("in_dim", [1, 2])
-def test_empty_batch_wrappers_have_a_non_overlapping_layout(in_dim):
-    shape = [1, 2, 2]
-    shape.insert(in_dim, 0)
-    stride = [0, 0, 2, 1] if in_dim == 2 else [0, 2, 2, 1]
-    x = torch.empty_strided(shape, stride, dtype=torch.float64)
-    seen = []
-
-    def f(a):
-        seen.append((tuple(a.shape), a.stride()))
-        z = a.clone()
-        z[..., 0].mul_(2)
-        buf = torch.empty_like(a)
-        buf.copy_(z)
-        return buf
-
-    out = pf.vmap(f, in_dims=in_dim)(x)
-    assert out.shape == (0, 1, 2, 2)
-    (ex_shape, ex_stride), = seen
-    assert ex_shape == (1, 2, 2)
-    assert all(s != 0 for n, s in zip(ex_shape, ex_stride) if n > 1), ex_stride
-    g = pf.vmap(pf.grad(lambda a: (f(a) * a).sum()), in_dims=in_dim)(x)
-    assert g.shape == (0, 1, 2, 2)

@@ -9,7 +9,6 @@ import torch
 
 from .. import _core
 from .._core import Interpreter, LevelTensor, _state
-from ..batching._registry import example_strides
 from ..batching.pointwise import USER_POINTWISE
 from ..errors import data_dependent
 
@@ -84,7 +83,7 @@ class BatchedTensor(LevelTensor):
             if r is not None:
                 return r
         shape, stride = value.shape, value.stride()
-        shape, stride = shape[:bdim] + shape[bdim + 1:], example_strides(shape, stride, bdim)
+        shape, stride = shape[:bdim] + shape[bdim + 1:], stride[:bdim] + stride[bdim + 1:]
         r = torch.Tensor._make_wrapper_subclass(
             cls,
             shape,

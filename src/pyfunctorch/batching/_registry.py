@@ -67,25 +67,6 @@ def plain_apply(function_class) -> Callable:
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, function_class)
 
 
-def example_strides(shape: Sequence[int], stride: Sequence[int], bdim: int) -> tuple:
-    """The per-example strides of a physical value of ``shape``/``stride`` batched in ``bdim``: its
-    strides without the batch dim. With an empty batch those are products over the 0-size dim and
-    may be 0 on dims of size > 1 -- an overlapping layout that no example has (a ``copy_`` into a
-    tensor allocated like it raised torch's internal-overlap error); the contiguous strides of the
-    example's shape then (the wrappers' constructor and forward AD's tangent allocator agree)."""
-    st = tuple(stride[:bdim]) + tuple(stride[bdim + 1:])
-    if shape[bdim] != 0:
-        return st
-    sh = tuple(shape[:bdim]) + tuple(shape[bdim + 1:])
-    if all(s != 0 or n <= 1 for n, s in zip(sh, st)):
-        return st
-    out, acc = [], 1
-    for n in reversed(sh):
-        out.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(out))
-
-
 def shared_by_examples(t) -> bool:
     """A plain physical operand whose examples are one tensor (batch stride 0) and that autograd
     differentiates: an input a grad level inside vmap differentiates per example (reverse._Shadow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import batch_rule, batch_size_of, example_strides, materialize
+from ._registry import batch_rule, batch_size_of, materialize
 
 aten = torch.ops.aten
 
@@ -39,5 +39,5 @@ def new_zeros_with_same_feature_meta(op, args, kwargs, dims):
     feature = other  # per-example strides:
     if dims[1] is not None:
         feature = other.select(0, 0) if B else torch.empty_strided(  # (an empty batch has no example 0)
-            other.shape[1:], example_strides(other.shape, other.stride(), 0), dtype=other.dtype, device=other.device)
+            other.shape[1:], other.stride()[1:], dtype=other.dtype, device=other.device)
     return op(materialize(self_, dims[0], B), feature, self_num_batch_dims=n + 1), 0
