@@ -678,6 +678,9 @@ def lift_mixed(args, kwargs):
 ADDITIVE = _OpSet(dict.fromkeys((aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)), "_pyf_additive")
 
 
+_has_internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes, 2: too hard to tell
+
+
 def zero_tangents_for_constants(args):
     """Speed, forward AD: ``x + b`` with a dual ``x`` and a constant ``b`` (a bias) makes torch's
     formula add an efficient zero tensor for ``b``'s missing tangent, whose add computes its
@@ -708,9 +711,6 @@ def zero_tangents_for_constants(args):
                 new = list(args)
             new[i] = _fwAD.make_dual(top.lift(a), aten.zeros_like.default(a))
     return args if new is None else tuple(new)
-
-
-_has_internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes, 2: too hard to tell
 
 
 #: aten ops linear in each tensor operand (their forward-AD formula: ``a_t @ b + a @ b_t``)

@@ -183,6 +183,11 @@ class _SharedFilters(torch.autograd.Function):
 _shared_filters = plain_apply(_SharedFilters)
 
 
+def _plus_example_bias(out, bias, has_n: bool, k: int):
+    """``out`` (B, [N,] O, *spatial) plus each example's bias ``bias`` (B, O)."""
+    return out + bias.reshape((bias.shape[0],) + (1,) * int(has_n) + (-1,) + (1,) * k)
+
+
 @batch_rule(aten.convolution.default)
 def convolution(op, args, kwargs, dims):
     x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
@@ -197,7 +202,7 @@ def convolution(op, args, kwargs, dims):
         b = None if bias is None else materialize(bias, bd, B)
         if b is not None and not shared_by_examples(b):  # (a per-example or constant bias: added after)
             out = _shared_filters(materialize(x, xd, B), w, None, rest, groups, has_n)
-            return out + b.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k), 0
+            return _plus_example_bias(out, b, has_n, k), 0
         return _shared_filters(materialize(x, xd, B), w, b, rest, groups, has_n), 0
     if wd is None:
         # shared filters: the batch joins N; a batched bias is added afterwards
@@ -209,7 +214,7 @@ def convolution(op, args, kwargs, dims):
         else:
             out = op(x, w, bias if bd is None else None, *rest, groups)
         if bd is not None:
-            out = out + bias.reshape((B,) + (1,) * int(has_n) + (-1,) + (1,) * k)
+            out = _plus_example_bias(out, bias, has_n, k)
         return out, 0
     # per-example filters (model ensembling): B*groups groups over B*C input channels.
     # Weight (B, O, C/g, *K) -> (B*O, C/g, *K); transposed (B, C, O/g, *K) -> (B*C, O/g, *K):
