@@ -391,6 +391,55 @@ def test_empty_batch_matches_the_loop_shape(name, f, shape):
     assert out.shape == (0,) + one.shape and out.dtype == one.dtype
 
 
+def _jvp_of_jacfwd(x, y):
+    f = lambda a, b: (b - a) + torch.tanh(b).mean()  # noqa: E731
+    return pf.jvp(lambda a, b: pf.jacfwd(f, argnums=1)(a, b), (x, y), (torch.ones_like(x), torch.ones_like(y)))
+
+
+def _grad_of_vjp_fn(x, y):
+    def f(a, b):
+        c = (a @ torch.ones(2, 2, dtype=a.dtype)).clone()
+        c[..., 0].mul_(2)  # a write into a view of a per-example buffer
+        return c + torch.tanh(b).mean()
+
+    def g(a, b):
+        out, fn = pf.vjp(f, a, b)
+        return fn(torch.ones_like(out))[0].sum()
+
+    return pf.grad(g)(x, y)
+
+
+@pytest.mark.parametrize("f,shapes", [(_jvp_of_jacfwd, ((1, 3), (1, 3))), (_grad_of_vjp_fn, ((1, 2, 2), (1,)))],
+                         ids=["jvp_jacfwd", "grad_vjp_fn"])
+@pytest.mark.parametrize("bdim", [0, 1, -2, -1])
+def test_empty_batch_in_any_dim(device, f, shapes, bdim):
+    """An empty batch in any position of the input: the physical value's strides are whatever its
+    maker chose (no element constrains them), and torch's forward AD asserted on views of it
+    ("the tangent [must] have the same layout as primal"), copy_ refused it as overlapping
+    (fuzzer seeds 306944, 69815; torch.func raises both). The result is the loop's: an empty stack
+    of one example's result, and plain autograd through it reaches the input."""
+    x1 = torch.randn(shapes[0], dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(shapes[1], dtype=torch.float64, device=device)
+    ones = f(x1, y)
+    ones = ones if isinstance(ones, tuple) else (ones,)
+    x = x1.detach().unsqueeze(bdim).narrow(bdim, 0, 0).requires_grad_()  # (a view's strides)
+    outs = vmap(f, in_dims=(bdim, None))(x, y)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert [o.shape for o in outs] == [(0,) + o.shape for o in ones]
+    assert [(o.dtype, o.device, o.requires_grad) for o in outs] == [(e.dtype, e.device, e.requires_grad) for e in ones]
+    if any(o.requires_grad for o in outs):
+        (g,) = torch.autograd.grad(sum(o.sum() for o in outs if o.requires_grad), x)
+        assert g.shape == x.shape
+
+
+def test_empty_batch_of_a_transposed_input():
+    """An empty input whose strides are a transpose's (in front): the same layouts as above."""
+    x = torch.randn(3, 0, dtype=torch.float64).t()
+    y = torch.randn(1, 3, dtype=torch.float64)
+    out = vmap(_jvp_of_jacfwd, in_dims=(0, None))(x.unsqueeze(1), y)
+    assert [o.shape for o in out] == [(0, 1, 3, 1, 3)] * 2
+
+
 @pytest.mark.parametrize("randomness", ["different", "same"])
 def test_empty_batch_random_ops(randomness):
     x = torch.randn(0, 3)

@@ -157,6 +157,19 @@ def _rebuild_args(leaves, args_spec, flat_in, orig_args):
     return args
 
 
+def _empty_batch_layout(x, d, B):
+    """An input's physical value and batch dim. With an empty batch (B = 0) the value holds no
+    element, so its strides can be anything its maker chose (a batch dim in the middle, a
+    transposed empty tensor), and the per-example layouts derived from them claim overlaps and
+    orders no example has; torch's forward AD then asserts on views of such values (its tangents
+    are laid out anew) and ``copy_`` refuses them as overlapping. The value is taken as a fresh
+    copy with the batch dim in front and the standard strides: nothing to copy, the graph to
+    the input kept (fuzzer seeds 69815, 306944)."""
+    if B:
+        return x, d
+    return x.movedim(d, 0).clone(memory_format=torch.contiguous_format), 0
+
+
 def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, strict=False, rng=None, offset=0,
                orig_args=None):
     # inference tensors (made under torch.inference_mode) have no version counter
@@ -164,7 +177,8 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
     interp = _new_level(B, randomness, rng, offset)
     try:
         with push_interpreter(interp):
-            batched = [x if d is None else BatchedTensor(x, d, interp) for x, d in zip(flat_args, flat_in)]
+            batched = [x if d is None else BatchedTensor(*_empty_batch_layout(x, d, B), interp)
+                       for x, d in zip(flat_args, flat_in)]
             out = func(*_rebuild_args(batched, args_spec, flat_in, orig_args), **kwargs)
             flat_out, out_spec = tree_flatten(out)
             flat_out = [_core._resolve_dead(o) for o in flat_out]
