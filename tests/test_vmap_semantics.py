@@ -432,6 +432,31 @@ def test_empty_batch_in_any_dim(device, f, shapes, bdim):
         assert g.shape == x.shape
 
 
+@pytest.mark.parametrize("f", [
+    lambda x, y: y * y + torch.tanh(x).mean(),
+    lambda x, y: torch.stack([y * y, y], 2) + torch.tanh(x).mean(),
+    lambda x, y: (y * x).permute(2, 0, 1).reshape(2, 3) + x.sum(),
+], ids=["mul", "stack", "permute_reshape"])
+@pytest.mark.parametrize("bdim", [0, 2])
+@pytest.mark.parametrize("B", [0, 2])
+def test_views_of_an_empty_batch_under_an_outer_jvp(device, f, bdim, B):
+    """jvp around vmap around jacfwd: forward AD takes tangents of the vmap level's wrappers by
+    the same views of unbatched tangents, so a view's wrapper must have the layout the view gives
+    one example. torch lays out a view of a value with no element afresh: with an empty batch
+    that layout differed and torch asserted (fuzzer seed 22145; torch.func computes these)."""
+    x = torch.randn(3, 1, 2, dtype=torch.float64, device=device)
+    shape = [3, 1, 2]
+    shape.insert(bdim, B)
+    y = torch.randn(shape, dtype=torch.float64, device=device)
+
+    def call(ns):
+        inner = lambda a, b: ns.jacfwd(f, argnums=(1, 0))(a, b)  # noqa: E731
+        return ns.jvp(lambda a, b: ns.vmap(inner, in_dims=(None, bdim))(a, b), (x, y),
+                      (torch.ones_like(x), torch.ones_like(y)))
+
+    torch.testing.assert_close(call(pf), call(torch.func))
+
+
 def test_empty_batch_of_a_transposed_input():
     """An empty input whose strides are a transpose's (in front): the same layouts as above."""
     x = torch.randn(3, 0, dtype=torch.float64).t()

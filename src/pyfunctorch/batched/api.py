@@ -205,6 +205,17 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
             ) from None
         _warn_per_example(signal)
         return _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, interp.rng_base, offset)
+    except RuntimeError as e:
+        if B == 0 and "INTERNAL ASSERT FAILED" in str(e):
+            # torch's own consistency checks on tensors with no element (forward AD's view
+            # layouts, fuzzer seed 22145; torch.func fails the same way): say what happened
+            raise RuntimeError(
+                f"vmap({_name(func)}): the batch is empty (batch size 0) and torch failed an internal "
+                f"check on the empty values ({str(e).splitlines()[0][:200]}). An empty batch has nothing "
+                "to compute: skip the call when the batch size is 0 (the results are empty tensors of "
+                "the per-example shapes with a batch dim of size 0)."
+            ) from e
+        raise
 
 
 _WARNED_SITES: set = set()

@@ -107,6 +107,22 @@ def invalidate_op_cache() -> None:
         op.__dict__.pop("_pyf_vmap", None)
 
 
+def _restride_like(out, one, interp):
+    """``out`` (results of a view on an empty batch) with each physical value restrided as the
+    same result ``one`` of a batch of one example has it (see ``VmapInterpreter._dispatch_empty_batch``)."""
+    if isinstance(out, BatchedTensor) and out._interp is interp:
+        if not (isinstance(one, BatchedTensor) and one._bdim == out._bdim and one._value.dim() == out._value.dim()):
+            return out
+        v, stride = out._value, one._value.stride()
+        if v.stride() == stride:
+            return out
+        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), interp.exclude):
+            return BatchedTensor(v.as_strided(v.shape, stride, v.storage_offset()), out._bdim, interp)
+    if isinstance(out, (list, tuple)) and isinstance(one, (list, tuple)) and len(out) == len(one):
+        return type(out)(_restride_like(o, m, interp) for o, m in zip(out, one))
+    return out
+
+
 class _GiveUp(Exception):
     pass
 
@@ -127,6 +143,8 @@ class VmapInterpreter(Interpreter):
         # The outermost level sees only plain tensors: its rules can skip the key
         # guard unless autograd must record on them (see dispatch).
         self.bottom = not _core._state.stack
+        if not batch_size:
+            self.dispatch = self._dispatch_empty_batch  # type: ignore[method-assign]
 
     def dispatch(self, func, args, kwargs):
         if self.grad_shadow is not None and not physically_differentiable(func):
@@ -160,6 +178,53 @@ class VmapInterpreter(Interpreter):
                 if out is not NotImplemented:
                     return out
             raise
+
+    def _dispatch_empty_batch(self, func, args, kwargs):
+        """``dispatch`` at a level with an empty batch (B = 0; the instance's ``dispatch``). A view
+        op: torch lays out a view of a tensor with no element afresh (contiguous strides), not as
+        the view of a non-empty one, so the per-example layout read off the result would differ
+        from what the op gives one example -- and from a tangent that torch's forward AD takes on
+        these wrappers by the same view of an unbatched tangent ("the tangent [must] have the same
+        layout as primal", fuzzer seed 22145; torch.func has the layout right there). The result's
+        physical values are restrided (nothing to move) to the layout the rule gives a batch of
+        one example, found on meta values."""
+        out = VmapInterpreter.dispatch(self, func, args, kwargs)
+        info = getattr(func, "_pyf_vmap", None)
+        if info is None or not info.view or info.inplace_view or info.aliased is not None:
+            return out
+        try:
+            one = self._on_one_meta_example(func, args, kwargs, info)
+        except Exception:  # (a rule that cannot run on meta values: the layout torch gave stands)
+            return out
+        return _restride_like(out, one, self)
+
+    def _on_one_meta_example(self, func, args, kwargs, info):
+        def meta(x):
+            if isinstance(x, BatchedTensor) and x._interp is self:
+                v = x._value
+                if type(v) is not torch.Tensor and not isinstance(v, LevelTensor):
+                    raise _GiveUp
+                shape = list(v.shape)
+                shape[x._bdim] = 1
+                return BatchedTensor(torch.empty_strided(shape, v.stride(), dtype=v.dtype, device="meta"),
+                                     x._bdim, self)
+            if isinstance(x, LevelTensor):
+                raise _GiveUp
+            if isinstance(x, torch.Tensor):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+            if isinstance(x, (list, tuple)):
+                return type(x)(meta(y) for y in x)
+            return x
+
+        margs = meta(tuple(args))
+        mkwargs = {k: meta(v) for k, v in kwargs.items()}
+        self.batch_size = 1
+        try:
+            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude), \
+                    torch.no_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(False):
+                return self.process(func, margs, mkwargs, info)
+        finally:
+            self.batch_size = 0
 
     def _empty_batch(self, func, args, kwargs, info):
         """An op on an empty batch (B = 0) that its rule or fallback could not run: run it on

@@ -156,7 +156,15 @@ _TRACER_PATHS = tuple(
 
 
 def _is_tracer_error(exc: BaseException) -> bool:
-    """Did the tracer (not the traced function) raise ``exc``?"""
+    """Did the tracer (not the traced function) raise ``exc``? Also where torch failed one of
+    its internal checks (``INTERNAL ASSERT FAILED``, possibly as the cause of a pyfunctorch
+    error): never the function's own error, and seen only while tracing (fuzzer seed 105118: an
+    empty batch under jvp, where the eager run computes the result); the eager run decides."""
+    e, seen = exc, 0
+    while e is not None and seen < 8:
+        if isinstance(e, RuntimeError) and "INTERNAL ASSERT FAILED" in str(e):
+            return True
+        e, seen = e.__cause__, seen + 1
     last = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         last = frame.f_code.co_filename
