@@ -1,7 +1,7 @@
 """Differential fuzzer: random compositions of transforms over random op chains.
 
-Each case is a composition of up to three transforms (vmap, grad, vjp, jvp, jacrev,
-jacfwd, hessian) around a chain of 1-4 ops drawn from a pool of ~40 common ops. The
+Each case is a composition of up to three transforms (vmap, grad, vjp, jvp, linearize, jacrev,
+jacfwd, hessian; vmap and jacrev sometimes chunked) around a chain of 1-4 ops drawn from a pool of ~40 common ops. The
 pyfunctorch result (P) is compared with torch.func running the same composition (T);
 where torch.func errors or disagrees, an independent reference (R) decides: vmap as the
 per-example Python loop, derivatives with plain ``torch.autograd`` (float64 for float32
@@ -90,6 +90,7 @@ class Layer:
     in_dims_int: bool = False  # vmap: pass in_dims as one int (all codes equal)
     out_dim: Any = 0  # vmap: None or an int code
     batch: int = 2  # vmap: the batch size
+    chunk: Any = None  # vmap, jacrev: chunk_size (None: unchunked)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,21 @@ def gen_case(D) -> Case:
     dtype = D.choice(["float64", "float32"])
     seed = D.int(0, 2**16)
     comp = D.int(0, 3) == 3
+    # (later additions draw after everything else: a seed's earlier draws stay what they were)
+    layers = [_variant(L, D) for L in layers]
     return Case(tuple(shapes), ops, tuple(layers), dtype, seed, comp)
+
+
+def _variant(L, D):
+    """Some jvp layers as linearize (jvp_fn applied to the tangents); some vmap and jacrev
+    layers chunked (chunk_size 1 or 2)."""
+    if L.kind == "jvp" and not L.has_aux and D.int(0, 3) == 3:
+        return replace(L, kind="linearize")
+    if L.kind in ("vmap", "jacrev"):
+        c = D.int(0, 5)
+        if c >= 4:
+            return replace(L, chunk=c - 3)
+    return L
 
 
 def case_from_seed(seed: int) -> Case:
@@ -487,7 +502,7 @@ class Ref:
     """The reference transforms: vmap is the per-example loop, derivatives plain autograd."""
 
     @staticmethod
-    def vmap(g, in_dims=0, out_dims=0):
+    def vmap(g, in_dims=0, out_dims=0, chunk_size=None):
         def run(*args):
             dims = list(in_dims) if isinstance(in_dims, tuple) else [in_dims] * len(args)
             sizes = {a.shape[d] for a, d in zip(args, dims) if d is not None}
@@ -555,6 +570,8 @@ class Ref:
                 out, aux = out
 
             def tan(o):
+                if o.numel() == 0:  # (an empty batch: nothing to differentiate)
+                    return torch.zeros_like(o)
                 js = _jac_leaf(o, xs)
                 acc = o.new_zeros(o.numel())
                 for J, t in zip(js, tangents):
@@ -565,7 +582,12 @@ class Ref:
         return (out, t_out, aux) if has_aux else (out, t_out)
 
     @staticmethod
-    def jacrev(g, argnums=0, has_aux=False):
+    def linearize(g, *primals):
+        out = Ref.jvp(g, primals, tuple(torch.zeros_like(p) for p in primals))[0]
+        return out, lambda *tangents: Ref.jvp(g, primals, tangents)[1]
+
+    @staticmethod
+    def jacrev(g, argnums=0, has_aux=False, chunk_size=None):
         def run(*args):
             nums, single = _norm_argnums(argnums, len(args))
             with torch.enable_grad():
@@ -588,11 +610,34 @@ class Ref:
         return Ref.jacfwd(Ref.jacrev(g, argnums), argnums)
 
 
+def _tf_vmap(g, in_dims=0, out_dims=0, chunk_size=None):
+    """torch.func.vmap, a negative out_dims as the batch dim moved from 0 afterwards: torch.func's
+    own negative out_dims with an unbatched output reads uninitialized sizes (expand to
+    [34359738371, 1], or a segmentation fault that kills the test process: vmap(vjp) with
+    in_dims=2, out_dims=-2 and a constant cotangent)."""
+    if not (isinstance(out_dims, int) and out_dims < 0):
+        return torch.func.vmap(g, in_dims=in_dims, out_dims=out_dims, chunk_size=chunk_size)
+    v = torch.func.vmap(g, in_dims=in_dims, out_dims=0, chunk_size=chunk_size)
+
+    def run(*a):
+        return pytree.tree_map(lambda t: t.movedim(0, out_dims % t.dim()) if isinstance(t, torch.Tensor) else t, v(*a))
+
+    return run
+
+
+def _tf_linearize(g, *primals):
+    """linearize by its definition, jvp_fn(t) = jvp(g, primals, t)[1]: torch.func.linearize
+    itself (make_fx tracing of a jvp) can kill the process (linearize . grad, a segmentation
+    fault in the traced backward)."""
+    return g(*primals), lambda *tangents: torch.func.jvp(g, primals, tangents)[1]
+
+
 class _TF:
-    vmap = staticmethod(torch.func.vmap)
+    vmap = staticmethod(_tf_vmap)
     grad = staticmethod(torch.func.grad)
     vjp = staticmethod(torch.func.vjp)
     jvp = staticmethod(torch.func.jvp)
+    linearize = staticmethod(_tf_linearize)
     jacrev = staticmethod(torch.func.jacrev)
     jacfwd = staticmethod(torch.func.jacfwd)
     hessian = staticmethod(torch.func.hessian)
@@ -603,6 +648,7 @@ class _PF:
     grad = staticmethod(pyfunctorch.grad)
     vjp = staticmethod(pyfunctorch.vjp)
     jvp = staticmethod(pyfunctorch.jvp)
+    linearize = staticmethod(pyfunctorch.linearize)
     jacrev = staticmethod(pyfunctorch.jacrev)
     jacfwd = staticmethod(pyfunctorch.jacfwd)
     hessian = staticmethod(pyfunctorch.hessian)
@@ -688,7 +734,7 @@ def make_plan(case: Case) -> Plan:
             new = (new, aux) if L.has_aux else new
         elif L.kind == "vjp":
             new = (O, tuple(_m(a) for a in A)) + ((aux,) if L.has_aux else ())
-        elif L.kind == "jvp":
+        elif L.kind in ("jvp", "linearize"):
             new = (O, O) + ((aux,) if L.has_aux else ())
             cost *= max(onumel, 1)
         elif L.kind in ("jacrev", "jacfwd"):
@@ -714,6 +760,8 @@ def build(case: Case, plan: Plan, ns) -> Callable:
 def _wrap(L, in_dims, out_dims, g, ns):
     k = L.kind
     if k == "vmap":
+        if L.chunk is not None:
+            return ns.vmap(g, in_dims=in_dims, out_dims=out_dims, chunk_size=L.chunk)
         return ns.vmap(g, in_dims=in_dims, out_dims=out_dims)
     if k == "grad":
         if L.has_aux:
@@ -732,7 +780,14 @@ def _wrap(L, in_dims, out_dims, g, ns):
             tans = tuple(det_like(x, 9) for x in a)
             return tuple(ns.jvp(gg, tuple(a), tans, has_aux=L.has_aux))
         return run_jvp
+    if k == "linearize":
+        def run_linearize(*a):
+            out, fn = ns.linearize(g, *a)
+            return out, fn(*(det_like(x, 9) for x in a))
+        return run_linearize
     if k == "jacrev":
+        if L.chunk is not None:
+            return ns.jacrev(gg, argnums=L.argnums, has_aux=L.has_aux, chunk_size=L.chunk)
         return ns.jacrev(gg, argnums=L.argnums, has_aux=L.has_aux)
     if k == "jacfwd":
         return ns.jacfwd(gg, argnums=L.argnums, has_aux=L.has_aux)
@@ -758,12 +813,13 @@ def describe(case: Case, plan: Plan | None = None) -> str:
             return f"{case} (plan failed: {e!r})"
     parts = []
     for i, L in enumerate(case.layers):
+        chunk = f", chunk_size={L.chunk}" if L.chunk is not None else ""
         if L.kind == "vmap":
-            parts.append(f"vmap(in_dims={plan.in_dims[i]!r}, out_dims={plan.out_dims[i]!r})")
-        elif L.kind in ("vjp", "jvp"):
+            parts.append(f"vmap(in_dims={plan.in_dims[i]!r}, out_dims={plan.out_dims[i]!r}{chunk})")
+        elif L.kind in ("vjp", "jvp", "linearize"):
             parts.append(f"{L.kind}{'(has_aux)' if L.has_aux else ''}")
         else:
-            extra = ", has_aux=True" if L.has_aux else ""
+            extra = (", has_aux=True" if L.has_aux else "") + chunk
             parts.append(f"{L.kind}(argnums={L.argnums!r}{extra})")
     names = ["x", "y"][: len(case.shapes)]
     sig = ", ".join(f"{n}{list(s)}" for n, s in zip(names, case.shapes))
@@ -921,7 +977,7 @@ OK_KINDS = ("pass", "pass_tf_error", "pass_tf_differs", "both_error", "unverifie
 #: tests/test_forward_ad.py::test_third_derivative_matches_finite_differences checks them
 #: against finite differences instead.
 _REFERENCE_WRONG_AT_ORDER_3 = ("layer_norm", "batch_norm", "group_norm")
-_ORDER = {"grad": 1, "vjp": 1, "jvp": 1, "jacrev": 1, "jacfwd": 1, "hessian": 2, "vmap": 0}
+_ORDER = {"grad": 1, "vjp": 1, "jvp": 1, "linearize": 1, "jacrev": 1, "jacfwd": 1, "hessian": 2, "vmap": 0}
 
 
 def _reference_untrusted(case) -> bool:
@@ -960,6 +1016,12 @@ def _ref_run(case, plan, dtype):
     return _call(build(case, plan, Ref), args)
 
 
+def _unchunked(case: Case) -> Case:
+    if all(L.chunk is None for L in case.layers):
+        return case
+    return replace(case, layers=tuple(replace(L, chunk=None) for L in case.layers))
+
+
 def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
     try:
         plan = make_plan(case)
@@ -972,7 +1034,9 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
         P, pe = _call(build(case, plan, _PF), args, check_stack=True)
     except _Leak as e:
         return Outcome("leak", str(e), "leak")
-    T, te = _call(build(case, plan, _TF), args)
+    # torch.func runs the composition unchunked (chunking changes no value; torch.func's chunked
+    # nested vmap can crash the process, e.g. vmap(chunk_size=1) . vmap(chunk_size=1) . vjp)
+    T, te = _call(build(_unchunked(case), plan, _TF), args)
     rtol, atol = TOL[case.dtype]
 
     if pe is not None:
@@ -1078,6 +1142,10 @@ def _candidates(c: Case):
         simpler = []
         if l.has_aux:
             simpler.append(replace(l, has_aux=False))
+        if l.chunk is not None:
+            simpler.append(replace(l, chunk=None))
+        if l.kind == "linearize":
+            simpler.append(replace(l, kind="jvp"))
         if l.kind == "vmap":
             if l.batch not in (1, 2):
                 simpler.append(replace(l, batch=2))
