@@ -239,6 +239,54 @@ def test_checkpoint_of_a_function_filling_a_buffer(case):
     assert_close(ours, want)
 
 
+def _ck_sin_times(t):
+    return t.sin() * t
+
+
+@pytest.mark.parametrize("case", ["vmap_B1", "vmap_B3", "hooked", "vmap_B1_float32"])
+def test_checkpoint_inside_jvp_differentiated_after_the_jvp_ended(device, case):
+    """grad of jvp of a checkpointed f: the grad level's backward runs after the jvp level ended,
+    when torch's forward AD has dropped the tangents, so checkpoint's recomputation computed (and
+    saved) less than the first run and raised CheckpointError (plain torch does too when the
+    backward follows its dual level; torch.func refuses checkpoint). The region's saved values
+    are kept there instead. Oracle: d/dx of jvp(x sin x, 1) = 2 cos x - x sin x."""
+    dtype = torch.float32 if case.endswith("float32") else torch.float64
+    B = 1 if "B1" in case else 3
+    x = torch.randn(B, 2, 1, dtype=dtype, device=device)
+
+    def f(a):
+        return checkpoint(_ck_sin_times, a, use_reentrant=False)
+
+    def g(a):
+        if case == "hooked":  # a hook on an intermediate: the grad level differentiates its wrappers
+            a = a * 1.0
+            a.register_hook(lambda t: t)
+        return pf.jvp(f, (a,), (torch.ones_like(a),))[1].sum()
+
+    got = pf.grad(g)(x) if case == "hooked" else pf.vmap(pf.grad(g))(x)
+    assert_close(got, 2 * x.cos() - x * x.sin())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpoint_inside_vmap_differentiated_by_an_outer_vjp(device, compiled):
+    """vjp of vmap of a checkpointed f: vjp_fn's backward runs after the vmap level ended; traced
+    by pyfunctorch.compile (where the vjp level differentiates its wrappers) the recomputation met
+    the ended level's wrappers (EscapedTensorError). Oracle: d/dx (x sin x) = sin x + x cos x."""
+    import warnings
+
+    x = torch.randn(2, 3, dtype=torch.float64, device=device)
+
+    def run(a):
+        out, fn = pf.vjp(pf.vmap(lambda t: checkpoint(_ck_sin_times, t, use_reentrant=False)), a)
+        return out, fn(torch.ones_like(out))[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (checkpoint's and the compile fallback's notes)
+        out, g = pf.compile(run)(x) if compiled else run(x)
+    assert_close(out, x.sin() * x)
+    assert_close(g, x.sin() + x * x.cos())
+
+
 # -- 3b. a user's saved-tensor hooks that detach --------------------------------------
 # torch calls a pack hook under no_grad and re-attaches the saved tensor's graph when it
 # unpacks it, so in plain torch what the hook computes (a detach, a clone) changes no

@@ -47,8 +47,17 @@ def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: b
         if keep_plain and type(t) in _PLAIN:
             return _BYPASS, _plain_detach(t)
         st = _state
-        st.in_saved_hook += flag
         interp = t._interp if isinstance(t, level_type) else None
+        if not flag and interp is not None and _level_above(st.stack, interp.level):
+            # torch's own hook (checkpoint) packing inside a region that runs under a jvp or vmap
+            # level above the saving one: the recomputation runs in the saving level's backward,
+            # after that level has ended -- torch's forward AD has dropped its tangents, so the
+            # recomputation computed (and saved) less than the first run (CheckpointError; plain
+            # torch fails the same way when the backward follows its dual level), and a vmap
+            # level's wrappers are gone (EscapedTensorError under pyfunctorch.compile's trace of
+            # vjp(vmap(f))). Kept instead of recomputed (the value; its graph edge as torch's).
+            return _BYPASS, _plain_detach(t)
+        st.in_saved_hook += flag
         try:
             if interp is not None and not torch.is_grad_enabled():
                 with torch.enable_grad():
@@ -92,6 +101,14 @@ def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: b
 
     pack_hook._pyf_wrapped = True
     return pack_hook, unpack_hook
+
+
+def _level_above(stack, level: int) -> bool:
+    """A live jvp or vmap level above ``level`` (one that ends before ``level``'s backward)."""
+    for it in stack:
+        if it.level > level and it.kind in ("jvp", "vmap"):
+            return True
+    return False
 
 
 def wrap_active_hooks(level_type: type) -> bool:
