@@ -703,3 +703,38 @@ def test_expanded_primal_keeps_the_graph_to_its_base():
     _, tangent = pf.jvp(lambda a: (a * a).sum(), (base.expand(3, 4),), (t,))
     (g,) = torch.autograd.grad(tangent, base)
     assert_close(g, (2 * t).sum(1, keepdim=True))
+
+
+def _times_no_grad_sin(x):
+    with torch.no_grad():
+        c = x.sin()
+    return x * c
+
+
+@pytest.mark.parametrize("name", ["grad", "jacrev", "jvp", "jacfwd", "hessian", "jacrev_jacrev", "jacfwd_jacfwd",
+                                  "jacrev_jacfwd", "vmap_hessian"])
+def test_no_grad_block_under_forward_and_reverse_levels(device, name):
+    """``torch.no_grad()`` inside the function stops reverse mode only: a reverse level sees the
+    block's result as a constant, a forward level differentiates through it (as torch's forward
+    AD and torch.func do). f(x) = x * no_grad(sin x): grad sin x, jacfwd sin x + x cos x, hessian
+    (forward over reverse) cos x, reverse over reverse 0, forward over forward the full
+    2 cos x - x sin x, reverse over forward cos x. (The fuzzer's all-backward reference cannot
+    model this: its no_grad cases under forward layers are decided by torch.func alone.)"""
+    x = torch.tensor([0.3, 0.7, -1.1], dtype=torch.float64, device=device)
+    s, c = x.sin(), x.cos()
+    f = _times_no_grad_sin
+    one = torch.ones_like(x)
+    cases = {
+        "grad": (lambda ns: ns.grad(lambda t: f(t).sum())(x), s),
+        "jacrev": (lambda ns: ns.jacrev(f)(x).diagonal(), s),
+        "jvp": (lambda ns: ns.jvp(f, (x,), (one,))[1], s + x * c),
+        "jacfwd": (lambda ns: ns.jacfwd(f)(x).diagonal(), s + x * c),
+        "hessian": (lambda ns: ns.hessian(lambda t: f(t).sum())(x).diagonal(), c),
+        "jacrev_jacrev": (lambda ns: ns.jacrev(ns.jacrev(lambda t: f(t).sum()))(x).diagonal(), torch.zeros_like(x)),
+        "jacfwd_jacfwd": (lambda ns: ns.jacfwd(ns.jacfwd(lambda t: f(t).sum()))(x).diagonal(), 2 * c - x * s),
+        "jacrev_jacfwd": (lambda ns: ns.jacrev(ns.jacfwd(lambda t: f(t).sum()))(x).diagonal(), c),
+        "vmap_hessian": (lambda ns: ns.vmap(ns.hessian(f))(x), c),
+    }
+    run, want = cases[name]
+    assert_close(run(pf), want)
+    assert_close(run(tf), want)

@@ -170,6 +170,7 @@ def gen_case(D) -> Case:
     comp = D.int(0, 3) == 3
     # (later additions draw after everything else: a seed's earlier draws stay what they were)
     layers = [_variant(L, D) for L in layers]
+    ops = tuple((EXTRA_OPS[D.int(0, len(EXTRA_OPS) - 1)], k) if D.int(0, 9) == 9 else (n, k) for n, k in ops)
     return Case(tuple(shapes), ops, tuple(layers), dtype, seed, comp)
 
 
@@ -428,7 +429,46 @@ def _op(name, h, y, k, salt):
             return c, "clone().sin_()"
         c[..., 0].mul_(2.0)
         return c, "clone()[...,0].mul_(2)"
+    if name == "detach":
+        return h + 0.5 * (h * h).detach(), "h+0.5*(h*h).detach()"
+    if name == "no_grad":
+        with torch.no_grad():
+            c = h.sin()
+        return h * c, "h*no_grad(sin(h))"
+    if name == "checkpoint":
+        return torch.utils.checkpoint.checkpoint(_checkpointed, h, use_reentrant=False), "checkpoint(sin(h)*h)"
+    if name == "custom_fn":
+        return _Cube.apply(h), "Cube.apply(h)"
     raise AssertionError(name)
+
+
+def _checkpointed(t):
+    return t.sin() * t
+
+
+class _Cube(torch.autograd.Function):
+    """x ** 3 with its own backward, jvp and generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
 
 
 OP_NAMES = (
@@ -439,6 +479,8 @@ OP_NAMES = (
     "reshape", "transpose", "permute", "flip", "select", "slice", "cat", "stack", "unsqueeze",
     "layer_norm", "mse_loss", "cross_entropy", "inplace",
 )  # fmt: skip
+#: ops drawn after everything else (see gen_case): grad-mode and autograd features inside the function
+EXTRA_OPS = ("detach", "no_grad", "checkpoint", "custom_fn")
 
 
 def make_f(ops, nargs):
@@ -632,15 +674,28 @@ def _tf_linearize(g, *primals):
     return g(*primals), lambda *tangents: torch.func.jvp(g, primals, tangents)[1]
 
 
+def _tf_argnums(transform):
+    """A torch.func transform given non-negative argnums: with argnums=-1, torch.func's hessian
+    and jacfwd drop the derivative through a torch.no_grad() block (0 where argnums=0 gives
+    the derivative: fuzzer seeds 380, 499, 560, 696)."""
+    def wrapped(g, argnums=0, **kw):
+        def run(*a):
+            n = len(a)
+            nums = argnums % n if isinstance(argnums, int) else tuple(i % n for i in argnums)
+            return transform(g, argnums=nums, **kw)(*a)
+        return run
+    return wrapped
+
+
 class _TF:
     vmap = staticmethod(_tf_vmap)
-    grad = staticmethod(torch.func.grad)
+    grad = staticmethod(_tf_argnums(torch.func.grad))
     vjp = staticmethod(torch.func.vjp)
     jvp = staticmethod(torch.func.jvp)
     linearize = staticmethod(_tf_linearize)
-    jacrev = staticmethod(torch.func.jacrev)
-    jacfwd = staticmethod(torch.func.jacfwd)
-    hessian = staticmethod(torch.func.hessian)
+    jacrev = staticmethod(_tf_argnums(torch.func.jacrev))
+    jacfwd = staticmethod(_tf_argnums(torch.func.jacfwd))
+    hessian = staticmethod(_tf_argnums(torch.func.hessian))
 
 
 class _PF:
@@ -982,7 +1037,21 @@ _ORDER = {"grad": 1, "vjp": 1, "jvp": 1, "linearize": 1, "jacrev": 1, "jacfwd": 
 
 def _reference_untrusted(case) -> bool:
     order = sum(_ORDER.get(L.kind, 0) for L in case.layers)
-    return order >= 3 and any(op[0] in _REFERENCE_WRONG_AT_ORDER_3 for op in case.ops)
+    if order >= 3 and any(op[0] in _REFERENCE_WRONG_AT_ORDER_3 for op in case.ops):
+        return True
+    # torch.no_grad() stops reverse mode only: forward-mode layers (jvp, linearize, jacfwd,
+    # hessian's outer one) still differentiate through it, which the reference (every
+    # derivative by plain backward) cannot; pyfunctorch and torch.func must agree there
+    # (checked by hand: tests/test_forward_ad.py::test_no_grad_block_under_forward_and_reverse_levels)
+    forward = sum(L.kind in _FORWARD_KINDS for L in case.layers)
+    if any(op[0] == "no_grad" for op in case.ops) and forward:
+        return True
+    # a custom Function's jvp is not differentiated by an outer forward-mode level (torch.func and
+    # pyfunctorch: jacfwd(jacfwd(Cube.apply)) is 0), which every-derivative-by-backward cannot model
+    return any(op[0] == "custom_fn" for op in case.ops) and forward >= 2
+
+
+_FORWARD_KINDS = ("jvp", "linearize", "jacfwd", "hessian")
 
 
 def _call(fn, args, check_stack=False):
@@ -1052,8 +1121,9 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
     if te is None and mismatch(P, T, rtol, atol) is None:
         kind = "pass"
     elif _reference_untrusted(case):
-        return Outcome("ref_untrusted", "third-order derivative of a normalization op: torch.func and plain "
-                       "autograd are wrong there; finite differences decide (test_forward_ad)", "ref_untrusted")
+        return Outcome("ref_untrusted", "the reference cannot decide: a third-order derivative of a normalization "
+                       "op (torch.func and plain autograd are wrong there; finite differences decide in "
+                       "test_forward_ad) or no_grad under a forward-mode layer", "ref_untrusted")
     else:
         # the reference decides (float64 for float32 cases)
         R, re_ = _ref_run(case, plan, torch.float64 if case.dtype == "float32" else None)
