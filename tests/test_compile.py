@@ -651,3 +651,26 @@ def test_backend_inductor_compiles_the_graph_directly():
     c = pf.compile(pf.grad(lambda x: (x.sin() * 2).sum()), backend="inductor")
     (g,) = torch.autograd.grad(c(w).sum(), w)
     assert_close(g, -2 * w.detach().sin())
+
+
+@pytest.mark.parametrize("op", ["mul", "rmul", "add", "sub", "div"])
+def test_compiled_jvp_of_jvp_with_a_python_scalar(device, op):
+    """jvp(jvp(f)) traced by pyfunctorch.compile, f applying a Python scalar to a dual: the jvp
+    levels' `.Scalar` fast path (trap 6) killed the process with a segmentation fault inside
+    torch while make_fx traced it (fuzzer seed 7793). Oracle: torch.func, eager."""
+    c = torch.randn(3, dtype=torch.float64, device=device)
+    apply = {"mul": lambda h: h * 2.5, "rmul": lambda h: 2.5 * h, "add": lambda h: h + 2.5,
+             "sub": lambda h: h - 1.0, "div": lambda h: h / 4.0}[op]
+
+    def make(ns):
+        f = lambda x: apply(x @ c)  # noqa: E731
+        inner = lambda x: ns.jvp(f, (x,), (torch.ones_like(x),))  # noqa: E731
+        return lambda x: ns.jvp(inner, (x,), (torch.ones_like(x),))
+
+    x = torch.randn(3, dtype=torch.float64, device=device)
+    want = make(tf)(x)
+    compiled = pf.compile(make(pf))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # the trace, then the replay
+            assert_close(compiled(x), want)

@@ -49,9 +49,13 @@ class JvpTensor(LevelTensor):
                 return func(*args, **kwargs)
         scalar_op = _SCALAR_OPS.get(func)
         if scalar_op is not None and len(args) == 2 and not kwargs and isinstance(args[1], (int, float)) \
-                and not isinstance(args[1], bool) and isinstance(args[0], torch.Tensor):
+                and not isinstance(args[1], bool) and isinstance(args[0], torch.Tensor) \
+                and not _dispatch_modes():
             # trap 6: `x * 2` on a dual tensor is aten.mul.Tensor with a wrapped number, whose
             # forward formula goes through torch._refs (~120 us); the .Scalar overload is ~8 us.
+            # (Not under a dispatch mode: traced by pyfunctorch.compile's make_fx, the .Scalar
+            # overload's tangent at the outer of two jvp levels killed the process with a
+            # segmentation fault inside torch -- fuzzer seed 7793, jvp(jvp(lambda x: (x @ c) * 2.5)).)
             out = scalar_op(args[0], args[1])
             if isinstance(out, JvpTensor):
                 out = _ownership.own_fresh_results(out, args, kwargs)
@@ -132,6 +136,8 @@ _LINEAR = torch._C._nn.linear
 _PRODUCT_CALLS = frozenset({_T.__matmul__, _T.matmul, torch.matmul, _T.mm, torch.mm, _T.mv, torch.mv, _T.dot,
                             torch.dot, _T.bmm, torch.bmm, _T.__mul__, _T.__rmul__, _T.mul, torch.mul, _T.multiply,
                             torch.multiply, _LINEAR})
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 _SCALAR_OPS = {
     torch.Tensor.__mul__: aten.mul.Scalar, torch.Tensor.__rmul__: aten.mul.Scalar, torch.Tensor.mul: aten.mul.Scalar,
