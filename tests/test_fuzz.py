@@ -1091,6 +1091,15 @@ def _unchunked(case: Case) -> Case:
     return replace(case, layers=tuple(replace(L, chunk=None) for L in case.layers))
 
 
+_PHASE_OUT = None  # the report worker's stdout: it names the phase a process crash happened in
+
+
+def _phase(name: str) -> None:
+    if _PHASE_OUT is not None:
+        _PHASE_OUT.write('{"phase": "%s"}\n' % name)
+        _PHASE_OUT.flush()
+
+
 def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
     try:
         plan = make_plan(case)
@@ -1100,11 +1109,13 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
         return Outcome("skip", "too large", "skip: large")
     args = make_args(case, plan)
     try:
+        _phase("pyfunctorch")
         P, pe = _call(build(case, plan, _PF), args, check_stack=True)
     except _Leak as e:
         return Outcome("leak", str(e), "leak")
     # torch.func runs the composition unchunked (chunking changes no value; torch.func's chunked
     # nested vmap can crash the process, e.g. vmap(chunk_size=1) . vmap(chunk_size=1) . vjp)
+    _phase("torch.func")
     T, te = _call(build(_unchunked(case), plan, _TF), args)
     rtol, atol = TOL[case.dtype]
 
@@ -1126,6 +1137,7 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
                        "test_forward_ad) or no_grad under a forward-mode layer", "ref_untrusted")
     else:
         # the reference decides (float64 for float32 cases)
+        _phase("reference")
         R, re_ = _ref_run(case, plan, torch.float64 if case.dtype == "float32" else None)
         if re_ is not None:
             if isinstance(re_, RefInvalid) and te is not None:
@@ -1161,6 +1173,7 @@ def evaluate(case: Case, do_compile: bool | None = None) -> Outcome:
     if do_compile is None:
         do_compile = case.compile
     if do_compile:
+        _phase("pyfunctorch.compile")
         C = pyfunctorch.compile(build(case, plan, _PF))
         try:
             c1, ce = _call(C, args, check_stack=True)
@@ -1448,6 +1461,8 @@ def _worker(start, end, all_compile):
     compositions)."""
     import json
 
+    global _PHASE_OUT
+    _PHASE_OUT = sys.stdout
     for s in range(start, end):
         print(json.dumps({"start": s}), flush=True)
         c = case_from_seed(s)
@@ -1512,11 +1527,14 @@ def _main(argv):
     pos = a.start
     while pos < end and time.time() - t0 < a.time_limit:
         proc = _spawn(["--worker", str(pos), str(end)] + (["--all-compile"] if a.all_compile else []))
-        current = None
+        current = phase = None
         for line in proc.stdout:
             rec = json.loads(line)
+            if "phase" in rec:
+                phase = rec["phase"]
+                continue
             if "start" in rec:
-                current = rec["start"]
+                current, phase = rec["start"], None
                 if time.time() - t0 > a.time_limit:
                     proc.kill()
                     break
@@ -1532,9 +1550,13 @@ def _main(argv):
         proc.wait()
         if current is not None and proc.returncode != 0:  # the process died inside a case
             ran += 1
-            counts["process_crash"] = counts.get("process_crash", 0) + 1
-            groups.setdefault(f"process_crash: exit code {proc.returncode}", []).append(
-                {"seed": current, "kind": "process_crash", "detail": f"the process died (exit code {proc.returncode})"})
+            # torch.func's own crashes are reported apart: one in any other phase is ours (or the
+            # reference's, plain torch) and fails like a wrong answer
+            kind = "process_crash_tf" if phase == "torch.func" else "process_crash"
+            counts[kind] = counts.get(kind, 0) + 1
+            groups.setdefault(f"{kind}: exit code {proc.returncode} in {phase}", []).append(
+                {"seed": current, "kind": kind, "detail": f"the process died (exit code {proc.returncode}) "
+                                                          f"while running {phase}"})
             pos = current + 1
     el = time.time() - t0
     print(f"\n== {ran} cases in {el:.0f}s (seeds {a.start}..{pos - 1})")
