@@ -193,21 +193,29 @@ class VmapInterpreter(Interpreter):
         if info is None or not info.view or info.inplace_view or info.aliased is not None:
             return out
         try:
-            one = self._on_one_meta_example(func, args, kwargs, info)
+            one = self._on_one_meta_example(func, args, kwargs, info, layout=True)
         except Exception:  # (a rule that cannot run on meta values: the layout torch gave stands)
             return out
         return _restride_like(out, one, self)
 
-    def _on_one_meta_example(self, func, args, kwargs, info):
+    def _on_one_meta_example(self, func, args, kwargs, info, layout: bool = False, devices: list | None = None):
+        """``process`` of the op on meta values holding one example of this level's tensors (the
+        batch dim of size 1). ``layout``: with the physical values' strides (a lower level's
+        wrapper accepted: only its layout is read), else contiguous (plain values only).
+        ``devices`` collects the physical values' devices. Raises _GiveUp for a tensor of
+        another level."""
         def meta(x):
             if isinstance(x, BatchedTensor) and x._interp is self:
                 v = x._value
-                if type(v) is not torch.Tensor and not isinstance(v, LevelTensor):
+                if type(v) is not torch.Tensor and not (layout and isinstance(v, LevelTensor)):
                     raise _GiveUp
+                if devices is not None:
+                    devices.append(v.device)
                 shape = list(v.shape)
                 shape[x._bdim] = 1
-                return BatchedTensor(torch.empty_strided(shape, v.stride(), dtype=v.dtype, device="meta"),
-                                     x._bdim, self)
+                m = torch.empty_strided(shape, v.stride(), dtype=v.dtype, device="meta") if layout else \
+                    torch.empty(shape, dtype=v.dtype, device="meta")
+                return BatchedTensor(m, x._bdim, self)
             if isinstance(x, LevelTensor):
                 raise _GiveUp
             if isinstance(x, torch.Tensor):
@@ -220,8 +228,7 @@ class VmapInterpreter(Interpreter):
         mkwargs = {k: meta(v) for k, v in kwargs.items()}
         self.batch_size = 1
         try:
-            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude), \
-                    torch.no_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(False):
+            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
                 return self.process(func, margs, mkwargs, info)
         finally:
             self.batch_size = 0
@@ -231,24 +238,7 @@ class VmapInterpreter(Interpreter):
         meta tensors holding one example, and return empty results of that shape per example
         (as torch.func does). NotImplemented where that cannot be done (then the op's own
         error stands): a tensor of another level among the arguments, an unbatched output."""
-        device = []
-
-        def meta(x):
-            if isinstance(x, BatchedTensor) and x._interp is self:
-                v = x._value
-                if type(v) is not torch.Tensor:
-                    raise _GiveUp
-                device.append(v.device)
-                shape = list(v.shape)
-                shape[x._bdim] = 1
-                return BatchedTensor(torch.empty(shape, dtype=v.dtype, device="meta"), x._bdim, self)
-            if isinstance(x, LevelTensor):
-                raise _GiveUp
-            if isinstance(x, torch.Tensor):
-                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-            if isinstance(x, (list, tuple)):
-                return type(x)(meta(y) for y in x)
-            return x
+        device: list = []
 
         def real(o):
             if isinstance(o, BatchedTensor) and o._interp is self:
@@ -262,14 +252,7 @@ class VmapInterpreter(Interpreter):
             return o
 
         try:
-            margs = meta(tuple(args))
-            mkwargs = {k: meta(v) for k, v in kwargs.items()}
-            self.batch_size = 1
-            try:
-                with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), self.exclude):
-                    out = self.process(func, margs, mkwargs, info)
-            finally:
-                self.batch_size = 0
+            out = self._on_one_meta_example(func, args, kwargs, info, devices=device)
             if info.aliased is not None:  # nothing to write in an empty batch
                 return args[info.aliased[0]] if len(info.aliased) == 1 and isinstance(info.aliased[0], int) \
                     else _return_aliases(info.aliased, args, kwargs, None)
