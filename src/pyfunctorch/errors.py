@@ -101,3 +101,15 @@ def randomness_error(func) -> RandomnessError:
         "the batch: randomness='different' (each example draws its own values) or "
         "randomness='same' (every example sees the same draw)."
     )
+
+
+def is_torch_internal_assert(exc: BaseException | None) -> bool:
+    """``exc``, or an exception it was raised from, is torch failing one of its own consistency
+    checks (``INTERNAL ASSERT FAILED``): never the user's error."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and "INTERNAL ASSERT FAILED" in str(exc):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+

@@ -12,7 +12,7 @@ from .. import _core
 from .._compiler import opaque_to_compiler
 from .._core import push_interpreter
 from .._pytree import broadcast_prefix, tree_flatten, tree_map, tree_unflatten
-from ..errors import DataDependentError, PerExampleSignal, PerformanceWarning
+from ..errors import DataDependentError, PerExampleSignal, PerformanceWarning, is_torch_internal_assert
 from .interpreter import VmapInterpreter
 from .randomness import draw_seed
 from .tensor import BatchedTensor
@@ -206,7 +206,7 @@ def _vmap_impl(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwa
         _warn_per_example(signal)
         return _per_example(func, flat_args, args_spec, flat_in, out_dims, randomness, B, kwargs, interp.rng_base, offset)
     except RuntimeError as e:
-        if B == 0 and "INTERNAL ASSERT FAILED" in str(e):
+        if B == 0 and is_torch_internal_assert(e):
             # torch's own consistency checks on tensors with no element (forward AD's view
             # layouts, fuzzer seed 22145; torch.func fails the same way): say what happened
             raise RuntimeError(

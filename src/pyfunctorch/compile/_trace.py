@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .. import _core
-from ..errors import DataDependentError
+from ..errors import DataDependentError, is_torch_internal_assert
 
 
 class _DataRead(DataDependentError):
@@ -160,11 +160,8 @@ def _is_tracer_error(exc: BaseException) -> bool:
     its internal checks (``INTERNAL ASSERT FAILED``, possibly as the cause of a pyfunctorch
     error): never the function's own error, and seen only while tracing (fuzzer seed 105118: an
     empty batch under jvp, where the eager run computes the result); the eager run decides."""
-    e, seen = exc, 0
-    while e is not None and seen < 8:
-        if isinstance(e, RuntimeError) and "INTERNAL ASSERT FAILED" in str(e):
-            return True
-        e, seen = e.__cause__, seen + 1
+    if is_torch_internal_assert(exc):
+        return True
     last = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         last = frame.f_code.co_filename
