@@ -48,6 +48,33 @@ def test_activation_backward_kernels_with_broadcast_operands(device, dtype, op, 
     assert_close(got, loop_vmap(f, in_dims=in_dims)(g0, y0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("op", [aten.gelu_backward.default, aten.tanh_backward.default])
+def test_activation_backward_with_an_expanded_unbatched_gradient(device, dtype, op):
+    """An unbatched gradient that is an expanded (stride-0) value, broadcast against a batched
+    operand of another rank: oneDNN's gelu_backward (CPU, float32/bfloat16) crashed the process
+    with a segmentation fault on such operands instead of raising (fuzzer seed 301444:
+    vmap(vmap(hessian(gelu chain)))). Such a kernel gets operands of one shape. Oracle: the loop."""
+    g = torch.randn(1, dtype=dtype, device=device).expand(6, 2, 3)
+    y = torch.randn(3, 1, 1, 2, 3, dtype=dtype, device=device)
+    f = lambda a, b: op(a, b)  # noqa: E731
+    # (the elementwise definition: the kernel on one shape -- the loop itself must not pass it the
+    # expanded gradient, or the oracle crashes the same way)
+    one_shape = lambda a, b: op(*(t.contiguous() for t in torch.broadcast_tensors(a, b)))  # noqa: E731
+    assert_close(vmap(f, in_dims=(None, 0))(g, y), loop_vmap(one_shape, in_dims=(None, 0))(g, y))
+
+
+def test_vmap_vmap_hessian_of_gelu_float32(device):
+    """The composition the fuzzer found (seed 301444), against torch.func."""
+    def f(x):
+        return torch.nn.functional.gelu(torch.tanh(x).log_softmax(0))
+
+    x = torch.randn(3, 2, 2, 3, device=device)
+    want = tf.vmap(tf.vmap(tf.hessian(f), in_dims=1), in_dims=0, out_dims=-2)(x)
+    got = vmap(vmap(pyfunctorch.hessian(f), in_dims=1, chunk_size=1), in_dims=0, out_dims=-2)(x)
+    assert_close(got, want)
+
+
 @pytest.mark.parametrize("a_dt, b_dt", [(torch.float32, torch.float32), (torch.int64, torch.float32),
                                         (torch.float32, torch.float64), (torch.int32, torch.int64),
                                         (torch.bool, torch.int64)])

@@ -228,17 +228,38 @@ def same_shape_kernel_rule(op, args, kwargs, dims):
     of one shape (oneDNN's gelu_backward fails on a broadcast operand). They run on broadcast
     operands first (no copy: tanh_backward's saved output is unbatched in every jacrev); where
     the kernel refuses them (an error, raised before any write: these ops are functional), on
-    operands expanded to one shape."""
-    try:
-        return broadcasting_rule(op, args, kwargs, dims)
-    except RuntimeError:
-        tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        r = max(rank(args[i], dims[i]) for i in tensor_pos)
-        padded = [pad_to_rank(a, d, r) if i in tensor_pos else a for i, (a, d) in enumerate(zip(args, dims))]
-        promoted = _promote_logical_scalars(op, args, padded, kwargs, dims, tensor_pos, False)
-        if promoted is None:
-            raise
-        return op(*_expand_to_common_shape(promoted, tensor_pos), **kwargs), 0
+    operands expanded to one shape. A kernel in ``_NEVER_BROADCAST`` gets one shape at once."""
+    err = None
+    if op not in _NEVER_BROADCAST or _one_shape(args):
+        try:
+            return broadcasting_rule(op, args, kwargs, dims)
+        except RuntimeError as e:
+            err = e
+    tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    r = max(rank(args[i], dims[i]) for i in tensor_pos)
+    padded = [pad_to_rank(a, d, r) if i in tensor_pos else a for i, (a, d) in enumerate(zip(args, dims))]
+    promoted = _promote_logical_scalars(op, args, padded, kwargs, dims, tensor_pos, False)
+    if promoted is None:
+        if err is not None:
+            raise err
+        # (a promotion only each example's own call gets right: per example, on one shape)
+        outs = []
+        for b in range(batch_size_of(args, dims)):
+            ex = [a.select(0, b) if d is not None else a for a, d in zip(args, dims)]
+            outs.append(op(*_expand_to_common_shape(ex, tensor_pos), **kwargs))
+        return torch.stack(outs), 0
+    return op(*_expand_to_common_shape(promoted, tensor_pos), **kwargs), 0
+
+
+#: backward kernels that must never see operands of different shapes: oneDNN's gelu_backward (CPU,
+#: float32/bfloat16) crashed the process with a segmentation fault on a broadcast (stride-0)
+#: gradient, where it raises on other mismatches (fuzzer seed 301444: vmap . vmap . hessian of gelu)
+_NEVER_BROADCAST = frozenset(non_out_overloads("gelu_backward"))
+
+
+def _one_shape(args) -> bool:
+    shapes = {tuple(a.shape) for a in args if isinstance(a, torch.Tensor)}
+    return len(shapes) <= 1
 
 
 @batch_rule(*overloads(aten.copy_))
