@@ -254,7 +254,7 @@ def same_shape_kernel_rule(op, args, kwargs, dims):
 #: backward kernels that must never see operands of different shapes: oneDNN's gelu_backward (CPU,
 #: float32/bfloat16) crashed the process with a segmentation fault on a broadcast (stride-0)
 #: gradient, where it raises on other mismatches (fuzzer seed 301444: vmap . vmap . hessian of gelu)
-_NEVER_BROADCAST = frozenset(non_out_overloads("gelu_backward"))
+_NEVER_BROADCAST = tuple(non_out_overloads("gelu_backward"))  # (a tuple: `in` by identity, no op hash)
 
 
 def _one_shape(args) -> bool:
