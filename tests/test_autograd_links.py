@@ -287,6 +287,31 @@ def test_checkpoint_inside_vmap_differentiated_by_an_outer_vjp(device, compiled)
     assert_close(g, x.sin() + x * x.cos())
 
 
+def test_checkpoint_recomputed_in_a_lower_levels_backward(device):
+    """hessian of vjp of vjp of a checkpointed f: the region's saves at a lower level were
+    recomputed in that level's backward, after the higher levels had ended, so the recomputation
+    saved fewer tensors than the first run (CheckpointError; fuzzer seeds 5460, 314900). A save
+    made under a higher live level is kept. Oracle: torch.func without checkpoint."""
+    x = torch.randn(2, dtype=torch.float64, device=device)
+
+    def make(ns, ck):
+        def f(t):
+            h = checkpoint(_ck_sin_times, t, use_reentrant=False) if ck else _ck_sin_times(t)
+            return 1 / (h ** 2 + 1)
+
+        def inner(a):
+            out, fn = ns.vjp(f, a)
+            return fn(torch.ones_like(out))[0]
+
+        def vv(a):
+            out, fn = ns.vjp(inner, a)
+            return fn(torch.ones_like(out))[0].sum()
+
+        return ns.hessian(vv)
+
+    assert_close(make(pf, True)(x), make(tf, False)(x))
+
+
 # -- 3b. a user's saved-tensor hooks that detach --------------------------------------
 # torch calls a pack hook under no_grad and re-attaches the saved tensor's graph when it
 # unpacks it, so in plain torch what the hook computes (a detach, a clone) changes no

@@ -49,13 +49,15 @@ def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: b
         st = _state
         interp = t._interp if isinstance(t, level_type) else None
         if not flag and interp is not None and _level_above(st.stack, interp.level):
-            # torch's own hook (checkpoint) packing inside a region that runs under a jvp or vmap
-            # level above the saving one: the recomputation runs in the saving level's backward,
-            # after that level has ended -- torch's forward AD has dropped its tangents, so the
-            # recomputation computed (and saved) less than the first run (CheckpointError; plain
-            # torch fails the same way when the backward follows its dual level), and a vmap
-            # level's wrappers are gone (EscapedTensorError under pyfunctorch.compile's trace of
-            # vjp(vmap(f))). Kept instead of recomputed (the value; its graph edge as torch's).
+            # torch's own hook (checkpoint) packing inside a region that runs under a level above
+            # the saving one: the recomputation would run in the saving level's backward, after
+            # that level has ended -- a jvp level's tangents dropped by torch's forward AD, a grad
+            # level's ops not recorded, so it computed (and saved) less than the first run
+            # (CheckpointError: vmap(grad(jvp)), hessian(vjp(vjp)); plain torch fails the same way
+            # when the backward follows its dual level), a vmap level's wrappers gone
+            # (EscapedTensorError under pyfunctorch.compile's trace of vjp(vmap(f))). Kept instead
+            # of recomputed (the value; its graph edge as torch's). The innermost level's saves
+            # stay checkpointed; in their recomputation the saves below are kept the same way.
             return _BYPASS, _plain_detach(t)
         st.in_saved_hook += flag
         try:
@@ -104,11 +106,8 @@ def wrap_hooks(pack: Callable, unpack: Callable, level_type: type, keep_plain: b
 
 
 def _level_above(stack, level: int) -> bool:
-    """A live jvp or vmap level above ``level`` (one that ends before ``level``'s backward)."""
-    for it in stack:
-        if it.level > level and it.kind in ("jvp", "vmap"):
-            return True
-    return False
+    """A live level above ``level`` (one that ends before ``level``'s backward)."""
+    return bool(stack) and stack[-1].level > level
 
 
 def wrap_active_hooks(level_type: type) -> bool:
