@@ -438,37 +438,14 @@ def _op(name, h, y, k, salt):
     if name == "checkpoint":
         return torch.utils.checkpoint.checkpoint(_checkpointed, h, use_reentrant=False), "checkpoint(sin(h)*h)"
     if name == "custom_fn":
-        return _Cube.apply(h), "Cube.apply(h)"
+        from test_custom_function import Cube  # (x**3 with its own backward, jvp, generated vmap rule)
+
+        return Cube.apply(h), "Cube.apply(h)"
     raise AssertionError(name)
 
 
 def _checkpointed(t):
     return t.sin() * t
-
-
-class _Cube(torch.autograd.Function):
-    """x ** 3 with its own backward, jvp and generated vmap rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * t
 
 
 OP_NAMES = (
